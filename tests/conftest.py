@@ -1,0 +1,127 @@
+"""Fixtures built in the tests: a small CIFAR-100-shaped dataset with the real 100 fine / 20 coarse names and
+mapping, written in the Hub parquet layout and the official cifar-100-python pickle layout (dir and .tar.gz),
+plus small model folders. No network, no ../shared."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Keep the tensor/feature caches of the tests away from the user's ~/.cache."""
+    os.environ["CIFAR_TL_CACHE"] = str(tmp_path_factory.mktemp("cifar_tl_cache"))
+
+
+def make_arrays(n_per_class: int, seed: int, num_classes: int = 100):
+    """Learnable synthetic images: each class has its own mean colour and stripe pattern, plus noise."""
+    rng = np.random.default_rng(seed)
+    fine = np.repeat(np.arange(num_classes), n_per_class)
+    rng.shuffle(fine)
+    base = np.random.default_rng(0).integers(30, 225, size=(num_classes, 3))
+    yy, xx = np.mgrid[0:32, 0:32]
+    images = np.empty((len(fine), 32, 32, 3), dtype=np.uint8)
+    for i, c in enumerate(fine):
+        stripes = ((xx * (1 + c % 5) + yy * (c // 5 % 4)) % 8 < 4)[..., None] * 40
+        noise = rng.normal(0, 12, size=(32, 32, 3))
+        images[i] = np.clip(base[c] + stripes + noise, 0, 255).astype(np.uint8)
+    coarse = np.asarray(FINE_TO_COARSE)[fine]
+    return images, fine.astype(np.int64), coarse.astype(np.int64)
+
+
+SPLITS = {"train": (4, 1), "test": (2, 2)}  # split -> (images per class, seed)
+
+
+@pytest.fixture(scope="session")
+def cifar100_arrays():
+    return {split: make_arrays(n, seed) for split, (n, seed) in SPLITS.items()}
+
+
+def write_parquet(arrays: dict, root: Path) -> Path:
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=FINE_NAMES),
+                                  "coarse_label": datasets.ClassLabel(names=COARSE_NAMES)})
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for split, (images, fine, coarse) in arrays.items():
+        rows = {"img": [], "fine_label": fine.tolist(), "coarse_label": coarse.tolist()}
+        for im in images:
+            buf = io.BytesIO()
+            Image.fromarray(im).save(buf, format="PNG")
+            rows["img"].append({"bytes": buf.getvalue(), "path": None})
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def write_pickle_dir(arrays: dict, root: Path) -> Path:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (images, fine, coarse) in arrays.items():
+        d = {"filenames": [f"{i}.png" for i in range(len(fine))], "batch_label": split,
+             "fine_labels": fine.tolist(), "coarse_labels": coarse.tolist(),
+             "data": images.transpose(0, 3, 1, 2).reshape(len(fine), -1)}
+        (folder / split).write_bytes(pickle.dumps(d))
+    meta = {"fine_label_names": FINE_NAMES, "coarse_label_names": COARSE_NAMES}
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cifar100_parquet(cifar100_arrays, tmp_path_factory) -> Path:
+    return write_parquet(cifar100_arrays, tmp_path_factory.mktemp("parquet"))
+
+
+@pytest.fixture(scope="session")
+def cifar100_pickle(cifar100_arrays, tmp_path_factory) -> Path:
+    return write_pickle_dir(cifar100_arrays, tmp_path_factory.mktemp("pickle"))
+
+
+@pytest.fixture(scope="session")
+def cifar100_tar(cifar100_pickle, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tar") / "cifar-100-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(cifar100_pickle, arcname="cifar-100-python")
+    return path
+
+
+def build_model_dir(arch: str, out: Path, image_size: int | None = None, seed: int = 0) -> Path:
+    """An untrained model folder in the export format, with the real CIFAR-100 names and mapping."""
+    import torch
+
+    from cifar_tl.export import model_config, save_model_dir
+    from cifar_tl.models import create_model, data_config
+
+    torch.manual_seed(seed)
+    model = create_model(arch, pretrained=False, num_classes=100).eval()
+    dc = data_config(model, image_size)
+    cfg = model_config(model, architecture=arch, image_size=dc["image_size"], mean=dc["mean"], std=dc["std"],
+                       data_size=32, fine_names=FINE_NAMES, coarse_names=COARSE_NAMES,
+                       fine_to_coarse=FINE_TO_COARSE, metrics={"top1": 0.01, "top5": 0.05, "coarse_top1": 0.05})
+    return save_model_dir(model, cfg, out)
+
+
+@pytest.fixture(scope="session")
+def cnn_model_dir(tmp_path_factory) -> Path:
+    """baseline_cnn model folder (32 px input)."""
+    return build_model_dir("baseline_cnn", tmp_path_factory.mktemp("cnn_model"))
+
+
+@pytest.fixture(scope="session")
+def timm_model_dir(tmp_path_factory) -> Path:
+    """A tiny timm EfficientNet (timm's `test_efficientnet`) model folder at 64 px input."""
+    return build_model_dir("test_efficientnet", tmp_path_factory.mktemp("timm_model"), image_size=64)
