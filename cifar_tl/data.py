@@ -84,6 +84,14 @@ class DatasetBundle:
     def has_coarse(self) -> bool:
         return self.coarse_names is not None
 
+    def drop_partial_coarse(self) -> None:
+        """Superclass metrics need every fine class mapped; a partial map (unseen classes) disables them."""
+        if self.fine_to_coarse is not None and -1 in self.fine_to_coarse:
+            log.warning("%s: superclass labels disabled (the fine->coarse map is incomplete)", self.source)
+            self.coarse_names = self.fine_to_coarse = None
+            for split in (self.train, self.val, self.test):
+                split.coarse = None
+
     @property
     def image_size(self) -> int:
         return int(self.train.images.shape[-1])
@@ -117,20 +125,31 @@ def load_bundle(
     if max_train_samples is not None and max_train_samples < len(train):
         keep, _ = stratified_split(train.fine, 1 - max_train_samples / len(train), seed)
         train = train.subset(keep)
-    return DatasetBundle(train, train_all.subset(val_idx), test, raw.fine_names, raw.coarse_names,
-                         raw.fine_to_coarse, raw.fingerprint, raw.source)
+    bundle = DatasetBundle(train, train_all.subset(val_idx), test, raw.fine_names, raw.coarse_names,
+                           raw.fine_to_coarse, raw.fingerprint, raw.source)
+    bundle.drop_partial_coarse()
+    return bundle
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split indices so each class keeps its share: returns (keep, held_out), held_out ~= fraction per class."""
+    """Split indices so each class keeps its share: returns (keep, held_out) with round(N * fraction) held
+    out, allotted to classes by largest remainder (as sklearn's StratifiedShuffleSplit), so tiny classes
+    still add up to the right total."""
     gen = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * fraction
+    n_held = exact.floor().long()
+    short = int(round(len(labels) * fraction)) - int(n_held.sum())
+    if short > 0:  # ties among equal remainders are broken at random, reproducibly
+        order = torch.argsort(exact - n_held + torch.rand(len(classes), generator=gen, dtype=torch.float64) * 1e-9,
+                              descending=True)
+        n_held[order[:short]] += 1
     keep, held = [], []
-    for cls in torch.unique(labels).tolist():
+    for cls, n in zip(classes.tolist(), n_held.tolist()):
         idx = torch.nonzero(labels == cls).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
-        n_held = int(round(len(idx) * fraction))
-        held.append(idx[:n_held])
-        keep.append(idx[n_held:])
+        held.append(idx[:n])
+        keep.append(idx[n:])
     return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
 
 
@@ -450,9 +469,10 @@ def derive_fine_to_coarse(splits: dict[str, Split], fine_names, coarse_names, so
             raise DataError(f"{source}: fine class {fine_names[f]!r} appears under several superclasses "
                             f"({', '.join(coarse_names[c] for c in sorted(cs))}); the coarse labels are inconsistent")
     missing = [fine_names[f] for f in range(len(fine_names)) if f not in mapping]
-    if missing:
-        raise DataError(f"{source}: fine classes {missing[:5]} never appear, so their superclass is unknown")
-    return [next(iter(mapping[f])) for f in range(len(fine_names))]
+    if missing:  # e.g. a 20-image test set: the map is partial (-1); training then drops coarse labels
+        log.warning("%s: %d fine classes never appear (%s...), so their superclass is unknown", source,
+                    len(missing), ", ".join(missing[:3]))
+    return [next(iter(mapping[f])) if f in mapping else -1 for f in range(len(fine_names))]
 
 
 # --------------------------------------------------------------------------------------------- cache

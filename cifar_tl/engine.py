@@ -197,12 +197,12 @@ def train(cfg: TrainConfig) -> dict:
                           + f" | best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
                           f"{metrics['train_seconds']:.0f}s -> {out / 'model'}")
     accelerator.log({f"test/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-    accelerator.end_training()
     if cfg.push_to_hub and main:
         from .hub import push_model_dir
         push_model_dir(out / "model", cfg.hub_model_id, private=cfg.hub_private,
                        message=f"cifar-tl run {out.name}: top1 {metrics['top1']:.4f}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # also tears down the process group: nothing collective after this
     return metrics
 
 

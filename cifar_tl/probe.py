@@ -48,15 +48,16 @@ def cached_features(cfg, accelerator, model, bundle, transform, image_size: int)
         return {k: v.float() for k, v in load_file(str(path)).items()}
     model.eval().to(accelerator.device)
     t0 = time.time()
+    # stored in half precision (2x less disk); round here too so a cached run is identical to a fresh one
     feats = {name: extract(model, getattr(bundle, name), transform, accelerator, cfg.eval_batch_size,
-                           f"features {name}") for name in ("train", "val", "test") if len(getattr(bundle, name))}
+                           f"features {name}").half() for name in ("train", "val", "test") if len(getattr(bundle, name))}
     accelerator.print(f"linear probe: extracted features in {time.time() - t0:.0f}s -> {path}")
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.half().contiguous() for k, v in feats.items()}, str(tmp))  # half: 2x less disk
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
         os.replace(tmp, path)
-    return feats
+    return {k: v.float() for k, v in feats.items()}
 
 
 def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, dict]:
@@ -74,6 +75,7 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
     total = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(1, s / total))))
     gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout masks must not depend on whether features came from the cache
     best = {"loss": float("inf"), "epoch": 0, "state": None}
     history, bad, t0 = [], 0, time.time()
     for epoch in range(1, cfg.epochs + 1):

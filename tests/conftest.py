@@ -51,15 +51,19 @@ def cifar100_arrays():
     return {split: make_arrays(n, seed) for split, (n, seed) in SPLITS.items()}
 
 
-def write_parquet(arrays: dict, root: Path) -> Path:
+def write_parquet(arrays: dict, root: Path, fine_names=FINE_NAMES, coarse_names=COARSE_NAMES) -> Path:
     import datasets
     from PIL import Image
 
-    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=FINE_NAMES),
-                                  "coarse_label": datasets.ClassLabel(names=COARSE_NAMES)})
+    features = {"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=fine_names)}
+    if coarse_names:
+        features["coarse_label"] = datasets.ClassLabel(names=coarse_names)
+    features = datasets.Features(features)
     (root / "data").mkdir(parents=True, exist_ok=True)
     for split, (images, fine, coarse) in arrays.items():
-        rows = {"img": [], "fine_label": fine.tolist(), "coarse_label": coarse.tolist()}
+        rows = {"img": [], "fine_label": fine.tolist()}
+        if coarse_names:
+            rows["coarse_label"] = coarse.tolist()
         for im in images:
             buf = io.BytesIO()
             Image.fromarray(im).save(buf, format="PNG")
@@ -84,6 +88,17 @@ def write_pickle_dir(arrays: dict, root: Path) -> Path:
 @pytest.fixture(scope="session")
 def cifar100_parquet(cifar100_arrays, tmp_path_factory) -> Path:
     return write_parquet(cifar100_arrays, tmp_path_factory.mktemp("parquet"))
+
+
+@pytest.fixture(scope="session")
+def easy10_parquet(tmp_path_factory) -> Path:
+    """10 learnable classes (30 train / 10 test images each) with 2 superclasses: training must learn it."""
+    arrays = {}
+    for split, (n, seed) in {"train": (30, 5), "test": (10, 6)}.items():
+        images, fine, _ = make_arrays(n, seed, num_classes=10)
+        arrays[split] = (images, fine, fine % 2)
+    return write_parquet(arrays, tmp_path_factory.mktemp("easy10"), [f"class_{i}" for i in range(10)],
+                         ["even", "odd"])
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from cifar_tl.config import ConfigError, TrainConfig, parse_args
+
+PRESETS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+
+
+def test_defaults_match_reference_transfer_run():
+    cfg = parse_args([])
+    assert (cfg.dataset, cfg.model, cfg.pretrained) == ("uoft-cs/cifar100", "efficientnet_b0", True)
+    assert (cfg.optimizer, cfg.lr, cfg.scheduler, cfg.plateau_factor, cfg.min_lr) == ("adam", 1e-4, "plateau", 0.5, 1e-6)
+
+
+def test_yaml_then_flags_override(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model: baseline_cnn\nlr: 1e-3\nepochs: 7\npretrained: false\nmax_train_samples: 100\n")
+    cfg = parse_args(["--config", str(path), "--epochs", "9", "--max-train-samples", "none"])
+    assert cfg.model == "baseline_cnn" and cfg.lr == pytest.approx(1e-3)  # YAML's "1e-3" string coerced
+    assert cfg.epochs == 9 and cfg.max_train_samples is None and cfg.pretrained is False
+
+
+def test_boolean_flags():
+    assert parse_args(["--no-pretrained"]).pretrained is False
+    assert parse_args(["--linear-probe"]).linear_probe is True
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_presets_parse(preset):
+    cfg = parse_args(["--config", str(preset)])
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_reference_presets_reproduce_the_study():
+    cnn = parse_args(["--config", "configs/baseline_cnn.yaml"])
+    assert (cnn.model, cnn.epochs) == ("baseline_cnn", 50)
+    b0 = parse_args(["--config", "configs/efficientnet_b0.yaml"])
+    assert (b0.image_size, b0.lr, b0.batch_size, b0.epochs, b0.early_stopping_patience) == (224, 1e-4, 8, 15, 10)
+    assert (b0.plateau_factor, b0.plateau_patience, b0.min_lr) == (0.5, 5, 1e-6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "-1"], "--lr"),
+    (["--push-to-hub"], "--hub-model-id"),
+])
+def test_bad_values_name_the_flag(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_bad_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 3\n")
+    with pytest.raises(ConfigError, match="unknown option.*learning_rate"):
+        parse_args(["--config", str(bad)])
+    bad.write_text("epochs: many\n")
+    with pytest.raises(ConfigError, match="epochs must be int"):
+        parse_args(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="file not found"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_invalid_choice_exits():
+    with pytest.raises(SystemExit):
+        parse_args(["--optimizer", "lion"])

@@ -1,0 +1,227 @@
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
+from cifar_tl import data as data_mod
+from cifar_tl.augment import TrainTransform, eval_transform
+from cifar_tl.data import DataError, decode_image, load_bundle, load_raw, make_loader, stratified_split
+
+
+def _same(a, b):
+    assert a.fine_names == b.fine_names == FINE_NAMES
+    assert a.coarse_names == b.coarse_names == COARSE_NAMES
+    assert a.fine_to_coarse == b.fine_to_coarse == FINE_TO_COARSE
+    for split in ("train", "test"):
+        assert torch.equal(a.splits[split].images, b.splits[split].images)
+        assert torch.equal(a.splits[split].fine, b.splits[split].fine)
+        assert torch.equal(a.splits[split].coarse, b.splits[split].coarse)
+    assert a.fingerprint == b.fingerprint
+
+
+def test_all_sources_load_to_the_same_tensors(cifar100_parquet, cifar100_pickle, cifar100_tar, cifar100_arrays):
+    parquet = load_raw(str(cifar100_parquet), cache=False)
+    pickle_dir = load_raw(str(cifar100_pickle), cache=False)
+    tar = load_raw(str(cifar100_tar), cache=False)
+    _same(parquet, pickle_dir)
+    _same(parquet, tar)
+    images, fine, coarse = cifar100_arrays["train"]
+    train = parquet.splits["train"]
+    assert train.images.dtype == torch.uint8 and train.images.shape == (len(fine), 3, 32, 32)
+    assert torch.equal(train.images.permute(0, 2, 3, 1), torch.from_numpy(images))
+    assert train.fine.tolist() == fine.tolist() and train.coarse.tolist() == coarse.tolist()
+
+
+def test_parent_of_cifar_folder_and_save_to_disk(cifar100_pickle, cifar100_parquet, tmp_path):
+    assert load_raw(str(cifar100_pickle.parent), cache=False).fine_names == FINE_NAMES
+    import datasets
+    ds = datasets.load_dataset(str(cifar100_parquet))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    _same(load_raw(str(tmp_path / "saved"), cache=False), load_raw(str(cifar100_parquet), cache=False))
+
+
+def test_image_folder(tmp_path, cifar100_arrays):
+    images, fine, _ = cifar100_arrays["train"]
+    for split in ("train", "test"):
+        for i in range(40):
+            folder = tmp_path / split / FINE_NAMES[fine[i] % 3]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(folder / f"{i}.png")
+    raw = load_raw(str(tmp_path), cache=False)
+    assert raw.fine_names == sorted(FINE_NAMES[:3]) and raw.coarse_names is None
+    assert raw.splits["train"].images.shape[1:] == (3, 32, 32)
+
+
+def test_stratified_split_is_reproducible_and_keeps_shares():
+    labels = torch.arange(10).repeat_interleave(torch.arange(10, 110, 10))  # class c has 10*(c+1) items
+    keep1, held1 = stratified_split(labels, 0.1, seed=3)
+    keep2, held2 = stratified_split(labels, 0.1, seed=3)
+    assert torch.equal(held1, held2) and torch.equal(keep1, keep2)
+    assert not set(keep1.tolist()) & set(held1.tolist()) and len(keep1) + len(held1) == len(labels)
+    counts = torch.bincount(labels[held1], minlength=10)
+    assert counts.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert not torch.equal(stratified_split(labels, 0.1, seed=4)[1], held1)
+
+
+def test_bundle_split_and_subsample(cifar100_parquet):
+    b = load_bundle(str(cifar100_parquet), val_fraction=0.25, seed=0)
+    assert len(b.train) == 300 and len(b.val) == 100 and len(b.test) == 200
+    assert torch.bincount(b.val.fine, minlength=100).tolist() == [1] * 100
+    sub = load_bundle(str(cifar100_parquet), val_fraction=0.25, max_train_samples=200, seed=0)
+    assert len(sub.train) == 200 and torch.bincount(sub.train.fine, minlength=100).tolist() == [2] * 100
+    assert torch.equal(sub.val.fine, b.val.fine)  # the val split does not move when train is subsampled
+    assert b.has_coarse and b.num_classes == 100 and b.image_size == 32
+
+
+def test_second_load_comes_from_the_tensor_store(cifar100_parquet, monkeypatch):
+    first = load_raw(str(cifar100_parquet))
+    monkeypatch.setattr(data_mod, "_load_source", lambda *a, **k: pytest.fail("decoded again"))
+    second = load_raw(str(cifar100_parquet))
+    _same(first, second)
+
+
+def test_loader_batches_carry_fine_and_coarse(cifar100_parquet):
+    b = load_bundle(str(cifar100_parquet), val_fraction=0.1)
+    batch = next(iter(make_loader(b.train, 32, shuffle=True, seed=1)))
+    assert batch["image"].shape == (32, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    expected = torch.as_tensor(FINE_TO_COARSE)[batch["fine"]]
+    assert torch.equal(batch["coarse"], expected)
+
+
+def test_augmentation_keeps_shapes_and_label_alignment(cifar100_arrays):
+    images, fine, _ = cifar100_arrays["test"]
+    x = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).contiguous()
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    for size in (32, 64):
+        out = TrainTransform(size, mean, std, augment="basic")(x)
+        assert out.shape == (64, 3, size, size) and out.dtype == torch.float32
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        # each fixture class has its own mean colour: augmentation must not shuffle samples
+        colours = out.mean(dim=(2, 3))
+        ref = eval_transform(x, size, mean, std).mean(dim=(2, 3))
+        nearest = torch.cdist(colours, ref).argmin(dim=1)
+        assert (torch.as_tensor(fine[:64])[nearest] == torch.as_tensor(fine[:64])).float().mean() > 0.95
+    ra = TrainTransform(32, mean, std, augment="randaugment")(x)
+    assert ra.shape == (64, 3, 32, 32) and torch.isfinite(ra).all()
+
+
+def test_eval_transform_normalises():
+    x = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
+    out = eval_transform(x, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert out.shape == (1, 3, 64, 64) and torch.allclose(out, torch.ones_like(out))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "1"])
+def test_decode_image_modes(mode):
+    img = Image.new("RGB", (5, 7), (200, 100, 50)).convert(mode)
+    arr = decode_image(img)
+    assert arr.shape == (7, 5, 3) and arr.dtype == np.uint8
+
+
+def test_decode_image_applies_exif_rotation():
+    img = Image.new("RGB", (8, 4))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue()).shape == (8, 4, 3)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def _parquet(tmp_path, rows, features=None, split="train", extra_test=True):
+    import datasets
+    (tmp_path / "data").mkdir(exist_ok=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / f"{split}-0.parquet"))
+    if extra_test and split == "train":
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / "test-0.parquet"))
+    return str(tmp_path)
+
+
+def _png(colour=(1, 2, 3)):
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def test_missing_column_names_the_flag(tmp_path):
+    import datasets
+    feats = datasets.Features({"picture": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    path = _parquet(tmp_path, {"picture": [_png(), _png()], "label": [0, 1]}, feats)
+    with pytest.raises(DataError, match="none of the columns img, image.*--image-column"):
+        load_raw(path, cache=False)
+    assert load_raw(path, image_column="picture", cache=False).fine_names == ["a", "b"]
+    with pytest.raises(DataError, match="no column 'lbl' given by --label-column"):
+        load_raw(path, image_column="picture", label_column="lbl", cache=False)
+
+
+def test_labels_out_of_range(tmp_path):
+    path = _parquet(tmp_path, {"img": [_png(), _png(), _png()], "label": [0, 5, -1]},
+                    features=None)
+    import datasets  # plain int labels with no names: classes 0..max; negative ones are rejected
+    with pytest.raises(DataError, match=r"label\(s\) outside.*rows \[2\]"):
+        load_raw(path, cache=False)
+    del datasets
+
+
+def test_unreadable_rows_are_reported_with_indices(tmp_path):
+    import datasets
+    feats = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
+    rows = {"img": [_png(), {"bytes": b"garbage", "path": None}, _png()], "label": [0, 0, 0]}
+    with pytest.raises(DataError, match=r"1 unreadable image\(s\) at rows \[1\]"):
+        load_raw(_parquet(tmp_path, rows, feats), cache=False)
+
+
+def test_missing_split_and_empty_dataset(tmp_path):
+    import datasets
+    feats = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
+    path = _parquet(tmp_path, {"img": [_png()], "label": [0]}, feats, extra_test=False)
+    with pytest.raises(DataError, match="has no split 'test'.*--test-split"):
+        load_raw(path, cache=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="holds no parquet"):
+        load_raw(str(empty), cache=False)
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_raw(str(tmp_path / "missing"), cache=False)
+
+
+def test_hub_id_offline_gives_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="not a local path and offline mode is on.*--dataset PATH"):
+        load_raw("someone/not-cached-dataset", cache=False)
+
+
+def test_inconsistent_superclasses(cifar100_arrays, tmp_path):
+    from conftest import write_pickle_dir
+    images, fine, coarse = cifar100_arrays["train"]
+    bad = coarse.copy()
+    bad[np.nonzero(fine == 0)[0][0]] = (FINE_TO_COARSE[0] + 1) % 20
+    write_pickle_dir({"train": (images, fine, bad), "test": cifar100_arrays["test"]}, tmp_path)
+    with pytest.raises(DataError, match="'apple' appears under several superclasses"):
+        load_raw(str(tmp_path), cache=False)
+
+
+def test_tampered_pickle_is_refused(cifar100_pickle, tmp_path):
+    import shutil
+    folder = tmp_path / "cifar-100-python"
+    shutil.copytree(cifar100_pickle, folder)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": Evil()}))
+    with pytest.raises(DataError, match="refusing to load builtins.print"):
+        load_raw(str(folder), cache=False)
+
+
+def test_val_fraction_too_small(cifar100_parquet):
+    with pytest.raises(DataError, match="--val-fraction"):
+        load_bundle(str(cifar100_parquet), val_fraction=0.001)
