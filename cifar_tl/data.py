@@ -19,7 +19,7 @@ import os
 import pickle
 import tarfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,7 @@ class RawDataset:
     fine_to_coarse: list[int] | None
     fingerprint: str
     source: str
+    unreadable: dict[str, list[int]] = field(default_factory=dict)  # split -> skipped rows (skip mode only)
 
 
 @dataclass
@@ -161,16 +162,19 @@ def load_raw(
     coarse_label_column: str | None = None,
     splits: tuple[str, ...] = ("train", "test"),
     cache: bool = True,
+    skip_unreadable: bool = False,
 ) -> RawDataset:
-    """Decode the requested splits of a source, from the on-disk tensor store when it is fresh."""
+    """Decode the requested splits of a source, from the on-disk tensor store when it is fresh.
+    Unreadable images are an error, or with `skip_unreadable` dropped and listed in `RawDataset.unreadable`."""
     key = _source_key(dataset, image_column, label_column, coarse_label_column, splits)
     store = cache_dir() / "stores" / f"{key}.safetensors"
+    cache = cache and not skip_unreadable
     if cache and store.is_file():
         try:
             return _read_store(store, dataset)
         except Exception as err:  # a corrupt cache is rebuilt, never fatal
             log.warning("ignoring unreadable data cache %s (%s)", store, err)
-    raw = _load_source(dataset, image_column, label_column, coarse_label_column, splits)
+    raw = _load_source(dataset, image_column, label_column, coarse_label_column, splits, skip_unreadable)
     if cache:
         _write_store(raw, store)
     return raw
@@ -234,11 +238,11 @@ def _cifar_pickle_dir(path: Path) -> Path | None:
     return None
 
 
-def _load_source(dataset, image_column, label_column, coarse_label_column, splits) -> RawDataset:
+def _load_source(dataset, image_column, label_column, coarse_label_column, splits, skip_unreadable) -> RawDataset:
     kind = _source_kind(dataset)
     if kind in ("cifar-tar", "cifar-pickle"):
         return _load_cifar_pickle(dataset, kind, splits)
-    return _load_hf(dataset, kind, image_column, label_column, coarse_label_column, splits)
+    return _load_hf(dataset, kind, image_column, label_column, coarse_label_column, splits, skip_unreadable)
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -309,7 +313,7 @@ def _load_cifar_pickle(dataset: str, kind: str, splits) -> RawDataset:
     return _finish(out, fine_names, coarse_names, dataset)
 
 
-def _load_hf(dataset, kind, image_column, label_column, coarse_label_column, splits) -> RawDataset:
+def _load_hf(dataset, kind, image_column, label_column, coarse_label_column, splits, skip_unreadable) -> RawDataset:
     import datasets
 
     datasets.logging.set_verbosity_error()
@@ -332,7 +336,7 @@ def _load_hf(dataset, kind, image_column, label_column, coarse_label_column, spl
         raise DataError(f"--dataset {dataset}: could not be read as {kind} ({type(err).__name__}: {err})") from None
     if isinstance(ds, datasets.Dataset):
         ds = datasets.DatasetDict({"train": ds})
-    out = {}
+    out, unreadable = {}, {}
     names: dict[str, list[str] | None] = {}
     for split in splits:
         if split not in ds:
@@ -352,9 +356,17 @@ def _load_hf(dataset, kind, image_column, label_column, coarse_label_column, spl
         if coarse_col:
             names["coarse"], coarse = _labels(part, coarse_col, names.get("coarse"),
                                               f"{dataset}: {split} column {coarse_col!r}")
-        images = _decode_column(part, img_col, f"{dataset}: {split} column {img_col!r}")
-        out[split] = Split(images, fine, coarse)
-    return _finish(out, names["fine"], names.get("coarse"), dataset)
+        images, bad = _decode_column(part, img_col, f"{dataset}: {split} column {img_col!r}", skip_unreadable)
+        split_data = Split(images, fine, coarse)
+        if bad:
+            keep = torch.ones(len(fine), dtype=torch.bool)
+            keep[bad] = False
+            split_data = Split(images, fine[keep], None if coarse is None else coarse[keep])
+            unreadable[split] = bad
+        out[split] = split_data
+    raw = _finish(out, names["fine"], names.get("coarse"), dataset)
+    raw.unreadable = unreadable
+    return raw
 
 
 def _pick_column(part, chosen, candidates, flag, dataset, split) -> str:
@@ -402,7 +414,7 @@ def _check_labels(values: np.ndarray, num_classes: int, where: str) -> torch.Ten
     return torch.from_numpy(values.astype(np.int64))
 
 
-def _decode_column(part, column: str, where: str) -> torch.Tensor:
+def _decode_column(part, column: str, where: str, skip_unreadable: bool = False) -> tuple[torch.Tensor, list[int]]:
     import datasets
 
     if isinstance(part.features[column], datasets.Image):
@@ -418,10 +430,12 @@ def _decode_column(part, column: str, where: str) -> torch.Tensor:
             except (UnidentifiedImageError, OSError, ValueError, TypeError, KeyError):
                 bad.append(row)
             row += 1
-    if bad:
+    if bad and not skip_unreadable:
         raise DataError(f"{where}: {len(bad)} unreadable image(s) at rows {bad[:20]}"
                         f"{' ...' if len(bad) > 20 else ''}; fix or remove them")
-    return _stack(arrays, where)
+    if not arrays:
+        raise DataError(f"{where}: no readable images")
+    return _stack(arrays, where), bad
 
 
 def _stack(arrays: list[np.ndarray], where: str) -> torch.Tensor:
