@@ -7,6 +7,7 @@ import sys
 
 from .config import ConfigError, parse_args
 from .data import DataError
+from .hub import HubError
 from .models import WeightsError
 
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         train(cfg)
-    except (ConfigError, DataError, WeightsError, TrainingError) as err:
+    except (ConfigError, DataError, WeightsError, TrainingError, HubError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -72,7 +72,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     time_limit_minutes: float | None = field(default=None, metadata={"help": "stop training after this many "
-                                             "minutes (the run still evaluates and exports)"})
+                                             "minutes (the run still evaluates and exports); a cosine schedule "
+                                             "then anneals to this budget"})
     # transfer learning
     freeze_backbone: bool = field(default=False, metadata={"help": "train the classifier head only"})
     unfreeze_after: int = field(default=0, metadata={"help": "staged schedule: head only for N epochs, "

@@ -53,7 +53,9 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     return torch.optim.Adam(groups, lr=cfg.lr)
 
 
-def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, time_progress=None):
+    """Plateau (stepped per epoch on val loss) or per-step warm-up + cosine. With a time budget the cosine
+    follows the clock (`time_progress()` in [0, 1]), so the LR has annealed when the budget runs out."""
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
                                                           patience=cfg.plateau_patience, min_lr=cfg.min_lr)
@@ -66,7 +68,10 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
             return (step + 1) / warmup
         if cfg.scheduler == "none":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = (step - warmup) / max(1, total - warmup)
+        if time_progress is not None:
+            progress = max(progress, time_progress())
+        progress = min(1.0, progress)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -183,6 +188,8 @@ def train(cfg: TrainConfig) -> dict:
                             fine_names=bundle.fine_names, coarse_names=bundle.coarse_names,
                             fine_to_coarse=bundle.fine_to_coarse)
         results["tta" if tta else "plain"] = m
+        if not tta:
+            plain_logits = gathered["logits"]
     metrics = {**{k: v for k, v in results["plain"].items() if not isinstance(v, dict)}, **summary,
                "model": cfg.model, "image_size": size, "dataset": cfg.dataset,
                "dataset_fingerprint": bundle.fingerprint, "num_processes": accelerator.num_processes}
@@ -191,6 +198,14 @@ def train(cfg: TrainConfig) -> dict:
     if main:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         atomic_write_text(out / "eval_details.json", json.dumps(results, indent=1) + "\n")
+        from .report import write_report  # pandas + matplotlib only once the run is done
+
+        write_report(out, results=results, logits=plain_logits, bundle=bundle, split="test",
+                     history=out / "history.jsonl", best_epoch=metrics["best_epoch"],
+                     info={"model": cfg.model, "dataset": cfg.dataset, "dataset fingerprint": bundle.fingerprint,
+                           "split": f"test ({len(bundle.test)} images)",
+                           "best epoch": f"{metrics['best_epoch']} of {metrics['epochs_run']}",
+                           "stopped": metrics["stopped"]})
         save_model_dir(model, model_config(model, **export_meta, metrics=metrics), out / "model")
         accelerator.print(f"test: top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}"
                           + (f" coarse_top1 {metrics['coarse_top1']:.4f}" if "coarse_top1" in metrics else "")
@@ -218,7 +233,10 @@ def _fit(cfg, accelerator, model, bundle, evaluate_tf, size, mean, std, staged, 
     optimizer = build_optimizer(cfg, model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    budget = 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
+    clock = {"start": time.time()}
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch,
+                                (lambda: (time.time() - clock["start"]) / budget) if budget else None)
     accelerator.register_for_checkpointing(scheduler)
     train_tf = TrainTransform(size, mean, std, augment=cfg.augment, shift=cfg.shift, zoom=cfg.zoom,
                               channels_last=cfg.channels_last)
@@ -252,7 +270,8 @@ def _fit(cfg, accelerator, model, bundle, evaluate_tf, size, mean, std, staged, 
         accelerator.init_trackers(cfg.project_name, config=cfg.to_dict(),
                                   init_kwargs={"wandb": {"dir": str(out), "name": out.name}})
     best_path = ckpt.root / "best.safetensors"
-    deadline = time.time() + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
+    clock["start"] = time.time()
+    deadline = clock["start"] + budget if budget else None
 
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         unwrapped = accelerator.unwrap_model(model)

@@ -2,6 +2,7 @@
 loading, so every path sees the same pixels the model was trained on."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,32 @@ from PIL import Image
 from .augment import eval_transform
 from .data import decode_image
 from .export import load_model_dir
+
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # ~89 MP: PIL's own decompression-bomb threshold
+
+
+class ImageError(ValueError):
+    """An input cannot be used as an image; the message is written for the person who supplied it."""
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image file, refusing non-images, damaged files and images over `max_pixels`
+    (checked from the header, before any pixel is decoded)."""
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError:
+        raise ImageError("the image is far too large to open safely") from None
+    except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
+        raise ImageError("not an image file (or a format Pillow cannot read)") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(f"{width}x{height} pixels is over the {max_pixels / 1e6:.0f}-megapixel limit; "
+                         "please send a smaller image")
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # corrupt data surfaces only while decoding
+        raise ImageError(f"the image data is damaged or truncated ({err})") from None
+    return img
 
 
 def coarse_probs(fine_probs: torch.Tensor, fine_to_coarse, num_coarse: int) -> torch.Tensor:
@@ -26,9 +53,17 @@ class Predictor:
     model: torch.nn.Module
     config: dict
     device: torch.device = torch.device("cpu")
+    model_dir: Path | None = None  # the folder it was loaded from: the demo reads eval extras there
 
     def __post_init__(self):
         self.model = self.model.to(self.device).eval()
+        self._read_config()
+        self.channels_last = self.device.type == "cpu"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def _read_config(self) -> None:
+        """Preprocessing and label settings from config.json (shared with backends that hold no torch model)."""
         extra = self.config.get("cifar_tl", {})
         cfg = self.config["pretrained_cfg"]
         self.image_size = int(cfg["input_size"][-1])
@@ -37,15 +72,12 @@ class Predictor:
         self.fine_names: list[str] = list(self.config["label_names"])
         self.coarse_names: list[str] | None = extra.get("coarse_names")
         self.fine_to_coarse: list[int] | None = extra.get("fine_to_coarse")
-        self.channels_last = self.device.type == "cpu"
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | torch.device | None = None) -> Predictor:
         model, config = load_model_dir(model_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(model, config, device)
+        return cls(model, config, device, Path(model_dir))
 
     @property
     def has_coarse(self) -> bool:
@@ -53,7 +85,10 @@ class Predictor:
 
     def to_thumbnail(self, image) -> np.ndarray:
         """Any input image -> uint8 RGB [data_size, data_size, 3]: the resolution the model was trained at."""
-        arr = decode_image(image)
+        try:
+            arr = decode_image(image)
+        except (OSError, ValueError, TypeError) as err:  # exotic modes Pillow cannot convert to RGB
+            raise ImageError(f"cannot convert this image to RGB ({err})") from None
         if arr.shape[:2] != (self.data_size, self.data_size):
             arr = np.asarray(Image.fromarray(arr).resize((self.data_size, self.data_size), Image.BICUBIC,
                                                          reducing_gap=None))

@@ -14,6 +14,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 BASELINE = "baseline_cnn"
+# the reference architecture at three widths: the default, and a 4x cheaper one for CPU time budgets
+BASELINE_WIDTHS = {"baseline_cnn": (64, 128, 256), "baseline_cnn_small": (32, 64, 128),
+                   "baseline_cnn_wide": (128, 256, 512)}
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
 
@@ -78,11 +81,11 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 100, we
                  drop_rate: float = 0.2, **kwargs) -> nn.Module:
     """Build `name` with a fresh `num_classes` head. Weights come from, in order: `weights` (a file), the
     Hub (timm `pretrained=True`) when online, then an offline package. Never silently random."""
-    if name == BASELINE:
+    if name in BASELINE_WIDTHS:
         if pretrained and not weights:
-            raise WeightsError("baseline_cnn has no pretrained weights: pass --no-pretrained to train it from "
+            raise WeightsError(f"{name} has no pretrained weights: pass --no-pretrained to train it from "
                                "scratch, or --weights FILE")
-        model = BaselineCNN(num_classes=num_classes, **kwargs)
+        model = BaselineCNN(num_classes=num_classes, **{"widths": BASELINE_WIDTHS[name], **kwargs})
     else:
         if not timm.is_model(name):
             raise WeightsError(f"--model {name}: unknown model; use baseline_cnn or a timm name "

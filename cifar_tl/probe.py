@@ -80,11 +80,12 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
     history, bad, t0 = [], 0, time.time()
     for epoch in range(1, cfg.epochs + 1):
         perm = torch.randperm(len(x_train), generator=gen).to(device)
-        total_loss = 0.0
+        total_loss, correct = 0.0, 0
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            loss = F.cross_entropy(head(F.dropout(x_train[idx], cfg.drop_rate)), y_train[idx],
-                                   label_smoothing=cfg.label_smoothing)
+            logits = head(F.dropout(x_train[idx], cfg.drop_rate))
+            loss = F.cross_entropy(logits, y_train[idx], label_smoothing=cfg.label_smoothing)
+            correct += int((logits.argmax(-1) == y_train[idx]).sum())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -94,7 +95,8 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
             val_logits = head(x_val)
             val_loss = F.cross_entropy(val_logits, y_val).item()
             val_acc = (val_logits.argmax(-1) == y_val).float().mean().item()
-        history.append({"epoch": epoch, "train_loss": total_loss / len(perm), "val_loss": val_loss,
+        history.append({"epoch": epoch, "train_loss": total_loss / len(perm), "train_top1": correct / len(perm),
+                        "val_loss": val_loss,
                         "val_top1": val_acc, "lr": optimizer.param_groups[0]["lr"],
                         "elapsed_seconds": time.time() - t0})
         if val_loss < best["loss"]:

@@ -1,0 +1,218 @@
+"""The model card (README.md of a model folder): the repository's `model_card.md` Jinja2 template, filled
+from the folder's config.json and the run's outputs. The YAML metadata is built with huggingface_hub's
+`ModelCardData` and `EvalResult`, so the `model-index` is well formed by construction, and the rendered card
+is parsed back with `ModelCard` before it is written. Rendering needs neither torch nor timm, so pushing a
+folder stays light."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import jinja2
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from safetensors import safe_open
+
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"  # ./model_card.md links here
+LICENSE = "apache-2.0"
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR_SIZES = "(Krizhevsky, 2009): 50,000 training and 10,000 test colour images of 32×32 pixels"
+HUB_DATASETS = "https://huggingface.co/datasets"
+DATASETS = {  # Hub id -> (name, description)
+    "uoft-cs/cifar100": ("CIFAR-100", (f"[CIFAR-100]({HUB_DATASETS}/uoft-cs/cifar100) {CIFAR_SIZES}, 100 "
+                                       "classes of 500 training and 100 test images each, in 20 "
+                                       "superclasses.")),
+    "uoft-cs/cifar10": ("CIFAR-10", (f"[CIFAR-10]({HUB_DATASETS}/uoft-cs/cifar10) {CIFAR_SIZES}, 10 classes "
+                                     "of 5,000 training and 1,000 test images each.")),
+}
+# Run settings that say where and how a run was logged, not how the model was trained.
+NOT_HYPERPARAMETERS = {"output_dir", "resume", "report_to", "project_name", "push_to_hub", "hub_model_id",
+                       "hub_private", "data_cache", "eval_batch_size", "image_column", "label_column",
+                       "coarse_label_column", "train_split", "test_split", "dataset"}
+METRICS = (("top1", "accuracy", "Top-1 accuracy"), ("top5", "top_5_accuracy", "Top-5 accuracy"),
+           ("coarse_top1", "superclass_accuracy", "Superclass top-1 accuracy"))
+CITATIONS = {
+    "cifar": """@techreport{krizhevsky2009learning,
+  title       = {Learning Multiple Layers of Features from Tiny Images},
+  author      = {Krizhevsky, Alex},
+  institution = {University of Toronto},
+  year        = {2009}
+}""",
+    "efficientnet": """@inproceedings{tan2019efficientnet,
+  title     = {EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks},
+  author    = {Tan, Mingxing and Le, Quoc V.},
+  booktitle = {Proceedings of the 36th International Conference on Machine Learning},
+  pages     = {6105--6114},
+  year      = {2019}
+}""",
+    "timm": """@misc{rw2019timm,
+  author    = {Wightman, Ross},
+  title     = {PyTorch Image Models},
+  year      = {2019},
+  publisher = {GitHub},
+  url       = {https://github.com/huggingface/pytorch-image-models}
+}""",
+}
+
+
+def _run_dir_of(model_dir: Path) -> Path | None:
+    """The training run a model folder sits in (engine layout: RUN/model next to RUN/metrics.json), if any."""
+    parent = model_dir.resolve().parent
+    return parent if (parent / "metrics.json").is_file() else None
+
+
+def write_card(model_dir: str | Path, config: dict, *, repo_id: str | None = None,
+               run_dir: Path | None = None) -> Path:
+    """Copy the run's evaluation plots (PNG) into the folder and write README.md. `repo_id` names the Hub repo
+    in the loading snippets; without it they load the folder by its path. `run_dir` defaults to the folder's
+    parent when that is a training run."""
+    model_dir = Path(model_dir)
+    run_dir = run_dir if run_dir is not None else _run_dir_of(model_dir)
+    if run_dir is not None and run_dir.resolve() != model_dir.resolve():
+        for png in sorted([*run_dir.glob("*.png"), *run_dir.glob("plots/*.png")]):  # report.py writes plots/
+            (model_dir / "plots").mkdir(exist_ok=True)
+            shutil.copyfile(png, model_dir / "plots" / png.name)
+    card = render_card(config, model_dir=model_dir, repo_id=repo_id, run_dir=run_dir)
+    path = model_dir / "README.md"
+    card.save(path)
+    return path
+
+
+def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
+                run_dir: Path | None = None) -> ModelCard:
+    extra = config.get("cifar_tl", {})
+    train, metrics = extra.get("train_config") or {}, extra.get("metrics") or {}
+    architecture, names = config["architecture"], config["label_names"]
+    coarse_names = extra.get("coarse_names")
+    is_timm = extra.get("library_name", "timm") == "timm"  # export records which library builds it
+    dataset_id = _dataset_id(train, names, coarse_names)
+    source = f"`{train['dataset']}`" if train.get("dataset") else "its dataset"
+    dataset_name, dataset_description = DATASETS.get(dataset_id, (source, f"{source}: {len(names)} classes."))
+    base_model = extra.get("base_model")
+    title = repo_id.split("/")[-1] if repo_id else f"{architecture} on {dataset_name}"
+    pct = {k: f"{_pct(metrics[k]):.2f} %" for k in ("top1", "coarse_top1") if k in metrics}
+    data = ModelCardData(
+        license=LICENSE,
+        library_name="timm" if is_timm else "pytorch",
+        tags=["image-classification", *(["timm", "transformers"] if is_timm else ["pytorch"]), "safetensors",
+              "cifar-tl", *([dataset_id.split("/")[-1]] if dataset_id else []),
+              *(["transfer-learning"] if base_model else [])],
+        datasets=[dataset_id] if dataset_id else None,
+        metrics=["accuracy"],
+        base_model=base_model,
+        pipeline_tag="image-classification",
+        model_name=title,
+        eval_results=_eval_results(metrics, dataset_id or dataset_name, dataset_name) or None,
+    )
+    cfg = config["pretrained_cfg"]
+    location = repo_id or str(model_dir)
+    context = dict(
+        title=title, architecture=architecture, is_timm=is_timm, origin=_origin(train, base_model),
+        num_classes=len(names), num_coarse=len(coarse_names) if coarse_names else 0,
+        params=_parameter_count(model_dir / "model.safetensors"),
+        data_size=extra.get("data_size") or cfg["input_size"][-1], image_size=cfg["input_size"][-1],
+        interpolation=cfg["interpolation"], mean=_floats(cfg["mean"]), std=_floats(cfg["std"]),
+        dataset_name=dataset_name, dataset_description=dataset_description,
+        fingerprint=extra.get("dataset_fingerprint"), train=train,
+        summary=_summary(metrics), hyperparameters=_hyperparameters(train),
+        results=_results(metrics), test_images=f"{metrics['n']:,}" if "n" in metrics else None,
+        top1=pct.get("top1"), coarse_top1=pct.get("coarse_top1"),
+        weakest=_weakest_superclasses(run_dir), plots=_plots(model_dir),
+        model_id=location, timm_id=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{model_dir}",
+        citations=[CITATIONS[k] for k, used in (("cifar", dataset_id in DATASETS),
+                                                ("efficientnet", "efficientnet" in architecture),
+                                                ("timm", is_timm)) if used],
+    )
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    text = env.from_string(TEMPLATE.read_text()).render(card_data=data.to_yaml(), **context)
+    return ModelCard(text)  # parses YAML and model-index back: malformed metadata fails here, not on the Hub
+
+
+def _dataset_id(train: dict, names: list[str], coarse_names: list[str] | None) -> str | None:
+    """The Hub dataset this model was trained on: the configured Hub id, or CIFAR recognised from its classes
+    when the run read a local copy (parquet, pickle, image folder)."""
+    if train.get("dataset") in DATASETS:
+        return train["dataset"]
+    if len(names) == 100 and coarse_names and len(coarse_names) == 20:
+        return "uoft-cs/cifar100"
+    if names == CIFAR10_NAMES:
+        return "uoft-cs/cifar10"
+    return None
+
+
+def _origin(train: dict, base_model: str | None) -> str:
+    if not train:
+        return "trained"
+    if base_model:
+        source = f"the ImageNet-1k weights [{base_model}](https://huggingface.co/{base_model})"
+    elif train.get("weights"):
+        source = f"the weights file `{Path(train['weights']).name}`"
+    else:
+        return "trained from random initialisation"
+    if train.get("linear_probe") or train.get("freeze_backbone"):
+        return f"trained as a linear classifier on the frozen features of {source}"
+    return f"fine-tuned from {source}"
+
+
+def _pct(value: float) -> float:
+    return round(100 * float(value), 2)
+
+
+def _floats(values) -> str:
+    return ", ".join(f"{v:.4f}" for v in values)
+
+
+def _eval_results(metrics: dict, dataset_type: str, dataset_name: str) -> list[EvalResult]:
+    return [EvalResult(task_type="image-classification", task_name="Image Classification",
+                       dataset_type=dataset_type, dataset_name=dataset_name, dataset_split="test",
+                       metric_type=kind, metric_name=f"{name} (%)", metric_value=_pct(metrics[key]))
+            for key, kind, name in METRICS if key in metrics]
+
+
+def _results(metrics: dict) -> list[tuple[str, str]]:
+    rows = [(name, f"{_pct(metrics[key]):.2f} %") for key, _, name in METRICS if key in metrics]
+    if "top1" in metrics.get("tta", {}):
+        rows.append(("Top-1 accuracy with horizontal-flip TTA", f"{_pct(metrics['tta']['top1']):.2f} %"))
+    rows += [(name, f"{metrics[key]:.4f}") for key, name in (("loss", "Cross-entropy loss"),
+                                                              ("ece", "Expected calibration error (15 bins)"))
+             if key in metrics]
+    return rows
+
+
+def _summary(metrics: dict) -> dict | None:
+    if not {"best_epoch", "epochs_run", "stopped", "train_seconds"} <= metrics.keys():
+        return None
+    return {**{k: metrics[k] for k in ("best_epoch", "epochs_run", "stopped")},
+            "train_minutes": f"{metrics['train_seconds'] / 60:.1f}"}
+
+
+def _hyperparameters(train: dict) -> list[tuple[str, str]]:
+    def show(value) -> str:
+        return "–" if value is None else str(value)
+
+    return [(k, show(v)) for k, v in train.items() if k not in NOT_HYPERPARAMETERS]
+
+
+def _parameter_count(weights: Path) -> str:
+    """Learned parameters from the safetensors header (no tensors loaded); BatchNorm statistics excluded."""
+    total = 0
+    with safe_open(str(weights), framework="numpy") as f:
+        for key in f.keys():
+            if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                total += math.prod(f.get_slice(key).get_shape())
+    return f"{total / 1e6:.2f} M"
+
+
+def _weakest_superclasses(run_dir: Path | None, count: int = 3) -> list[tuple[str, str]]:
+    """The lowest per-superclass test accuracies, from the run's eval_details.json when the run is known."""
+    path = run_dir / "eval_details.json" if run_dir else None
+    details = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    per_super = details.get("plain", {}).get("per_superclass") or {}
+    weakest = sorted(per_super.items(), key=lambda kv: kv[1])[:count]
+    return [(name, f"{_pct(acc):.1f} %") for name, acc in weakest]
+
+
+def _plots(model_dir: Path) -> list[dict]:
+    return [{"file": f"plots/{p.name}", "caption": p.stem.replace("_", " ").capitalize()}
+            for p in sorted(model_dir.glob("plots/*.png"))]

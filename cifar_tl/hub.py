@@ -1,0 +1,236 @@
+"""Hugging Face Hub: load a model folder or Hub id as a ready Predictor, push a model folder as one commit,
+and write a Gradio Space folder. Everything goes through huggingface_hub; only safetensors, JSON, Markdown
+(and the card's PNG plots) ever travel, and nothing runs remote code.
+
+    python -m cifar_tl.hub push MODEL_DIR user/name [--private] [--message TEXT]
+    python -m cifar_tl.hub space SPACE_DIR --model user/name|MODEL_DIR
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from huggingface_hub import HfApi, SpaceCard, SpaceCardData, get_token, is_offline_mode, snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
+
+from .card import write_card
+
+DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]  # never pickles, never code
+UPLOAD_PATTERNS = [*DOWNLOAD_PATTERNS, "*.png"]  # + the card's plots
+PACKAGE_DIR = Path(__file__).resolve().parent
+EXAMPLES_DIR = PACKAGE_DIR.parent / "examples"
+
+
+class HubError(RuntimeError):
+    """A Hub operation cannot go ahead (offline, no token, no access, unreachable); the message says what
+    to do."""
+
+
+def check_repo_id(repo_id: str | None, what: str) -> str:
+    """A Hub model id must be namespace/name: a bare name would land in whichever account is logged in."""
+    try:
+        validate_repo_id(repo_id or "")
+        if repo_id.count("/") != 1:
+            raise HFValidationError("expected user/name")
+    except HFValidationError as err:
+        raise HubError(f"{what} {repo_id!r}: not a Hub id user/name ({err})") from None
+    return repo_id
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def from_pretrained(model_dir_or_hub_id: str | Path, device=None):
+    """A ready `Predictor` from a model folder, or from a Hub repo (downloaded with snapshot_download,
+    allowing only safetensors/JSON/Markdown files)."""
+    from .inference import Predictor
+
+    path = Path(model_dir_or_hub_id)
+    if path.is_dir():
+        return Predictor.from_dir(path, device=device)
+    try:
+        repo_id = check_repo_id(str(model_dir_or_hub_id), "model")
+    except HubError:
+        raise FileNotFoundError(f"{path}: no such model folder, nor a Hub id user/name") from None
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS)
+    except LocalEntryNotFoundError:
+        offline = " (HF_HUB_OFFLINE=1)" if is_offline_mode() else ""
+        raise HubError(f"{repo_id}: no such folder, and not in the local Hub cache while the Hub is "
+                       f"unreachable{offline}; download it once online or pass a model folder") from None
+    except Exception as err:  # repository missing, gated, private without a token, or the Hub failing
+        raise HubError(f"{repo_id}: cannot download from the Hub ({type(err).__name__}: "
+                       f"{str(err).splitlines()[0]})") from None
+    return Predictor.from_dir(folder, device=device)
+
+
+# --------------------------------------------------------------------------------------------- pushing
+
+
+def check_push_access(repo_id: str | None) -> str:
+    """Fail fast, before any training, unless `repo_id` is a valid user/name the token may write to. Returns
+    the Hub user name."""
+    repo_id = check_repo_id(repo_id, "--hub-model-id")
+    if is_offline_mode():
+        raise HubError("cannot push to the Hub with HF_HUB_OFFLINE=1: unset it, or drop --push-to-hub and "
+                       "push later with `python -m cifar_tl.hub push OUTPUT/model user/name`")
+    token = get_token()
+    if token is None:
+        raise HubError("no Hugging Face token: run `hf auth login` or set HF_TOKEN to a token with write "
+                       "access")
+    api = HfApi()
+    try:
+        me = api.whoami(token=token)
+    except Exception as err:  # invalid token (401) or an unreachable endpoint: either way, no push possible
+        raise HubError(f"cannot check the token with {api.endpoint}: {str(err).splitlines()[0]}") from None
+    role = me.get("auth", {}).get("accessToken", {}).get("role")
+    if role == "read":
+        raise HubError(f"the Hugging Face token of {me['name']} is read-only: create one with write access")
+    namespaces = {me["name"], *(org["name"] for org in me.get("orgs", []))}
+    if repo_id.split("/")[0] not in namespaces:
+        raise HubError(f"--hub-model-id {repo_id}: the token belongs to {me['name']}, who can write to "
+                       f"{', '.join(sorted(namespaces))} only")
+    return me["name"]
+
+
+def push_model_dir(model_dir: str | Path, repo_id: str, *, private: bool = False,
+                   message: str | None = None) -> str:
+    """Create `repo_id` (if needed) and upload the model folder as one commit; the card is re-rendered first
+    so its loading snippets name the repo. Returns the commit URL."""
+    config = read_model_folder(model_dir)
+    check_push_access(repo_id)
+    write_card(model_dir, config, repo_id=repo_id)
+    api = HfApi()
+    try:  # upload_folder has the Hub validate README.md's metadata before any file is sent
+        api.create_repo(repo_id, private=private or None, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=model_dir, allow_patterns=UPLOAD_PATTERNS,
+                                   commit_message=message or default_message(config))
+    except Exception as err:
+        retry = f"python -m cifar_tl.hub push {model_dir} {repo_id}"
+        raise HubError(f"push to {repo_id} failed ({type(err).__name__}: {str(err).splitlines()[0]}); the "
+                       f"model folder is intact: retry with `{retry}`") from None
+    return commit.commit_url
+
+
+def read_model_folder(model_dir: str | Path) -> dict:
+    """config.json of a model folder that also holds its weights (read without importing torch)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a model folder (needs config.json and model.safetensors)")
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def default_message(config: dict) -> str:
+    extra = config.get("cifar_tl", {})
+    run = Path((extra.get("train_config") or {}).get("output_dir") or "export").name
+    top1 = (extra.get("metrics") or {}).get("top1")
+    score = f", test top-1 {top1:.4f}" if top1 is not None else ""
+    return f"cifar-tl run {run}: {config['architecture']}{score}"
+
+
+# --------------------------------------------------------------------------------------------- Space
+
+SPACE_APP = '''"""Gradio Space: {title}. Spaces runs `python app.py`; so can you (see README.md)."""
+import sys
+{path_import}
+from cifar_tl.demo import main
+
+MODEL = {model}
+
+if __name__ == "__main__":
+    sys.exit(main(["--model", MODEL]))
+'''
+SPACE_README = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+A Gradio demo of the CIFAR image classifier {{ source }}: upload or paste an image to get its top-5 classes
+and superclass. The `cifar_tl/` folder is a copy of the cifar-tl package, so the Space installs nothing from
+git.
+
+Run it locally: `pip install -r requirements.txt gradio=={{ gradio_version }} && python app.py`.
+"""
+
+
+def build_space(space_dir: str | Path, model: str) -> Path:
+    """Write a self-contained Gradio Space: README.md (Space metadata), app.py, requirements.txt, a copy of
+    the cifar_tl package and its example images. `model` is a Hub id, or a local model folder copied into the
+    Space. app.py calls `cifar_tl.demo.main(["--model", MODEL])`."""
+    space = Path(space_dir)
+    local = Path(model).is_dir()
+    if not local:
+        check_repo_id(model, "--model (a model folder or Hub id)")
+    space.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(PACKAGE_DIR, space / "cifar_tl", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if EXAMPLES_DIR.is_dir():  # cifar_tl.demo looks for its example images next to the package
+        shutil.copytree(EXAMPLES_DIR, space / "examples", dirs_exist_ok=True)
+    if local:  # bundle the weights: the Space then needs no model repo
+        read_model_folder(model)
+        keep = (".safetensors", ".json")
+        shutil.copytree(model, space / "model", dirs_exist_ok=True,
+                        ignore=lambda _, names: [n for n in names if not n.endswith(keep)])
+    title = f"CIFAR classifier: {'bundled model' if local else model}"
+    (space / "app.py").write_text(SPACE_APP.format(
+        title=title, path_import="from pathlib import Path\n" if local else "",
+        model='str(Path(__file__).with_name("model"))' if local else json.dumps(model)))
+    (space / "requirements.txt").write_text("\n".join(space_requirements()) + "\n")
+    gradio_version = importlib.metadata.version("gradio")
+    data = SpaceCardData(title=title, sdk="gradio", sdk_version=gradio_version, app_file="app.py",
+                         models=None if local else [model], license="apache-2.0", emoji="🖼️",
+                         colorFrom="blue", colorTo="green", pinned=False)
+    source = "bundled in `model/`" if local else f"[{model}](https://huggingface.co/{model})"
+    SpaceCard.from_template(data, template_str=SPACE_README, title=title, source=source,
+                            gradio_version=gradio_version).save(space / "README.md")
+    return space
+
+
+def space_requirements() -> list[str]:
+    """cifar-tl's runtime dependencies pinned to the versions installed here (the ones tested), minus gradio,
+    which the Space's `sdk_version` provides."""
+    from packaging.requirements import Requirement
+
+    pins = []
+    for spec in importlib.metadata.requires("cifar-tl") or []:
+        req = Requirement(spec)
+        if req.marker is None and req.name.lower() != "gradio":
+            pins.append(f"{req.name}=={importlib.metadata.version(req.name)}")
+    return pins
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cifar_tl.hub", description="Push a model folder to the "
+                                     "Hugging Face Hub, or write a Gradio Space folder for it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    push = sub.add_parser("push", help="upload a model folder as one commit")
+    push.add_argument("model_dir")
+    push.add_argument("repo_id", help="user/name")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--message", help="commit message (default: names the run and its test top-1)")
+    space = sub.add_parser("space", help="write a Gradio Space folder")
+    space.add_argument("space_dir")
+    space.add_argument("--model", required=True, help="Hub id user/name, or a model folder to bundle")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "push":
+            print(push_model_dir(args.model_dir, args.repo_id, private=args.private, message=args.message))
+        else:
+            print(f"wrote {build_space(args.space_dir, args.model)}; run it with `python app.py` there")
+    except (HubError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Metrics against hand-computed examples, label alignment, exact multi-process gathering, plots, report and
+the evaluate CLI on the fixture dataset and model folders."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+
+import pytest
+import torch
+from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
+
+from cifar_tl import evaluate
+from cifar_tl.data import DatasetBundle, Split
+from cifar_tl.evaluation import (
+    EvaluationError,
+    align_labels,
+    collect_logits,
+    compute_metrics,
+    confusion_matrix,
+    load_label_map,
+    reliability_bins,
+    top_confused_pairs,
+)
+from cifar_tl.inference import Predictor
+from cifar_tl.report import headline, headline_markdown, write_report
+
+# Hand example: 4 images, 6 fine classes in 2 superclasses (0-2 -> 0, 3-5 -> 1).
+PROBS = torch.tensor([
+    [0.70, 0.10, 0.05, 0.05, 0.05, 0.05],  # true 0: right (conf .70); coarse .85/.15 right
+    [0.50, 0.30, 0.05, 0.05, 0.05, 0.05],  # true 1: wrong (conf .50); coarse .85/.15 right
+    [0.05, 0.05, 0.05, 0.18, 0.62, 0.05],  # true 4: right (conf .62); coarse .15/.85 right
+    [0.70, 0.05, 0.05, 0.10, 0.09, 0.01],  # true 5: wrong (conf .70), outside the top 5; coarse .80/.20 wrong
+])
+FINE = torch.tensor([0, 1, 4, 5])
+COARSE = torch.tensor([0, 0, 1, 1])
+NAMES = ["a", "b", "c", "d", "e", "f"]
+SUPER = ["abc", "def"]
+F2C = [0, 0, 0, 1, 1, 1]
+
+
+def hand_metrics() -> dict:
+    return compute_metrics(PROBS.log(), FINE, fine_names=NAMES, coarse=COARSE, coarse_names=SUPER,
+                           fine_to_coarse=F2C)
+
+
+def test_metrics_match_hand_computed_example():
+    m = hand_metrics()
+    assert m["n"] == 4
+    assert m["top1"] == pytest.approx(2 / 4)
+    assert m["top5"] == pytest.approx(3 / 4)  # only image 3's true class is outside its top 5
+    assert m["loss"] == pytest.approx(-(math.log(0.7) + math.log(0.3) + math.log(0.62) + math.log(0.01)) / 4,
+                                      rel=1e-5)
+    # ECE, 15 bins: bin [.667,.733) holds images 0 and 3 (acc 1/2, conf .70), bin [.467,.533) image 1
+    # (acc 0, conf .50), bin [.6,.667) image 2 (acc 1, conf .62)
+    assert m["ece"] == pytest.approx(2 / 4 * 0.2 + 1 / 4 * 0.5 + 1 / 4 * 0.38, abs=1e-6)
+    assert m["coarse_top1"] == pytest.approx(3 / 4)
+    assert m["per_class"] == pytest.approx({"a": 1.0, "b": 0.0, "e": 1.0, "f": 0.0})  # c, d absent
+    assert m["per_superclass"] == pytest.approx({"abc": 1.0, "def": 0.5})
+
+
+def test_metrics_without_coarse_labels_and_empty_split():
+    m = compute_metrics(PROBS.log(), FINE, fine_names=NAMES)
+    assert "coarse_top1" not in m and "per_superclass" not in m
+    with pytest.raises(EvaluationError, match="empty"):
+        compute_metrics(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long), fine_names=NAMES)
+
+
+def test_reliability_bins_hand_example_and_ece():
+    bins = reliability_bins(PROBS, FINE)
+    assert len(bins) == 15 and bins["count"].sum() == 4
+    used = bins[bins["count"] > 0]
+    assert used.index.tolist() == [7, 9, 10]
+    assert used["count"].tolist() == [1, 1, 2]
+    assert used["accuracy"].tolist() == pytest.approx([0.0, 1.0, 0.5])
+    assert used["confidence"].tolist() == pytest.approx([0.5, 0.62, 0.7])
+    ece = float((used["count"] / 4 * (used["accuracy"] - used["confidence"]).abs()).sum())
+    assert ece == pytest.approx(hand_metrics()["ece"], abs=1e-6)
+
+
+def test_confusion_and_top_pairs():
+    cm = confusion_matrix(PROBS, FINE, 6)
+    assert cm[0, 0] == 1 and cm[1, 0] == 1 and cm[4, 4] == 1 and cm[5, 0] == 1 and cm.sum() == 4
+    pairs = top_confused_pairs(cm, NAMES, k=5)
+    assert sorted(zip(pairs["true"], pairs["predicted"])) == [("b", "a"), ("f", "a")]
+    assert pairs["count"].tolist() == [1, 1] and pairs["share"].tolist() == [1.0, 1.0]
+
+
+def test_headline_numbers_and_markdown():
+    m = hand_metrics()
+    h = headline(m, n_worst=2)
+    assert h["top1"] == m["top1"] and h["coarse_top1"] == m["coarse_top1"]
+    assert h["worst_classes"] == [("b", 0.0), ("f", 0.0)]
+    text = headline_markdown(m, tta=m)
+    assert "| fine top-1 | 50.00% | 50.00% |" in text
+    assert "| fine top-5 | 75.00% | 75.00% |" in text
+    assert "| coarse top-1 (superclass) | 75.00% | 75.00% |" in text
+    assert f"| ECE (15 bins) | {m['ece']:.4f} |" in text
+    assert "| b | 0.00% |" in text
+
+
+def test_align_labels():
+    assert align_labels(NAMES, NAMES) == list(range(6))
+    assert align_labels(NAMES, NAMES[::-1]) == list(range(6))[::-1]  # same classes, matched by name
+    with pytest.raises(EvaluationError, match="--label-map"):
+        align_labels(NAMES, ["a", "b", "zebra"])
+    assert align_labels(NAMES, ["a", "b", "zebra"], {"zebra": "f"}) == [0, 1, 5]
+    with pytest.raises(EvaluationError, match="not dataset classes"):
+        align_labels(NAMES, ["a"], {"x": "a"})
+    with pytest.raises(EvaluationError, match="not model classes"):
+        align_labels(NAMES, ["a", "zebra"], {})
+    with pytest.raises(EvaluationError, match="same model class"):
+        align_labels(NAMES, ["a", "b"], {"b": "a"})
+
+
+def test_load_label_map_errors(tmp_path):
+    with pytest.raises(EvaluationError, match="file not found"):
+        load_label_map(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(EvaluationError, match="not valid JSON"):
+        load_label_map(bad)
+    bad.write_text('["a", "b"]')
+    with pytest.raises(EvaluationError, match="JSON object"):
+        load_label_map(bad)
+
+
+def _gather_in_two_processes():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from cifar_tl.data import make_loader
+
+    AcceleratorState._reset_state(True)  # the parent's single-process state was inherited by fork
+    accelerator = Accelerator()
+    assert accelerator.num_processes == 2
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))  # same weights in both
+    split = Split(torch.randint(0, 255, (13, 3, 2, 2), dtype=torch.uint8), torch.arange(13) % 4)
+    loader = accelerator.prepare(make_loader(split, 4, shuffle=False))  # 13 = 2 x 4 + 5: padded shards
+    out = collect_logits(model, loader, lambda x: x.float(), accelerator)
+    assert torch.equal(out["fine"], split.fine)
+    assert torch.allclose(out["logits"], model(split.images.float()), atol=1e-6)
+
+
+def test_collect_logits_exact_with_two_processes():
+    from accelerate import debug_launcher
+
+    debug_launcher(_gather_in_two_processes, num_processes=2)
+
+
+def test_write_report_without_superclasses(tmp_path):
+    images = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
+    split = Split(images, torch.tensor([0, 1, 2, 0, 1, 2]))
+    bundle = DatasetBundle(split, split, split, ["cat", "dog", "ship"], None, None, "f" * 16, "toy")
+    logits = torch.eye(3)[[0, 1, 2, 1, 1, 2]] * 3
+    m = compute_metrics(logits, split.fine, fine_names=bundle.fine_names)
+    history = tmp_path / "history.jsonl"
+    rows = [{"epoch": e, "train_loss": 2 - e / 3, "val_loss": v_loss, "train_top1": e / 5, "val_top1": v_acc}
+            for e, v_loss, v_acc in [(1, 1.5, 0.3), (2, 1.2, 0.4), (3, 1.3, 0.38)]]
+    history.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = write_report(tmp_path, results={"plain": m}, logits=logits, bundle=bundle, split="test",
+                          info={"model": "toy"}, history=history)
+    text = report.read_text()
+    for png in ("training_curves", "confusion", "top_confusions", "predictions", "reliability"):
+        assert (tmp_path / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"(plots/{png}.png)" in text
+    assert "## Confusion matrix" in text and "83.33%" in text  # 5 of 6 right, no superclasses
+    with pytest.raises(ValueError, match="logits"):
+        write_report(tmp_path, results={"plain": m}, logits=logits[:2], bundle=bundle, info={})
+
+
+def test_evaluate_cli_writes_metrics_report_and_plots(cnn_model_dir, cifar100_parquet, tmp_path):
+    out = tmp_path / "eval"
+    assert evaluate.main(["--model", str(cnn_model_dir), "--dataset", str(cifar100_parquet), "--split",
+                          "test", "--output-dir", str(out), "--tta", "--batch-size", "64"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 200 and metrics["split"] == "test" and metrics["model"] == str(cnn_model_dir)
+    assert len(metrics["dataset_fingerprint"]) == 16
+    expected = {"top1", "top5", "coarse_top1", "loss", "ece", "per_class", "per_superclass", "tta"}
+    assert expected <= set(metrics)
+    assert set(metrics["per_class"]) == set(FINE_NAMES)
+    assert set(metrics["per_superclass"]) == set(COARSE_NAMES)
+    assert metrics["tta"]["n"] == 200 and "coarse_top1" in metrics["tta"]
+    # the same numbers as the Predictor's own preprocessing and forward pass
+    from cifar_tl.data import load_bundle
+
+    test = load_bundle(str(cifar100_parquet)).test
+    predictor = Predictor.from_dir(cnn_model_dir, device="cpu")
+    direct = compute_metrics(predictor.logits(test.images), test.fine, coarse=test.coarse,
+                             fine_names=FINE_NAMES, coarse_names=COARSE_NAMES, fine_to_coarse=FINE_TO_COARSE)
+    for key in ("top1", "top5", "coarse_top1", "loss", "ece"):
+        assert metrics[key] == pytest.approx(direct[key], abs=1e-5)
+    text = (out / "report.md").read_text()
+    assert "| fine top-1 |" in text and "flip TTA" in text and "Worst 10 classes" in text
+    for png in ("confusion", "predictions", "reliability"):
+        assert (out / "plots" / f"{png}.png").stat().st_size > 5000
+
+
+@pytest.fixture
+def renamed_model_dir(cnn_model_dir, tmp_path):
+    """The fixture model with one class renamed: its labels no longer match the dataset's."""
+    model = shutil.copytree(cnn_model_dir, tmp_path / "renamed")
+    config = json.loads((model / "config.json").read_text())
+    config["label_names"] = ["big_apple" if n == "apple" else n for n in config["label_names"]]
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_evaluate_refuses_mismatched_labels_unless_mapped(renamed_model_dir, cifar100_parquet, tmp_path,
+                                                          capsys):
+    args = ["--model", str(renamed_model_dir), "--dataset", str(cifar100_parquet), "--output-dir",
+            str(tmp_path)]
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err
+    assert "do not match" in err and "'big_apple'" in err and "--label-map" in err and "Traceback" not in err
+    label_map = tmp_path / "map.json"
+    label_map.write_text(json.dumps({"apple": "big_apple"}))
+    assert evaluate.main([*args, "--label-map", str(label_map)]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "apple" in metrics["per_class"] and metrics["label_map"] == str(label_map)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--split", "val", "--val-fraction", "0"], "--split val of --dataset .* is empty"),
+    (["--model", "/no/such/model"], "--model /no/such/model: no such model folder"),
+    (["--label-map", "/no/such/map.json"], "--label-map /no/such/map.json: file not found"),
+])
+def test_evaluate_bad_input_gives_one_clear_error(cnn_model_dir, cifar100_parquet, tmp_path, capsys, extra,
+                                                  message):
+    args = ["--model", str(cnn_model_dir), "--dataset", str(cifar100_parquet), "--output-dir", str(tmp_path)]
+    assert evaluate.main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert re.search(message, err), err

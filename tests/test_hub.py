@@ -1,0 +1,377 @@
+"""Model card, export CLI, push (against a fake Hub on loopback), Hub-id loading and the Space folder."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import gradio
+import numpy as np
+import pytest
+from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
+from huggingface_hub import ModelCard, SpaceCard
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import cifar_tl
+from cifar_tl import export, hub
+from cifar_tl.config import TrainConfig
+
+PLACEHOLDERS = re.compile(r"\{\{|\}\}|\{%|%\}|TODO|More Information Needed|\bNone\b|\bnan\b")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+METRICS = {"top1": 0.8123, "top5": 0.9567, "coarse_top1": 0.8891, "loss": 0.71, "ece": 0.041, "n": 400,
+           "best_epoch": 3, "epochs_run": 5, "train_seconds": 312.0, "stopped": "completed all epochs"}
+
+
+@pytest.fixture
+def run_dir(timm_model_dir, tmp_path) -> Path:
+    """A finished run as the engine leaves it: metrics.json, eval_details.json, model/ (saved with a real
+    training config and metrics), checkpoints/{best.safetensors, epoch-0005/} and the report's plots."""
+    run = tmp_path / "run-b0"
+    (run / "plots").mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(METRICS))
+    per_super = {name: 0.5 + i / 100 for i, name in enumerate(COARSE_NAMES)}
+    (run / "eval_details.json").write_text(json.dumps({"plain": {**METRICS, "per_superclass": per_super}}))
+    Image.new("RGB", (8, 8), "red").save(run / "plots" / "confusion.png")
+    model, _ = export.load_model_dir(timm_model_dir)
+    train_config = TrainConfig(model="test_efficientnet", output_dir=str(run), image_size=64).to_dict()
+    config = export.model_config(model, architecture="test_efficientnet", image_size=64, mean=IMAGENET_MEAN,
+                                 std=IMAGENET_STD, data_size=32, fine_names=FINE_NAMES,
+                                 coarse_names=COARSE_NAMES, fine_to_coarse=FINE_TO_COARSE,
+                                 train_config=train_config, metrics=METRICS, dataset_fingerprint="f00d")
+    export.save_model_dir(model, config, run / "model")
+    epoch = run / "checkpoints" / "epoch-0005"
+    epoch.mkdir(parents=True)
+    state = load_file(str(run / "model" / "model.safetensors"))
+    save_file(state, str(run / "checkpoints" / "best.safetensors"))
+    save_file({f"module.{k}": v for k, v in state.items()}, str(epoch / "model.safetensors"))  # as under DDP
+    (epoch / "trainer_state.json").write_text(json.dumps({"epoch": 5}))
+    return run
+
+
+# --------------------------------------------------------------------------------------------- card + export
+
+
+def test_training_folder_has_card_and_plots(run_dir):
+    model = run_dir / "model"
+    assert {"model.safetensors", "config.json", "README.md", "plots"} <= {p.name for p in model.iterdir()}
+    card = ModelCard.load(model / "README.md")
+    assert card.data.base_model == "timm/test_efficientnet.r160_in1k" and "plots/confusion.png" in card.text
+    assert not PLACEHOLDERS.search(str(card))
+
+
+def test_export_run_dir_writes_folder_and_card(run_dir, tmp_path):
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", str(run_dir), "--output-dir", str(out)]) == 0
+    assert {"model.safetensors", "config.json", "README.md", "plots"} <= {p.name for p in out.iterdir()}
+    assert (out / "plots" / "confusion.png").is_file()
+
+    card = ModelCard.load(out / "README.md")
+    data = card.data
+    assert data.license == "apache-2.0" and data.library_name == "timm"
+    assert data.pipeline_tag == "image-classification" and data.datasets == ["uoft-cs/cifar100"]
+    assert data.base_model == "timm/test_efficientnet.r160_in1k" and data.metrics == ["accuracy"]
+    assert {"image-classification", "timm", "transformers"} <= set(data.tags)
+    results = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert results == {"accuracy": 81.23, "top_5_accuracy": 95.67, "superclass_accuracy": 88.91}
+    assert {r.dataset_type for r in data.eval_results} == {"uoft-cs/cifar100"}
+    assert all(r.dataset_split == "test" for r in data.eval_results)
+
+    text = card.text
+    assert not PLACEHOLDERS.search(str(card)), PLACEHOLDERS.search(str(card))
+    for expected in ("## Intended use", "## Training data", "## Training procedure", "## Results",
+                     "## Limitations", "## How to load it", "## Citation", "| Top-1 accuracy | 81.23 % |",
+                     "88.91 % superclass vs 81.23 % class top-1",
+                     "| `lr` | 0.0001 |", "![Confusion](plots/confusion.png)", "Krizhevsky", "Tan, Mingxing",
+                     f'timm.create_model("local-dir:{out}"', 'pipeline("image-classification"',
+                     "aquatic_mammals (50.0 %)", "The best epoch was 3 of 5"):
+        assert expected in text, expected
+
+
+def test_export_checkpoint_forms(run_dir, tmp_path):
+    best = export.export_checkpoint(run_dir / "checkpoints" / "best.safetensors", tmp_path / "best")
+    assert export.read_config(best)["cifar_tl"]["metrics"]["top1"] == METRICS["top1"]
+
+    epoch = export.export_checkpoint(run_dir / "checkpoints" / "epoch-0005", tmp_path / "epoch",
+                                     repo_id="me/cifar-b0")
+    assert export.read_config(epoch)["cifar_tl"]["metrics"] == {}  # epoch 5 is not the evaluated best epoch
+    card = ModelCard.load(epoch / "README.md")
+    assert not card.data.eval_results and "No test metrics are recorded" in card.text
+    assert 'from_pretrained("me/cifar-b0")' in card.text and not PLACEHOLDERS.search(str(card))
+    keys = [load_file(str(folder / "model.safetensors")).keys() for folder in (epoch, best)]
+    assert keys[0] == keys[1]  # the DDP "module." prefix is gone
+
+
+def test_export_bad_checkpoint_is_one_clear_error(run_dir, tmp_path, capsys):
+    assert export.main(["--checkpoint", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "expected a run's output dir" in capsys.readouterr().err
+    state = load_file(str(run_dir / "checkpoints" / "best.safetensors"))
+    save_file({k: v for k, v in state.items() if "classifier" not in k},
+              str(run_dir / "checkpoints" / "best.safetensors"))
+    assert export.main(["--checkpoint", str(run_dir / "checkpoints" / "best.safetensors"),
+                        "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not fit the test_efficientnet" in err and "classifier" in err
+
+
+def test_fixture_folders_carry_a_card(cnn_model_dir, timm_model_dir):
+    for folder in (cnn_model_dir, timm_model_dir):
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.pipeline_tag == "image-classification" and not PLACEHOLDERS.search(str(card))
+        assert card.data.eval_results[0].metric_value == 1.0  # the fixture's top1 0.01, in %
+
+
+# --------------------------------------------------------------------------------------------- push checks
+
+
+def test_push_access_fails_fast_and_clearly(monkeypatch, tmp_path):
+    with pytest.raises(hub.HubError, match="not a Hub id user/name"):
+        hub.check_push_access("no-namespace")
+    with pytest.raises(hub.HubError, match="HF_HUB_OFFLINE=1"):
+        hub.check_push_access("me/cifar")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(hub.HubError, match="no Hugging Face token"):
+        hub.check_push_access("me/cifar")
+
+
+def test_train_with_push_fails_before_any_training(cifar100_parquet, tmp_path):
+    from cifar_tl.engine import train
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(dataset=str(cifar100_parquet), model="baseline_cnn", pretrained=False, epochs=1,
+                      output_dir=str(out), push_to_hub=True, hub_model_id="me/cifar").validate()
+    with pytest.raises(hub.HubError, match="HF_HUB_OFFLINE"):
+        train(cfg)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------- fake Hub
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub(ThreadingHTTPServer):
+    """The few Hub endpoints huggingface_hub uses to push (whoami, validate-yaml, create repo, preupload,
+    commit) and to download (revision info, tree, resolve), on 127.0.0.1; every request is recorded."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]] | None = None):
+        super().__init__(("127.0.0.1", 0), _FakeHubHandler)
+        self.repos = repos or {}
+        self.requests: list[tuple[str, str, bytes]] = []
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+    def paths(self, method: str) -> list[str]:
+        return [path for m, path, _ in self.requests if m == method]
+
+
+class _FakeHubHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FakeHub
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._route()
+
+    def do_HEAD(self):
+        self._route()
+
+    def do_POST(self):
+        self._route()
+
+    def _send(self, body, status: int = 200, headers: dict | None = None):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),
+                           **(headers or {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _route(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = urlsplit(self.path).path
+        self.server.requests.append((self.command, path, body))
+        repos = self.server.repos
+        if path == "/api/whoami-v2":
+            if self.headers.get("Authorization") != "Bearer hf_fake_token":
+                return self._send({"error": "Invalid credentials"}, 401)
+            return self._send({"type": "user", "name": "me", "orgs": [{"name": "lab"}],
+                               "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
+        if path == "/api/validate-yaml":
+            return self._send({"errors": [], "warnings": []})
+        if path == "/api/repos/create":
+            request = json.loads(body)
+            repo = f"{request['organization']}/{request['name']}"
+            repos.setdefault(repo, {})
+            return self._send({"url": f"{self.server.url}/{repo}", "name": repo})
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/main", path):
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                     for f in json.loads(body)["files"]]
+            return self._send({"files": files})
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/main", path):
+            for line in body.splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    repos[m[1]][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            return self._send({"commitUrl": f"{self.server.url}/{m[1]}/commit/{SHA}", "commitOid": SHA})
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/main", path):
+            return self._send({"id": m[1], "sha": SHA, "private": False,
+                               "siblings": [{"rfilename": name} for name in repos[m[1]]]})
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/[^/]+", path):
+            return self._send([{"type": "file", "path": name, "size": len(data),
+                                "oid": hashlib.sha1(data).hexdigest()} for name, data in repos[m[1]].items()])
+        if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path):
+            data = repos[m[1]][m[2]]
+            return self._send(data, headers={"Content-Type": "application/octet-stream", "X-Repo-Commit": SHA,
+                                             "ETag": f'"{hashlib.sha1(data).hexdigest()}"'})
+        return self._send({"error": f"fake Hub: no route for {self.command} {path}"}, 404)
+
+
+def hub_env(server: FakeHub, home: Path) -> dict:
+    """A child process that talks to the fake Hub (and nothing else): online, with a token, fresh cache."""
+    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_fake_token",
+           "HF_HOME": str(home), "NO_PROXY": "127.0.0.1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    return env
+
+
+def run_python(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def test_push_uploads_the_folder_as_one_commit(run_dir, tmp_path):
+    model = run_dir / "model"
+    (model / "optimizer.bin").write_bytes(b"pickle")  # never uploaded: not in the allow-list
+    with FakeHub() as server:
+        proc = run_python("-m", "cifar_tl.hub", "push", str(model), "lab/cifar-b0", "--private",
+                          env=hub_env(server, tmp_path / "hf"))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == f"{server.url}/lab/cifar-b0/commit/{SHA}"
+        posts = server.paths("POST")
+        assert "/api/whoami-v2" in server.paths("GET")
+        assert posts == ["/api/repos/create", "/api/validate-yaml", "/api/models/lab/cifar-b0/preupload/main",
+                         "/api/models/lab/cifar-b0/commit/main"]  # one commit
+        sent = {path: body for method, path, body in server.requests if method == "POST"}
+
+    assert json.loads(sent["/api/repos/create"]) == {"name": "cifar-b0", "organization": "lab",
+                                                     "visibility": "private"}
+    commit = [json.loads(line) for line in sent["/api/models/lab/cifar-b0/commit/main"].splitlines()]
+    assert commit[0]["value"]["summary"] == "cifar-tl run run-b0: test_efficientnet, test top-1 0.8123"
+    files = server.repos["lab/cifar-b0"]
+    assert set(files) == {"model.safetensors", "config.json", "README.md", "plots/confusion.png"}
+    for name in ("model.safetensors", "config.json", "README.md"):
+        assert files[name] == (model / name).read_bytes()
+    readme = files["README.md"].decode()
+    assert 'timm.create_model("hf-hub:lab/cifar-b0"' in readme and "# cifar-b0" in readme
+    assert json.loads(sent["/api/validate-yaml"])["content"] == readme
+
+
+def test_push_without_access_fails_before_upload(timm_model_dir, tmp_path):
+    with FakeHub() as server:
+        proc = run_python("-m", "cifar_tl.hub", "push", str(timm_model_dir), "other/cifar",
+                          env=hub_env(server, tmp_path / "hf"))
+        assert proc.returncode == 2 and proc.stderr.startswith("error: --hub-model-id other/cifar: the token")
+        assert server.paths("POST") == []
+
+
+def test_from_pretrained_hub_id_downloads_only_safe_files(timm_model_dir, tmp_path, monkeypatch):
+    files = {p.name: p.read_bytes() for p in timm_model_dir.iterdir() if p.is_file()}
+    files |= {"pytorch_model.bin": b"not a pickle you want", "modeling_evil.py": b"raise SystemExit"}
+    with FakeHub({"me/cifar": files}) as server:
+        # in-process twin of hub_env: what HF_ENDPOINT / HF_HUB_OFFLINE=0 / HF_HUB_CACHE set at import time
+        resolve = server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        for name, value in {"ENDPOINT": server.url, "HUGGINGFACE_CO_URL_TEMPLATE": resolve,
+                            "HF_HUB_OFFLINE": False, "HF_HUB_CACHE": str(tmp_path)}.items():
+            monkeypatch.setattr(f"huggingface_hub.constants.{name}", value)
+        predictor = cifar_tl.from_pretrained("me/cifar")
+        fetched = {path.rsplit("/", 1)[-1] for path in server.paths("GET") if "/resolve/" in path}
+    assert fetched == {"model.safetensors", "config.json", "README.md"}
+    assert predictor.fine_names == FINE_NAMES and predictor.predict([np.zeros((32, 32, 3), np.uint8)])
+
+
+def test_from_pretrained_offline_hub_id_is_one_clear_error(tmp_path):
+    with pytest.raises(hub.HubError, match="not in the local Hub cache"):
+        hub.from_pretrained("me/never-downloaded")
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        hub.from_pretrained(str(tmp_path / "missing" / "deeper" / "model"))
+
+
+# --------------------------------------------------------------------------------------------- Space
+
+
+def test_space_folder_for_a_hub_model(tmp_path):
+    space = hub.build_space(tmp_path / "space", "me/cifar-b0")
+    card = SpaceCard.load(space / "README.md")
+    assert card.data.sdk == "gradio" and card.data.sdk_version == gradio.__version__
+    assert card.data.app_file == "app.py" and card.data.models == ["me/cifar-b0"] and card.data.license
+    assert card.data.title and not PLACEHOLDERS.search(str(card))
+    app = (space / "app.py").read_text()
+    compile(app, "app.py", "exec")
+    assert 'MODEL = "me/cifar-b0"' in app and 'main(["--model", MODEL])' in app
+    requirements = (space / "requirements.txt").read_text().split()
+    assert any(r.startswith("torch==") for r in requirements) and not any("gradio" in r for r in requirements)
+    assert (space / "cifar_tl" / "demo.py").is_file() and not list(space.rglob("__pycache__"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # starts the real app: gradio, torch and timm imports in a fresh process
+def test_space_with_bundled_model_runs_locally(timm_model_dir, tmp_path):
+    space = hub.build_space(tmp_path / "space", str(timm_model_dir))
+    assert (space / "model" / "model.safetensors").is_file()
+    assert SpaceCard.load(space / "README.md").data.models is None  # weights bundled, no model repo
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1", "PYTHONPATH": ""}
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as response:
+                    config = json.loads(response.read())
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "app.py did not serve within 90 s"
+                time.sleep(0.5)
+        assert any(d.get("api_name") == "classify" for d in config["dependencies"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    imported = subprocess.run([sys.executable, "-c", "import cifar_tl; print(cifar_tl.__file__)"], cwd=space,
+                              env=env, capture_output=True, text=True, check=True).stdout
+    assert Path(imported.strip()).is_relative_to(space)  # the Space runs its own copy of the package
