@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from functools import partial
@@ -22,7 +21,7 @@ from . import probe
 from .augment import TrainTransform, eval_transform
 from .config import ConfigError, TrainConfig
 from .data import load_bundle, make_loader
-from .evaluation import collect_logits, compute_metrics
+from .evaluation import collect_logits, compute_metrics, confusion_matrix
 from .export import atomic_write_text, model_config, save_model_dir, save_weights
 from .models import create_model, data_config, set_backbone_trainable
 
@@ -189,7 +188,7 @@ def train(cfg: TrainConfig) -> dict:
                             fine_to_coarse=bundle.fine_to_coarse)
         results["tta" if tta else "plain"] = m
         if not tta:
-            plain_logits = gathered["logits"]
+            plain = gathered
     metrics = {**{k: v for k, v in results["plain"].items() if not isinstance(v, dict)}, **summary,
                "model": cfg.model, "image_size": size, "dataset": cfg.dataset,
                "dataset_fingerprint": bundle.fingerprint, "num_processes": accelerator.num_processes}
@@ -200,13 +199,17 @@ def train(cfg: TrainConfig) -> dict:
         atomic_write_text(out / "eval_details.json", json.dumps(results, indent=1) + "\n")
         from .report import write_report  # pandas + matplotlib only once the run is done
 
-        write_report(out, results=results, logits=plain_logits, bundle=bundle, split="test",
+        write_report(out, results=results, logits=plain["logits"], bundle=bundle, split="test",
                      history=out / "history.jsonl", best_epoch=metrics["best_epoch"],
                      info={"model": cfg.model, "dataset": cfg.dataset, "dataset fingerprint": bundle.fingerprint,
                            "split": f"test ({len(bundle.test)} images)",
                            "best epoch": f"{metrics['best_epoch']} of {metrics['epochs_run']}",
                            "stopped": metrics["stopped"]})
         save_model_dir(model, model_config(model, **export_meta, metrics=metrics), out / "model")
+        # the demo's "where this model struggles" reads the test confusion counts from the model folder
+        matrix = confusion_matrix(plain["logits"], plain["fine"], bundle.num_classes)
+        atomic_write_text(out / "model" / "confusion.json",
+                          json.dumps({"labels": bundle.fine_names, "matrix": matrix.tolist()}) + "\n")
         accelerator.print(f"test: top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}"
                           + (f" coarse_top1 {metrics['coarse_top1']:.4f}" if "coarse_top1" in metrics else "")
                           + f" | best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
@@ -336,7 +339,8 @@ def _fit(cfg, accelerator, model, bundle, evaluate_tf, size, mean, std, staged, 
         state["images_seen"] += int(totals[2].item())
         record = {"epoch": epoch, "train_loss": train_loss, "train_top1": train_acc, "val_loss": val_loss,
                   "val_top1": val_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-                  "images_per_second": totals[2].item() / seconds, "elapsed_seconds": state["train_seconds"]}
+                  "images_per_second": totals[2].item() / seconds, "elapsed_seconds": state["train_seconds"],
+                  "timestamp": time.time()}
         if cfg.scheduler == "plateau":
             scheduler.step(val_loss)
         # ---- early stopping on validation loss, restoring the best weights at the end

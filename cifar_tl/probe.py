@@ -98,7 +98,7 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
         history.append({"epoch": epoch, "train_loss": total_loss / len(perm), "train_top1": correct / len(perm),
                         "val_loss": val_loss,
                         "val_top1": val_acc, "lr": optimizer.param_groups[0]["lr"],
-                        "elapsed_seconds": time.time() - t0})
+                        "elapsed_seconds": time.time() - t0, "timestamp": time.time()})
         if val_loss < best["loss"]:
             best = {"loss": val_loss, "epoch": epoch, "state": {k: v.clone() for k, v in head.state_dict().items()}}
             bad = 0

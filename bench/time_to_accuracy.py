@@ -1,0 +1,72 @@
+"""Time to accuracy on real data: run train.py with a preset, as a user would, and report accuracy against
+wall-clock minutes (process start to exit: imports, data, training, evaluation, export all count).
+
+  python bench/time_to_accuracy.py configs/cpu_fast_cnn.yaml configs/cpu_fast_transfer.yaml
+
+Writes bench/results/time_to_accuracy.json: per preset the total wall time, the test top-1 at the end, and the
+validation top-1 after each epoch with the minutes elapsed since the process started (the curve), from which
+the accuracy reached by 5, 10 and 15 minutes is read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKS = (5, 10, 15)
+
+
+def run_preset(preset: str, dataset: str, out_dir: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", preset, "--dataset", dataset,
+           "--output-dir", str(out_dir), *extra]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{preset} failed:\n{proc.stderr[-3000:]}")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    history = [json.loads(line) for line in (out_dir / "history.jsonl").read_text().splitlines() if line]
+    # minutes since the process started, at the end of each epoch (history records a wall-clock timestamp)
+    curve = [{"epoch": h["epoch"], "minutes": round((h["timestamp"] - t0) / 60, 2),
+              "val_top1": round(h["val_top1"], 4)} for h in history]
+    at = {f"{m}min": max([c["val_top1"] for c in curve if c["minutes"] <= m], default=None) for m in MARKS}
+    return {"command": " ".join(["python", "train.py", *cmd[2:]]), "wall_minutes": round(wall / 60, 2),
+            "test_top1": metrics["top1"], "test_top5": metrics["top5"], "tta_top1": metrics.get("tta", {}).get("top1"),
+            "epochs_run": metrics["epochs_run"], "train_images_per_second": metrics["train_images_per_second"],
+            "val_top1_by": at, "curve": curve}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("presets", nargs="+")
+    parser.add_argument("--dataset", default=str(ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"))
+    parser.add_argument("--runs-dir", default="/tmp/tta_runs")
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "time_to_accuracy.json"))
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="flags passed to train.py after --")
+    args = parser.parse_args()
+    import torch
+
+    env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M")}
+    results = {"machine": env, "runs": {}}
+    out_path = Path(args.output)
+    if out_path.is_file():  # keep earlier presets' results
+        results["runs"] = json.loads(out_path.read_text()).get("runs", {})
+    for preset in args.presets:
+        name = Path(preset).stem
+        r = run_preset(preset, args.dataset, Path(args.runs_dir) / name, [a for a in args.extra if a != "--"])
+        r["machine"] = env
+        results["runs"][name] = r
+        print(json.dumps({name: {k: r[k] for k in ("wall_minutes", "test_top1", "tta_top1", "val_top1_by")}}))
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

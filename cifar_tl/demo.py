@@ -1,0 +1,214 @@
+"""Gradio demo over one Predictor: `python app.py --model DIR_OR_HUB_ID`, or `cifar_tl.demo.main([...])`
+from a Hugging Face Space's app.py.
+
+The model loads once at start. Requests go through gradio's queue and are batched (`batch=True`): while one
+batch runs, the next requests gather, so 16 concurrent users cost about one batched forward pass, not 16.
+Each upload is decoded on its own, so one bad file gets its own message and never fails the batch it rode in.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from .inference import MAX_PIXELS, ImageError, Predictor, open_image
+from .predict import ModelLoadError, add_model_args, load_predictor
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "cifar100"
+PREVIEW_SIDE = 128  # the thumbnail preview is upscaled with nearest neighbour so its pixels stay visible
+NO_IMAGE = "Upload an image, take a webcam photo or paste one from the clipboard."
+
+
+# --------------------------------------------------------------------------------------------- page text
+
+
+def model_card(predictor: Predictor) -> str:
+    """Architecture, resolution, data and test accuracy from config.json, as one Markdown paragraph."""
+    extra = predictor.config.get("cifar_tl", {})
+    metrics = extra.get("metrics") or {}
+    dataset = metrics.get("dataset") or (extra.get("train_config") or {}).get("dataset")
+    lines = [f"**Model**: `{predictor.config['architecture']}`, {len(predictor.fine_names)} classes"
+             + (f" in {len(predictor.coarse_names)} superclasses" if predictor.has_coarse else "")
+             + f", input {predictor.image_size}×{predictor.image_size} px upscaled from "
+             f"{predictor.data_size}×{predictor.data_size}."]
+    if dataset:
+        lines.append(f"**Data**: `{dataset}`" + (f", evaluated on {metrics['n']} held-out test images."
+                                                  if "n" in metrics else "."))
+    scores = [f"top-1 {metrics['top1']:.1%}" if "top1" in metrics else "",
+              f"top-5 {metrics['top5']:.1%}" if "top5" in metrics else "",
+              f"superclass {metrics['coarse_top1']:.1%}" if "coarse_top1" in metrics else ""]
+    if any(scores):
+        lines.append("**Test accuracy**: " + ", ".join(s for s in scores if s) + ".")
+    return "  \n".join(lines)
+
+
+def _load_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def confusion_highlights(predictor: Predictor, n: int = 5) -> str | None:
+    """The model's weak spots from its evaluation, or None when the folder carries none. Sources: a
+    `confusion.json` ({"labels": [...], "matrix": [[count]]}, rows = true class) in the model folder for the
+    most confused pairs, and per-class test accuracy from config.json's `cifar_tl.metrics.per_class` or the
+    training run's `eval_details.json` (next to the model folder) for the hardest classes."""
+    parts = []
+    folder = predictor.model_dir
+    confusion = _load_json(folder / "confusion.json") if folder else None
+    if confusion and "matrix" in confusion:
+        labels = confusion.get("labels") or predictor.fine_names
+        matrix = np.asarray(confusion["matrix"], dtype=np.float64)
+        off = matrix.copy()
+        np.fill_diagonal(off, 0)
+        rows = matrix.sum(1, keepdims=True).clip(min=1)
+        pairs = [(t, p) for t, p in (divmod(int(i), off.shape[1]) for i in np.argsort(off, axis=None)[::-1][:n])
+                 if off[t, p] > 0]
+        if pairs:
+            parts.append("**Most confused pairs** (true → predicted: share of the true class's test images):\n"
+                         + "\n".join(f"- {labels[t]} → {labels[p]}: {off[t, p] / rows[t, 0]:.0%} "
+                                     f"({int(off[t, p])} images)" for t, p in pairs))
+    per_class = (predictor.config.get("cifar_tl", {}).get("metrics") or {}).get("per_class")
+    if not per_class and folder:
+        details = _load_json(folder / "eval_details.json") or _load_json(folder.parent / "eval_details.json")
+        per_class = ((details or {}).get("plain") or {}).get("per_class")
+    if per_class:
+        ranked = sorted(per_class.items(), key=lambda kv: kv[1])
+        parts.append("**Hardest classes** (test accuracy): "
+                     + ", ".join(f"{name} {acc:.0%}" for name, acc in ranked[:n])
+                     + "  \n**Easiest**: " + ", ".join(f"{name} {acc:.0%}" for name, acc in ranked[::-1][:n]))
+    return "\n\n".join(parts) or None
+
+
+def example_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+
+def example_label(path: Path) -> str:
+    """`07_butterfly.png` -> `butterfly` (the true class, in the file name)."""
+    return path.stem.split("_", 1)[-1]
+
+
+# --------------------------------------------------------------------------------------------- app
+
+
+def save_preview(thumb: np.ndarray, folder: Path) -> str:
+    """Write a preview PNG once per distinct content, atomically, and return its path. Gradio rewrites array
+    outputs in place, so a concurrent download of an identical preview could read a truncated file; files
+    handed over as paths it copies atomically and reuses."""
+    buf = io.BytesIO()
+    Image.fromarray(thumb).save(buf, format="PNG")
+    data = buf.getvalue()
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def make_classifier(predictor: Predictor, top_k: int = 5,
+                    max_pixels: int = MAX_PIXELS) -> Callable[[list[dict | None]], tuple[list, list, list, list]]:
+    """The batched event function: a list of uploads (gradio FileData dicts, unprocessed) -> one list per
+    output: top-k fine classes, superclass, thumbnail preview (a PNG path), message."""
+    scale = max(1, PREVIEW_SIDE // predictor.data_size)
+    previews_dir = tempfile.TemporaryDirectory(prefix="cifar_tl_previews_")  # removed when the app exits
+
+    def classify(image: list[dict | None]) -> tuple[list, list, list, list]:
+        thumbs: dict[int, np.ndarray] = {}
+        messages = [""] * len(image)
+        for i, upload in enumerate(image):
+            if not upload or not upload.get("path"):
+                messages[i] = NO_IMAGE
+                continue
+            try:
+                thumbs[i] = predictor.to_thumbnail(open_image(upload["path"], max_pixels))
+            except ImageError as err:
+                messages[i] = f"⚠️ Could not use this file: {err}."
+        preds = dict(zip(thumbs, predictor.predict(list(thumbs.values()), top_k=top_k))) if thumbs else {}
+        fine, coarse, previews = [], [], []
+        for i in range(len(image)):
+            pred = preds.get(i)
+            fine.append({c["label"]: c["score"] for c in pred["fine"]} if pred else None)
+            coarse.append({pred["coarse"]["label"]: pred["coarse"]["score"]} if pred and pred["coarse"] else None)
+            previews.append(save_preview(thumbs[i].repeat(scale, 0).repeat(scale, 1), Path(previews_dir.name))
+                            if i in thumbs else None)
+        return fine, coarse, previews, messages
+
+    return classify
+
+
+def build_demo(predictor: Predictor, *, examples_dir: Path = EXAMPLES_DIR, top_k: int = 5,
+               max_pixels: int = MAX_PIXELS, max_batch_size: int = 16, concurrency_limit: int = 1) -> gr.Blocks:
+    size = f"{predictor.data_size}×{predictor.data_size}"
+    classify = make_classifier(predictor, top_k, max_pixels)
+    # delete_cache: a public demo must not keep every upload forever (hourly sweep of files over a day old)
+    with gr.Blocks(title="CIFAR-100 classifier", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+        gr.Markdown("# CIFAR-100 image classifier\n" + model_card(predictor))
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Your image", type="filepath", image_mode=None, height=300,
+                                 sources=["upload", "webcam", "clipboard"], elem_id="input-image")
+                button = gr.Button("Classify", variant="primary", elem_id="classify")
+                gr.Markdown(f"The model sees a **{size} thumbnail** of your image (CIFAR's resolution), so small "
+                            "details vanish: centred single objects work best. Preview of what it sees:")
+                preview = gr.Image(label=f"What the model sees ({size})", interactive=False,
+                                   height=PREVIEW_SIDE + 48, elem_id="thumbnail")
+            with gr.Column():
+                message = gr.Markdown(label="Message", elem_id="message")
+                fine = gr.Label(label=f"Top-{top_k} classes", num_top_classes=top_k, elem_id="fine")
+                coarse = gr.Label(label="Superclass", num_top_classes=1, visible=predictor.has_coarse,
+                                  elem_id="coarse")
+        outputs = [fine, coarse, preview, message]
+        gr.on([button.click, image.input], classify, inputs=image, outputs=outputs, api_name="classify",
+              batch=True, max_batch_size=max_batch_size, concurrency_limit=concurrency_limit, preprocess=False)
+        files = example_files(examples_dir)
+        if files:
+            gr.Examples([[str(f)] for f in files], inputs=image, outputs=outputs, fn=classify, batch=True,
+                        preprocess=False, cache_examples=True, cache_mode="lazy", examples_per_page=len(files),
+                        label="CIFAR-100 test images; true classes in order: "
+                              + ", ".join(example_label(f) for f in files), elem_id="examples")
+        highlights = confusion_highlights(predictor)
+        if highlights:
+            with gr.Accordion("Where this model struggles", open=False):
+                gr.Markdown(highlights)
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="app.py", description="Gradio demo of a cifar-tl model.")
+    add_model_args(parser)
+    parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
+    parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
+    parser.add_argument("--examples", type=Path, default=EXAMPLES_DIR, help="folder of example PNGs")
+    parser.add_argument("--max-file-size", default="20mb", help="largest upload gradio accepts (default: 20mb)")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--concurrency-limit", type=int, default=1, help="batches run at once")
+    parser.add_argument("--queue-size", type=int, default=256, help="requests waiting before new ones are refused")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        predictor = load_predictor(args.model, args.backend, args.device, args.threads)
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    demo = build_demo(predictor, examples_dir=args.examples, max_pixels=args.max_pixels,
+                      max_batch_size=args.max_batch_size, concurrency_limit=args.concurrency_limit)
+    demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port,
+                                                max_file_size=args.max_file_size)
+    return 0

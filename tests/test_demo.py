@@ -1,0 +1,213 @@
+"""The Gradio demo: the batched event function, the page text, a live server queried with gradio_client
+(one image, then concurrent requests that must be batched and routed back correctly) and one real headless
+Chromium session (screenshot in tests/artifacts/)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+from test_predict import write_image_zoo
+
+from cifar_tl.demo import (
+    EXAMPLES_DIR,
+    NO_IMAGE,
+    build_demo,
+    confusion_highlights,
+    make_classifier,
+    model_card,
+    parse_args,
+)
+from cifar_tl.inference import Predictor, open_image
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def zoo(cifar100_arrays, tmp_path_factory) -> dict[str, Path]:
+    return write_image_zoo(cifar100_arrays["test"][0], tmp_path_factory.mktemp("demo_zoo"))
+
+
+@pytest.fixture(scope="module")
+def example_pngs() -> list[Path]:
+    """The committed gallery: 20 real CIFAR-100 test images named <index>_<true class>.png."""
+    paths = sorted(EXAMPLES_DIR.glob("*.png"))
+    assert len(paths) == 20 and all(Image.open(p).size == (32, 32) for p in paths)
+    return paths
+
+
+@pytest.mark.parametrize("fixture", ["cnn_model_dir", "timm_model_dir"])
+def test_classify_batch_mixes_good_and_bad_inputs(fixture, request, zoo):
+    predictor = Predictor.from_dir(request.getfixturevalue(fixture), "cpu")
+    classify = make_classifier(predictor, top_k=5)
+    names = sorted(zoo)
+    uploads = [{"path": str(zoo[n])} for n in names] + [None]
+    fine, coarse, previews, messages = classify(uploads)
+    assert len(fine) == len(coarse) == len(previews) == len(messages) == len(uploads)
+    for name, f, c, preview, msg in zip(names + ["none"], fine, coarse, previews, messages):
+        if name.startswith("ok_"):
+            assert len(f) == 5 and len(c) == 1 and msg == "", name
+            assert Image.open(preview).size == (128, 128), name  # 32x32 thumbnail shown 4x, pixels kept
+        else:
+            assert f is None and c is None and preview is None, name
+            assert msg == NO_IMAGE if name == "none" else msg.startswith("⚠️ Could not use this file"), name
+    expected = predictor.predict([open_image(zoo["ok_rgb.png"])])[0]
+    got = fine[names.index("ok_rgb.png")]
+    assert max(got, key=got.get) == expected["fine"][0]["label"]
+
+
+def test_model_card_and_confusion_highlights(cnn_model_dir, tmp_path):
+    predictor = Predictor.from_dir(cnn_model_dir, "cpu")
+    card = model_card(predictor)
+    assert "`baseline_cnn`" in card and "top-1 1.0%" in card and "superclass 5.0%" in card
+    assert confusion_highlights(predictor) is None  # no eval extras: the section is left out
+
+    folder = shutil.copytree(cnn_model_dir, tmp_path / "model")
+    labels = ["apple", "pear", "orange"]
+    (folder / "confusion.json").write_text(json.dumps({"labels": labels, "matrix": [[8, 2, 0], [5, 5, 0],
+                                                                                     [0, 0, 10]]}))
+    (tmp_path / "eval_details.json").write_text(json.dumps({"plain": {"per_class": {"apple": 0.8, "pear": 0.5,
+                                                                                    "orange": 1.0}}}))
+    text = confusion_highlights(Predictor.from_dir(folder, "cpu"))
+    assert "pear → apple: 50% (5 images)" in text and "apple → pear: 20%" in text
+    assert "Hardest classes** (test accuracy): pear 50%" in text
+
+
+def test_cli_defaults_leave_host_and_port_to_gradio():
+    args = parse_args(["--model", "some/model"])
+    assert args.host is None and args.port is None and args.backend == "torch"
+
+
+# --------------------------------------------------------------------------------------------- live server
+
+
+@pytest.fixture(scope="module")
+def server(cnn_model_dir, tmp_path_factory):
+    """The app on 127.0.0.1, with a recording of the batch sizes the model actually ran."""
+    cache = tmp_path_factory.mktemp("gradio")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_EXAMPLES_CACHE", str(cache / "examples"))
+        mp.setenv("GRADIO_TEMP_DIR", str(cache / "tmp"))
+        predictor = Predictor.from_dir(cnn_model_dir, "cpu")
+        batches: list[int] = []
+        lock = threading.Lock()
+        predict = predictor.predict
+
+        def recording_predict(images, **kw):
+            with lock:
+                batches.append(len(images))
+            time.sleep(0.3)  # hold the model so that concurrent requests queue up behind it
+            return predict(images, **kw)
+
+        predictor.predict = recording_predict
+        demo = build_demo(predictor)
+        demo.queue().launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True,
+                            max_file_size="1mb")
+        try:
+            yield {"url": demo.local_url, "predict": predict, "batches": batches, "cache": cache}
+        finally:
+            demo.close()
+
+
+def _scores(label_value: dict) -> dict[str, float]:
+    return {c["label"]: c["confidence"] for c in label_value["confidences"]}
+
+
+def test_client_single_image(server, example_pngs):
+    client = Client(server["url"], verbose=False)
+    fine, coarse, preview, message = client.predict(handle_file(str(example_pngs[0])), api_name="/classify")
+    expected = server["predict"]([open_image(example_pngs[0])])[0]
+    assert message == "" and fine["label"] == expected["fine"][0]["label"]
+    assert _scores(fine) == pytest.approx({c["label"]: c["score"] for c in expected["fine"]}, abs=1e-5)
+    assert coarse["label"] == expected["coarse"]["label"]
+    assert Image.open(preview).size == (128, 128)
+    # lazy example caching: nothing is computed before someone clicks an example
+    assert not any((server["cache"] / "examples").rglob("*.csv"))
+
+
+def test_client_concurrent_requests_are_batched_and_routed_back(server, example_pngs):
+    server["batches"].clear()
+    client = Client(server["url"], verbose=False)
+    images = example_pngs[:8] * 2  # identical images in flight together must not clash in gradio's cache
+    with ThreadPoolExecutor(len(images)) as pool:
+        results = list(pool.map(lambda p: client.predict(handle_file(str(p)), api_name="/classify"), images))
+    expected = server["predict"]([open_image(p) for p in images])
+    for (fine, _, preview, _), exp in zip(results, expected):
+        assert _scores(fine) == pytest.approx({c["label"]: c["score"] for c in exp["fine"]}, abs=1e-4)
+        assert Image.open(preview).size == (128, 128)
+    assert sum(server["batches"]) == len(images) and max(server["batches"]) > 1
+
+
+def test_client_bad_uploads_get_a_message(server, zoo):
+    client = Client(server["url"], verbose=False)
+    *_, message = client.predict(handle_file(str(zoo["bad_not_an_image.png"])), api_name="/classify")
+    assert message.startswith("⚠️ Could not use this file: not an image file")
+    big = zoo["ok_rgb.png"].parent / "too_big.bin"
+    big.write_bytes(os.urandom(2_000_000))  # over the 1 MB max_file_size: refused at upload
+    with pytest.raises(Exception, match="(?i)size|413|large"):
+        client.predict(handle_file(str(big)), api_name="/classify")
+
+
+# --------------------------------------------------------------------------------------------- browser
+
+
+def _chrome():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("needs Debian chromium and chromium-driver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,1600"):
+        options.add_argument(flag)
+    return options, Service(driver)
+
+
+@pytest.mark.browser
+def test_browser_upload_shows_the_label(server, example_pngs, zoo, tmp_path):
+    options, service = _chrome()
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options.add_argument(f"--user-data-dir={tmp_path / 'chrome-profile'}")
+    expected = server["predict"]([open_image(example_pngs[7])])[0]
+    browser = webdriver.Chrome(options=options, service=service)
+    try:
+        browser.get(server["url"])
+        wait = WebDriverWait(browser, 60)
+        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#input-image input[type=file]")))
+        upload.send_keys(str(example_pngs[7]))  # 07_butterfly.png
+        top = expected["fine"][0]["label"]
+        wait.until(ec.text_to_be_present_in_element((By.ID, "fine"), top))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "coarse"), expected["coarse"]["label"]))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#thumbnail img")))
+        page = browser.find_element(By.TAG_NAME, "body").text
+        assert "32×32 thumbnail" in page and "Test accuracy" in page
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "demo.png"))
+        # an example click runs the model once and caches its outputs (lazy caching)
+        browser.find_element(By.CSS_SELECTOR, "#examples button").click()
+        wait.until(lambda _: any((server["cache"] / "examples").rglob("*.csv")))
+        # a file that is not an image: a message in the page, no traceback
+        browser.get(server["url"])
+        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#input-image input[type=file]")))
+        upload.send_keys(str(zoo["bad_not_an_image.png"]))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "message"), "Could not use this file"))
+        browser.save_screenshot(str(ARTIFACTS / "demo_bad_upload.png"))
+    finally:
+        browser.quit()
+    assert np.asarray(Image.open(ARTIFACTS / "demo.png")).std() > 0  # not a blank page

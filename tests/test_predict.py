@@ -1,0 +1,95 @@
+"""Batch prediction CLI and the image guards every entry point shares (`open_image` + `to_thumbnail`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_tl.inference import ImageError, Predictor, open_image
+from cifar_tl.predict import main
+
+
+def write_image_zoo(images: np.ndarray, folder: Path) -> dict[str, Path]:
+    """The awkward inputs a demo meets: every one must be predicted (the `ok_*` files) or refused with a
+    message (the `bad_*` files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = Image.fromarray(images[0]).resize((48, 40))
+    files = {}
+
+    def save(name: str, img: Image.Image, **kw) -> None:
+        files[name] = folder / name
+        img.save(files[name], **kw)
+
+    save("ok_rgb.png", Image.fromarray(images[1]))
+    save("ok_gray.png", rgb.convert("L"))
+    save("ok_rgba.png", rgb.convert("RGBA"))
+    save("ok_palette.gif", rgb.convert("P"))
+    save("ok_cmyk.jpg", rgb.convert("CMYK"))
+    save("ok_16bit.png", Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the viewer must rotate 90 degrees clockwise
+    save("ok_exif_rotated.jpg", rgb.rotate(90, expand=True), exif=exif, quality=95)
+    save("ok_tiny.png", Image.new("RGB", (1, 1), (200, 30, 30)))
+    save("ok_huge.png", Image.new("L", (8000, 8000), 90))
+    files["bad_not_an_image.png"] = folder / "bad_not_an_image.png"
+    files["bad_not_an_image.png"].write_text("this is text, not a PNG")
+    files["bad_truncated.png"] = folder / "bad_truncated.png"
+    files["bad_truncated.png"].write_bytes(files["ok_rgb.png"].read_bytes()[:200])
+    return files
+
+
+@pytest.fixture(scope="module")
+def zoo(cifar100_arrays, tmp_path_factory) -> dict[str, Path]:
+    return write_image_zoo(cifar100_arrays["test"][0], tmp_path_factory.mktemp("zoo"))
+
+
+def test_every_kind_of_image_becomes_a_thumbnail_or_a_clear_error(zoo, cnn_model_dir, cifar100_arrays):
+    predictor = Predictor.from_dir(cnn_model_dir, "cpu")
+    for name, path in zoo.items():
+        if name.startswith("ok_"):
+            thumb = predictor.to_thumbnail(open_image(path))
+            assert thumb.shape == (32, 32, 3) and thumb.dtype == np.uint8, name
+        else:
+            with pytest.raises(ImageError):
+                open_image(path)
+    upright = predictor.to_thumbnail(Image.fromarray(cifar100_arrays["test"][0][0]).resize((48, 40)))
+    rotated = predictor.to_thumbnail(open_image(zoo["ok_exif_rotated.jpg"])).astype(int)
+    assert np.abs(rotated - upright).mean() < 12  # EXIF orientation applied (JPEG noise aside)
+
+
+def test_pixel_bound_and_decompression_bomb_guard(zoo, monkeypatch):
+    with pytest.raises(ImageError, match="megapixel limit"):
+        open_image(zoo["ok_huge.png"], max_pixels=1_000_000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # PIL raises past twice this
+    with pytest.raises(ImageError, match="too large"):
+        open_image(zoo["ok_huge.png"])
+
+
+def test_predict_cli_writes_jsonl_and_skips_unreadable(zoo, cnn_model_dir, tmp_path, capsys):
+    out = tmp_path / "preds.jsonl"
+    folder = zoo["ok_rgb.png"].parent
+    rc = main(["--model", str(cnn_model_dir), str(folder), str(tmp_path / "missing.png"), "--top-k", "3",
+               "--output", str(out), "--batch-size", "4"])
+    assert rc == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    ok = sorted(str(p) for n, p in zoo.items() if n.startswith("ok_"))
+    assert sorted(line["path"] for line in lines) == ok
+    assert all(len(line["fine"]) == 3 and line["coarse"]["label"] for line in lines)
+    err = capsys.readouterr().err
+    assert "bad_not_an_image.png: not an image file" in err and "bad_truncated.png" in err
+    assert "missing.png: no such file" in err and "predicted 9 image(s), skipped 3" in err
+
+    expected = Predictor.from_dir(cnn_model_dir, "cpu").predict([open_image(zoo["ok_rgb.png"])], top_k=3)[0]
+    got = next(line for line in lines if line["path"].endswith("ok_rgb.png"))
+    assert [c["label"] for c in got["fine"]] == [c["label"] for c in expected["fine"]]
+    assert got["fine"][0]["score"] == pytest.approx(expected["fine"][0]["score"], abs=1e-5)
+
+
+def test_predict_cli_errors_are_one_line(cnn_model_dir, zoo, tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nope"), str(zoo["ok_rgb.png"]), "--no-progress"]) == 2
+    assert "cannot load model" in capsys.readouterr().err
+    assert main(["--model", str(cnn_model_dir), str(tmp_path / "empty-nothing")]) == 2
+    assert main(["--model", str(cnn_model_dir), str(zoo["bad_not_an_image.png"]), "--no-progress"]) == 1
