@@ -26,12 +26,12 @@ class WeightsError(RuntimeError):
 
 
 class BaselineCNN(nn.Module):
-    """The reference study's Keras CNN: 3 stacks of Conv-Conv-MaxPool(2, stride 2)-Dropout with same padding
-    and ReLU, filters doubling with depth, then global pooling, dropout and a linear classifier. BatchNorm
+    """The reference study's Keras CNN: 3 stacks of Conv-Conv-MaxPool(2, stride 2)-Dropout(drop_rate) with same
+    padding and ReLU, filters doubling with depth, then global pooling and a linear classifier. BatchNorm
     after each conv (a modern addition, on by default) lets it train at a high learning rate."""
 
     def __init__(self, num_classes: int = 100, widths: tuple[int, ...] = (64, 128, 256),
-                 stack_dropout: float = 0.25, drop_rate: float = 0.5, batchnorm: bool = True, in_chans: int = 3):
+                 drop_rate: float = 0.25, batchnorm: bool = True, in_chans: int = 3):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = in_chans
@@ -40,12 +40,11 @@ class BaselineCNN(nn.Module):
                 layers += [nn.Conv2d(c, w, 3, padding=1, bias=not batchnorm)]
                 layers += [nn.BatchNorm2d(w)] if batchnorm else []
                 layers += [nn.ReLU(inplace=True)]
-            layers += [nn.MaxPool2d(2, 2), nn.Dropout(stack_dropout)]
+            layers += [nn.MaxPool2d(2, 2), nn.Dropout(drop_rate)]
             c_in = w
         self.features = nn.Sequential(*layers)
         self.num_features = c_in
         self.num_classes = num_classes
-        self.drop_rate = drop_rate
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_in, num_classes)
         self.pretrained_cfg = {
@@ -53,14 +52,13 @@ class BaselineCNN(nn.Module):
             "crop_pct": 1.0, "crop_mode": "center", "mean": CIFAR_MEAN, "std": CIFAR_STD,
             "num_classes": num_classes, "first_conv": "features.0", "classifier": "classifier",
         }
-        self.model_args = {"widths": list(widths), "stack_dropout": stack_dropout, "batchnorm": batchnorm}
+        self.model_args = {"widths": list(widths), "drop_rate": drop_rate, "batchnorm": batchnorm}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x).flatten(1)
-        x = nn.functional.dropout(x, self.drop_rate, self.training)
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +83,8 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 100, we
         if pretrained and not weights:
             raise WeightsError(f"{name} has no pretrained weights: pass --no-pretrained to train it from "
                                "scratch, or --weights FILE")
-        model = BaselineCNN(num_classes=num_classes, **{"widths": BASELINE_WIDTHS[name], **kwargs})
+        model = BaselineCNN(num_classes=num_classes, **{"widths": BASELINE_WIDTHS[name], "drop_rate": drop_rate,
+                                                        **kwargs})
     else:
         if not timm.is_model(name):
             raise WeightsError(f"--model {name}: unknown model; use baseline_cnn or a timm name "

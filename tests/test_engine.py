@@ -162,3 +162,18 @@ def test_two_process_gloo_run_matches_one_process(easy10_parquet, tmp_path):
     assert abs(m1["top1"] - m2["top1"]) < 0.1 and abs(m1["loss"] - m2["loss"]) < 0.3
     h1, h2 = history(tmp_path / "one"), history(tmp_path / "two")
     assert len(h1) == len(h2) == 3
+
+
+def test_tracking_offline_and_gradient_accumulation(easy10_parquet, tmp_path, monkeypatch):
+    """--report-to all: TensorBoard event files and an offline W&B run with one model artifact per improving
+    epoch; gradient accumulation runs through the same loop."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics = run(easy10_parquet, tmp_path, "--epochs", "2", "--report-to", "all", "--grad-accum-steps", "2",
+                  "--project-name", "ctl-test")
+    assert metrics["epochs_run"] == 2
+    assert list(tmp_path.rglob("events.out.tfevents.*")), "no TensorBoard events"
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and list(runs[0].glob("*.wandb")), "no offline W&B run"
+    artifacts = list(runs[0].rglob("*artifact*")) + list(runs[0].rglob("model.safetensors"))
+    assert artifacts, "no W&B model artifact staged"

@@ -1,0 +1,232 @@
+"""Demo latency: cold start to first prediction, single-image latency (p50/p95) and throughput with concurrent
+clients, PyTorch vs ONNX, for the baseline CNN (32 px) and an EfficientNet at its own input size.
+
+    python bench/demo_latency.py [--models baseline_cnn efficientnet_b0] [--requests 40] [--clients 16]
+
+Untrained model folders (random weights: latency does not depend on them) are built in a temp dir; each
+configuration runs `app.py` as a fresh process on 127.0.0.1 and is queried with gradio_client, the way a
+user's browser would reach it. The server's CPU time per sequential request is read from /proc: it depends
+less than wall-clock times on what else runs on the box. "model" latencies are the same work in-process
+without the server (open the file, thumbnail, predict), to separate model time from gradio's.
+Results: bench/results/demo_latency.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+                   "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+    os.environ.setdefault(key, value)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples" / "cifar100").glob("*.png"))
+sys.path.insert(0, str(ROOT))
+
+import torch
+
+from cifar_tl.models import BASELINE
+
+INPUT_SIZE = {BASELINE: 32}  # anything else: the timm model's own default input size
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice: one per physical core
+
+
+def build_model_dir(arch: str, out: Path) -> Path:
+    from cifar_tl.export import model_config, save_model_dir
+    from cifar_tl.models import create_model, data_config
+
+    model = create_model(arch, pretrained=False, num_classes=100).eval()
+    dc = data_config(model, INPUT_SIZE.get(arch))
+    names = [f"class_{i}" for i in range(100)]
+    cfg = model_config(model, architecture=arch, image_size=dc["image_size"], mean=dc["mean"], std=dc["std"],
+                       data_size=32, fine_names=names, coarse_names=[f"super_{i}" for i in range(20)],
+                       fine_to_coarse=[i % 20 for i in range(100)])
+    return save_model_dir(model, cfg, out)
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in seconds)
+    return {"p50_ms": round(statistics.median(ms), 1), "p95_ms": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 1),
+            "n": len(ms)}
+
+
+def start_app(model: str, backend: str, threads: int | None, log: Path) -> tuple[subprocess.Popen, str, float]:
+    """Spawn app.py; return (process, url, seconds from spawn to the first prediction received)."""
+    import httpx
+    from gradio_client import Client, handle_file
+
+    port = free_port()
+    start = time.perf_counter()
+    command = [sys.executable, str(ROOT / "app.py"), "--model", model, "--backend", backend, "--host",
+               "127.0.0.1", "--port", str(port)] + (["--threads", str(threads)] if threads else [])
+    proc = subprocess.Popen(command, cwd=log.parent, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while proc.poll() is None and time.perf_counter() - start < 300:
+            try:
+                client = Client(url, verbose=False)
+                client.predict(handle_file(str(EXAMPLES[0])), api_name="/classify")
+                client.close()
+                return proc, url, time.perf_counter() - start
+            except (httpx.HTTPError, ValueError):  # not listening, or not serving its config, yet
+                time.sleep(0.25)
+        raise RuntimeError(f"app.py did not answer (exit code {proc.poll()}); see {log}")
+    except BaseException:
+        proc.kill()  # never leave a server behind
+        raise
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux): what a request costs, whatever else loads the box."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def app_latency(url: str, n: int) -> list[float]:
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False)
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        client.predict(handle_file(str(EXAMPLES[i % len(EXAMPLES)])), api_name="/classify")
+        times.append(time.perf_counter() - t)
+    client.close()
+    return times
+
+
+def app_throughput(url: str, clients: int, per_client: int) -> float:
+    from gradio_client import Client, handle_file
+
+    pool_clients = [Client(url, verbose=False) for _ in range(clients)]  # connecting is not serving
+
+    def worker(c: int) -> None:
+        for i in range(per_client):
+            pool_clients[c].predict(handle_file(str(EXAMPLES[(c + i) % len(EXAMPLES)])), api_name="/classify")
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, range(clients)))
+    elapsed = time.perf_counter() - t
+    for client in pool_clients:
+        client.close()
+    return clients * per_client / elapsed
+
+
+def model_latency(model: str, backend: str, threads: int | None, n: int) -> list[float]:
+    from cifar_tl.inference import open_image
+    from cifar_tl.predict import load_predictor
+
+    torch.set_num_threads(DEFAULT_THREADS)  # undo an earlier configuration's cap
+    predictor = load_predictor(model, backend, threads=threads)
+    for path in EXAMPLES[:3]:  # warm-up: first calls allocate and pick kernels
+        predictor.predict([open_image(path)])
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        predictor.predict([open_image(EXAMPLES[i % len(EXAMPLES)])])
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=[BASELINE, "efficientnet_b0"])
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
+    parser.add_argument("--threads", nargs="+", default=["default"],
+                        help="model CPU threads to compare: 'default' (one per core) and/or numbers")
+    parser.add_argument("--requests", type=int, default=40, help="sequential single-image requests")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--per-client", type=int, default=4, help="requests per concurrent client")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "demo_latency.json")
+    args = parser.parse_args()
+
+    import gradio
+    import onnxruntime
+
+    from cifar_tl.export_onnx import export_onnx
+    from cifar_tl.inference import Predictor
+
+    thread_counts = [None if t == "default" else int(t) for t in args.threads]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for arch in args.models:
+            model_dir = build_model_dir(arch, tmp / arch)
+            onnx_path = tmp / f"{arch}.onnx"
+            predictor = Predictor.from_dir(model_dir, "cpu")
+            t = time.perf_counter()
+            export_onnx(predictor, onnx_path)
+            export_s = time.perf_counter() - t
+            for backend, threads in itertools.product(args.backends, thread_counts):
+                # ONNX runs from the exported file, so its cold start is loading, not exporting
+                model = str(onnx_path) if backend == "onnx" else str(model_dir)
+                proc, url, cold = start_app(model, backend, threads, tmp / f"{arch}-{backend}-{threads}.log")
+                try:
+                    app_latency(url, 3)  # warm-up
+                    cpu = cpu_seconds(proc.pid)
+                    single = app_latency(url, args.requests)
+                    cpu = (cpu_seconds(proc.pid) - cpu) / args.requests
+                    throughput = app_throughput(url, args.clients, args.per_client)
+                finally:
+                    proc.terminate()
+                    proc.wait(30)
+                row = {"model": arch, "backend": backend, "threads": threads or DEFAULT_THREADS,
+                       "input_size": predictor.image_size,
+                       "cold_start_to_first_prediction_s": round(cold, 2),
+                       "app_single_image": percentiles(single),
+                       "app_server_cpu_ms_per_request": round(cpu * 1000, 1),
+                       "model_only_single_image": percentiles(model_latency(model, backend, threads,
+                                                                            args.requests)),
+                       f"app_throughput_{args.clients}_clients_img_per_s": round(throughput, 1)}
+                if backend == "onnx":
+                    row["onnx_export_s"] = round(export_s, 1)
+                results.append(row)
+                print(json.dumps(row), flush=True)
+
+    report = {
+        "what": __doc__.split("\n\n")[0],
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu_name(),
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "note": "shared box: other agents' jobs were running on the same 2 cores; expect noise"},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "onnxruntime": onnxruntime.__version__, "gradio": gradio.__version__},
+        "settings": {"requests": args.requests, "clients": args.clients, "per_client": args.per_client,
+                     "threads": args.threads,
+                     "max_batch_size": 16, "concurrency_limit": 1},
+        "results": results,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

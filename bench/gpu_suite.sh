@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Everything GPU-relevant in one command, about 7 minutes on one H200 (9.5 at most: each part has a time
+# limit, STEP_TIMEOUT overrides them all), JSON to $OUT (else bench/results), rows written as they come:
+#   train      training throughput of ours / timm / timm+channels_last / transformers-example pipelines,
+#              3 models x 32-224 px (about 4 min, mostly DataLoader worker start-up: ~2 s per round)
+#   epoch      one CIFAR-size epoch (50,000 images) of efficientnet_b0 at 224 px per pipeline
+#   profile    torch.profiler of our training step at 32 and 224 px
+#   scaling    epoch time vs training-set size (10/50/100 % of CIFAR-10's train split), train.py, one GPU
+#   inference  eager, channels_last, torch.compile (efficientnet_b0 at 224 px); ONNX Runtime needs a CUDA
+#              provider (onnxruntime-gpu) and is skipped without one
+#
+#   bash bench/gpu_suite.sh                         # needs the dataset at ../shared/datasets/cifar10-jpeg
+#
+# On a lent GPU machine (only the checkout travels, and its image has no `datasets` package): copy the data
+# and the wheels into ignored folders of the checkout first, then carry them:
+#   cp -r ../shared/datasets/cifar10-jpeg build/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+#   run: bash bench/gpu_suite.sh   carry: build/cifar10-jpeg, .whl   timeout: 600 s
+# Env: WORKERS (reference loaders' DataLoader workers, default nproc-2), STEP_TIMEOUT (seconds per part).
+set -u
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-bench/results} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if ! $PY -c "import datasets" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+WORKERS=${WORKERS:-$(( $(nproc) - 2 ))}
+failed=0
+part() {  # name, timeout, command...: a failing or slow part is reported and the suite goes on
+  local name=$1 limit=$2; shift 2
+  echo "== $name ($(date +%T), limit ${limit}s): $*"
+  timeout "$limit" "$@" || { echo "!! $name failed or timed out (exit $?)"; failed=1; }
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, timm, transformers, datasets; print('torch', torch.__version__, 'timm', timm.__version__,
+'transformers', transformers.__version__, 'datasets', datasets.__version__)"
+
+part train "${STEP_TIMEOUT:-270}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
+  --batch-sizes 32:256,64:256,128:256,224:128 --steps 8 --warmup 2 --repeats 2
+part epoch "${STEP_TIMEOUT:-100}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
+  --batch-sizes 224:128 --repeats 0 --epoch-images 50000 --epoch-size 224 --name train_epoch_cuda
+part profile "${STEP_TIMEOUT:-40}" $PY bench/profile_step.py --device cuda --sizes 32 224 --batch-size 256 --steps 10
+part scaling "${STEP_TIMEOUT:-75}" $PY bench/scaling.py --device cuda --processes 1 --batch-size 256
+part inference "${STEP_TIMEOUT:-75}" $PY bench/inference.py --device cuda --repeats 3 --min-seconds 0.3 \
+  --backends eager channels_last compile onnxruntime --compile-cases efficientnet_b0@224 \
+  --cases baseline_cnn@32 efficientnet_b0@224
+exit $failed

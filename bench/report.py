@@ -1,0 +1,153 @@
+"""Render bench/results/*.json as the Markdown tables used in BENCHMARKS.md.
+
+python bench/report.py                          # every result file in bench/results
+python bench/report.py bench/results/train_throughput_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import benchlib
+
+TARGET = 1.3  # ours / timm's pipeline, from the benchmark issue
+
+
+def machine_line(m: dict) -> str:
+    where = (
+        f"{m['gpu']} + {m['cpu']} ({m['cpu_count']} cores)"
+        if m.get("gpu")
+        else f"{m['cpu']}, {m['cpu_count']} cores"
+    )
+    load = m.get("load_average", [None])[0]
+    return (
+        f"*{where}; torch {m['torch']}, {m['torch_threads']} threads; {m['date']}; load average at start "
+        f"{load:.1f}*  \n`{m['command']}`"
+    )
+
+
+def train_table(d: dict) -> list[str]:
+    names = list(d["results"][0]["images_per_second"]) if d["results"] else []
+    others = [n for n in names if n != "ours"]
+    st = d["settings"]
+    what = (
+        "the data path alone (loader + transform, no training step)"
+        if st.get("data_only")
+        else f"the training step ({st['precision']}, reference loaders with {st['workers']} worker(s))"
+    )
+    repeats = d["results"][0]["repeats"] if d["results"] else 0
+    lines = [
+        machine_line(d["machine"]),
+        "",
+        f"Images/s of {what}; median of {repeats} alternating rounds.",
+        "",
+        "| model | px | batch | "
+        + " | ".join(names)
+        + " | "
+        + " | ".join(f"ours/{n}" for n in others)
+        + " |",
+        "|---" * (3 + len(names) + len(others)) + "|",
+    ]
+    for r in d["results"]:
+        ips, ratio = r["images_per_second"], r["ratios"]
+        cells = [f"{ips[n]:,.1f}" for n in names]
+        marks = [
+            f"**{ratio[f'ours/{n}']:.2f}**"
+            if n == "timm" and ratio[f"ours/{n}"] >= TARGET
+            else f"{ratio[f'ours/{n}']:.2f}"
+            for n in others
+        ]
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['batch_size']} | " + " | ".join(cells + marks) + " |"
+        )
+    if d.get("epoch"):
+        e = d["epoch"]
+        lines += [
+            "",
+            f"One epoch of {e['images']:,} images, {e['model']} at {e['size']} px, batch {e['batch_size']}:",
+            "",
+            "| pipeline | seconds | images/s |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['seconds']:.1f} | {v['images_per_second']:,.0f} |" for k, v in e["pipelines"].items()
+        ]
+    return lines
+
+
+def inference_table(d: dict) -> list[str]:
+    backends = []
+    for r in d["results"]:
+        backends += [b for b in r["images_per_second"] if b not in backends]
+    lines = [
+        machine_line(d["machine"]),
+        "",
+        "| model | px | batch | " + " | ".join(backends) + " | compile / export s |",
+        "|---" * (4 + len(backends)) + "|",
+    ]
+    for r in d["results"]:
+        cells = [
+            f"{r['images_per_second'][b]:,.1f}" if b in r["images_per_second"] else "–" for b in backends
+        ]
+        prep = ", ".join(f"{b} {s:.0f}" for b, s in r["prepare_seconds"].items()) or "–"
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['batch_size']} | " + " | ".join(cells) + f" | {prep} |"
+        )
+    return lines
+
+
+def scaling_table(d: dict) -> list[str]:
+    setup = f"100 % = {d['settings']['full']:,} training images, global batch {d['settings']['batch_size']}"
+    lines = [
+        machine_line(d["machine"]),
+        "",
+        setup,
+        "",
+        "| processes | fraction | images | epoch s | images/s | run wall s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in d["results"]:
+        lines.append(
+            f"| {r['processes']} | {r['fraction']:.0%} | {r['train_images']:,} | {r['epoch_seconds']:.1f} | "
+            f"{r['images_per_second']:,.1f} | {r['wall_seconds']:.0f} |"
+        )
+    return lines
+
+
+def profile_table(d: dict) -> list[str]:
+    lines = [machine_line(d["machine"]), ""]
+    for r in d["results"]:
+        total = r["ms_per_step"]
+        phases = ", ".join(f"{k} {v / total:.0%}" for k, v in r["phases_ms"].items())
+        top = ", ".join(f"{t['op'][:40]} {t['self_ms_per_step']:.1f} ms" for t in r["top_ops"][:6])
+        head = f"- {d['settings']['model']} {r['size']} px, batch {r['batch_size']}: {total:.0f} ms/step"
+        lines.append(f"{head} — {phases}. Top operators: {top}")
+    return lines
+
+
+RENDER = {
+    "train_throughput": train_table,
+    "inference": inference_table,
+    "scaling": scaling_table,
+    "profile_step": profile_table,
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="*", type=Path, help="result files (default: bench/results/*.json)")
+    args = p.parse_args(argv)
+    for path in args.files or sorted(benchlib.RESULTS.glob("*.json")):
+        d = json.loads(path.read_text())
+        render = RENDER.get(d.get("benchmark"))
+        if render:
+            print(f"### {path.name}\n")
+            print("\n".join(render(d)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
