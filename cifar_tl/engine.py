@@ -270,7 +270,7 @@ def _fit(cfg, accelerator, model, bundle, evaluate_tf, size, mean, std, staged, 
         history = [h for h in history if h["epoch"] <= state["epoch"]]
     if main:
         atomic_write_text(history_path, "".join(json.dumps(h) + "\n" for h in history))
-    if accelerator.trackers:
+    if cfg.report_to != "none":
         accelerator.init_trackers(cfg.project_name, config=cfg.to_dict(),
                                   init_kwargs={"wandb": {"dir": str(out), "name": out.name}})
     best_path = ckpt.root / "best.safetensors"
