@@ -1,4 +1,4 @@
-"""The real CIFAR-100 class names and fine->coarse mapping, for fixtures (tests never read ../shared)."""
+"""The real CIFAR-100 class names and fine->coarse mapping, for fixtures (tests never read the shared datasets)."""
 SUPERCLASSES = {
     "aquatic_mammals": ["beaver", "dolphin", "otter", "seal", "whale"],
     "fish": ["aquarium_fish", "flatfish", "ray", "shark", "trout"],

@@ -1,6 +1,6 @@
 """Fixtures built in the tests: a small CIFAR-100-shaped dataset with the real 100 fine / 20 coarse names and
 mapping, written in the Hub parquet layout and the official cifar-100-python pickle layout (dir and .tar.gz),
-plus small model folders. No network, no ../shared."""
+plus small model folders. No network, no shared datasets."""
 from __future__ import annotations
 
 import io
