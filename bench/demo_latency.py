@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from cifar_tl.models import BASELINE
+from cifar_tl.models import BASELINE_WIDTHS
 
-INPUT_SIZE = {BASELINE: 32}  # anything else: the timm model's own default input size
+INPUT_SIZE = dict.fromkeys(BASELINE_WIDTHS, 32)  # anything else: the timm model's own default input size
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice: one per physical core
 
 
@@ -156,7 +156,7 @@ def model_latency(model: str, backend: str, threads: int | None, n: int) -> list
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=[BASELINE, "efficientnet_b0"])
+    parser.add_argument("--models", nargs="+", default=["baseline_cnn", "efficientnet_b0"])
     parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
     parser.add_argument("--threads", nargs="+", default=["default"],
                         help="model CPU threads to compare: 'default' (one per core) and/or numbers")

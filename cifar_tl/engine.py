@@ -166,16 +166,13 @@ def train(cfg: TrainConfig) -> dict:
                        fine_names=bundle.fine_names, coarse_names=bundle.coarse_names,
                        fine_to_coarse=bundle.fine_to_coarse, train_config=cfg.to_dict(),
                        dataset_fingerprint=bundle.fingerprint)
-    test_loader = make_loader(bundle.test, cfg.eval_batch_size, shuffle=False)
-
-    if cfg.linear_probe:
-        test_loader = accelerator.prepare(test_loader)
+    if cfg.linear_probe:  # the probe already has the test logits, from its cached features
         summary, test_logits = probe.run(cfg, accelerator, model, bundle, evaluate_tf, out)
     else:
         summary = _fit(cfg, accelerator, model, bundle, evaluate_tf, size, mean, std, staged, out)
         model = accelerator.unwrap_model(model)
-        test_loader = accelerator.prepare(test_loader)
         test_logits = None
+    test_loader = accelerator.prepare(make_loader(bundle.test, cfg.eval_batch_size, shuffle=False))
 
     # ---- final test evaluation on the restored best weights
     results = {}

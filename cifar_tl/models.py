@@ -13,7 +13,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-BASELINE = "baseline_cnn"
 # the reference architecture at three widths: the default, and a 4x cheaper one for CPU time budgets
 BASELINE_WIDTHS = {"baseline_cnn": (64, 128, 256), "baseline_cnn_small": (32, 64, 128),
                    "baseline_cnn_wide": (128, 256, 512)}
@@ -48,7 +47,7 @@ class BaselineCNN(nn.Module):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_in, num_classes)
         self.pretrained_cfg = {
-            "architecture": BASELINE, "input_size": (in_chans, 32, 32), "interpolation": "bilinear",
+            "architecture": "baseline_cnn", "input_size": (in_chans, 32, 32), "interpolation": "bilinear",
             "crop_pct": 1.0, "crop_mode": "center", "mean": CIFAR_MEAN, "std": CIFAR_STD,
             "num_classes": num_classes, "first_conv": "features.0", "classifier": "classifier",
         }
@@ -85,6 +84,7 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 100, we
                                "scratch, or --weights FILE")
         model = BaselineCNN(num_classes=num_classes, **{"widths": BASELINE_WIDTHS[name], "drop_rate": drop_rate,
                                                         **kwargs})
+        model.pretrained_cfg["architecture"] = name  # the width variant, not the class
     else:
         if not timm.is_model(name):
             raise WeightsError(f"--model {name}: unknown model; use baseline_cnn or a timm name "
