@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -126,8 +127,6 @@ class HttpClient:
         self.fn_index = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "classify")
 
     def classify(self, path: Path) -> dict:
-        import uuid
-
         with path.open("rb") as f:
             uploaded = self.http.post(self.api + "upload", files={"files": f}).json()[0]
         session = uuid.uuid4().hex
