@@ -4,16 +4,16 @@ clients, PyTorch vs ONNX, for the baseline CNN (32 px) and an EfficientNet at it
     python bench/demo_latency.py [--models baseline_cnn efficientnet_b0] [--requests 40] [--clients 16]
 
 Untrained model folders (random weights: latency does not depend on them) are built in a temp dir; each
-configuration runs `app.py` as a fresh process on 127.0.0.1 and is queried over HTTP (below). The server's
-CPU time per sequential request is read from /proc: it depends less than wall-clock times on what else runs
-on the box. "model" latencies are the same work in-process
-without the server (open the file, thumbnail, predict), to separate model time from gradio's.
+configuration runs `app.py` as a fresh process on 127.0.0.1 and is queried over HTTP (below). The server's CPU
+time per sequential request is read from /proc: it depends less than wall-clock times on what else runs on the
+box. "model" latencies are the same work in-process without the server (open the file, thumbnail, predict), to
+separate model time from gradio's.
 
-Two clients measure the app: "app" latency comes from a client that speaks gradio's HTTP protocol the way
-the page's JavaScript does (upload the file, join the queue, read the result from the event stream: three
-requests on one keep-alive connection), which is the latency a user sees; "gradio_client" is the Python client, whose own threads and
-polling add ~100 ms per call on this machine (it also downloads the preview image), reported beside it.
-Throughput runs the HTTP client from 16 threads.
+Two clients measure the app: "app" latency comes from a client that speaks gradio's HTTP protocol the way the
+page's JavaScript does (upload the file, join the queue, read the result from the event stream: three requests
+on one keep-alive connection), which is the latency a user sees; "gradio_client" is the Python client, whose
+own threads and polling add ~100 ms per call on this machine (it also downloads the preview image), reported
+beside it. Throughput runs the HTTP client from 16 threads.
 
 Results: bench/results/demo_latency.json.
 """
