@@ -44,6 +44,26 @@ def random_affine_resize(x: torch.Tensor, size: int, shift: float, zoom: float, 
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The classic CIFAR augmentation without resampling: each image moves by a whole number of pixels
+    (up to `pad`, borders reflected) and flips with probability 1/2. Images sharing a shift are cut out
+    together, so the work is (2 pad + 1)^2 batched copies, not one per image."""
+    b, _, h, w = x.shape
+    opts = {"device": x.device, "generator": generator}
+    flip = torch.rand(b, **opts) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    if pad == 0:
+        return x
+    padded = F.pad(x, (pad,) * 4, mode="reflect")
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, b), **opts)
+    out = torch.empty_like(x)
+    for sy in range(2 * pad + 1):
+        for sx in range(2 * pad + 1):
+            idx = ((dy == sy) & (dx == sx)).nonzero().flatten()
+            out[idx] = padded[idx, :, sy:sy + h, sx:sx + w]
+    return out
+
+
 def rand_augment(images: torch.Tensor, chunks: int = 8) -> torch.Tensor:
     """torchvision RandAugment on uint8 batches; each chunk of the batch draws its own ops, which keeps the
     work batched while still varying the policy across the batch."""
@@ -64,6 +84,10 @@ class TrainTransform:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.augment == "none":
             return eval_transform(images, self.size, self.mean, self.std, self.channels_last)
+        if self.augment == "crop":
+            x = eval_transform(images, self.size, self.mean, self.std, channels_last=False)
+            x = random_crop_flip(x, round(self.shift * self.size))
+            return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         if self.augment == "randaugment":
             images = rand_augment(images)
         x = random_affine_resize(images.float().div_(255), self.size, self.shift, self.zoom)

@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw", "sgd"),
     "scheduler": ("plateau", "cosine", "none"),
-    "augment": ("none", "basic", "randaugment"),
+    "augment": ("none", "basic", "crop", "randaugment"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "report_to": ("none", "wandb", "tensorboard", "all"),
 }
@@ -39,7 +39,8 @@ class TrainConfig:
     max_train_samples: int | None = field(default=None, metadata={"help": "stratified subsample of train"})
     data_cache: bool = field(default=True, metadata={"help": "cache the decoded uint8 tensor store on disk"})
     # model
-    model: str = field(default="efficientnet_b0", metadata={"help": "baseline_cnn or any timm model name"})
+    model: str = field(default="efficientnet_b0", metadata={"help": "baseline_cnn[_small|_wide], "
+                       "fast_cnn[_wide] or any timm model name"})
     pretrained: bool = True
     weights: str | None = field(default=None, metadata={"help": "initial weights file (.safetensors or .pth)"})
     image_size: int | None = field(default=None, metadata={"help": "model input size (default: the model's own)"})
@@ -59,8 +60,13 @@ class TrainConfig:
     min_lr: float = 1e-6
     early_stopping_patience: int = field(default=10, metadata={"help": "epochs without val-loss improvement "
                                          "before stopping (0 disables); best weights are restored"})
+    bias_lr_scale: float = field(default=1.0, metadata={"help": "LR multiplier for biases and norm parameters "
+                                 "(airbench trains BatchNorm biases 64x faster)"})
+    lookahead: bool = field(default=False, metadata={"help": "airbench's lookahead: every 5 steps pull the "
+                            "weights to their moving average, which tightens as training ends"})
     label_smoothing: float = 0.0
-    augment: str = "basic"
+    augment: str = field(default="basic", metadata={"help": "basic = random shift/zoom/flip resampled to the "
+                         "input size; crop = whole-pixel shifts of a reflect-padded image + flip"})
     shift: float = field(default=0.125, metadata={"help": "max random translation, fraction of the image"})
     zoom: float = field(default=0.1, metadata={"help": "max random zoom in/out, fraction"})
     mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 disables)"})
@@ -101,6 +107,8 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size", "epochs", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1; got {getattr(self, name)}")
+        if self.bias_lr_scale <= 0:
+            raise ConfigError(f"--bias-lr-scale must be positive; got {self.bias_lr_scale}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive; got {self.lr}")
         if self.max_train_samples is not None and self.max_train_samples < 1:

@@ -23,6 +23,7 @@ from .config import ConfigError, TrainConfig
 from .data import load_bundle, make_loader
 from .evaluation import collect_logits, compute_metrics, confusion_matrix
 from .export import atomic_write_text, model_config, save_model_dir, save_weights
+from .lookahead import Lookahead
 from .models import create_model, data_config, set_backbone_trainable
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     # no weight decay on biases and norm weights (1-d tensors), as timm and most recipes do
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr * cfg.bias_lr_scale}]
     fused = {"fused": True}  # one kernel for all parameters: 3-4x faster optimizer steps (bench/profile_step.py)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, **fused)
@@ -160,6 +162,8 @@ def train(cfg: TrainConfig) -> dict:
     dcfg = data_config(model, cfg.image_size)
     size, mean, std = dcfg["image_size"], dcfg["mean"], dcfg["std"]
     evaluate_tf = partial(eval_transform, size=size, mean=mean, std=std, channels_last=cfg.channels_last)
+    if hasattr(model, "init_whitening") and not cfg.weights:  # fast_cnn: a stem fitted to the data
+        model.init_whitening(evaluate_tf(bundle.train.images[:5000], channels_last=False))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     export_meta = dict(architecture=cfg.model, image_size=size, mean=mean, std=std, data_size=bundle.image_size,
@@ -236,8 +240,9 @@ def _fit(cfg, accelerator, model, bundle, evaluate_tf, size, mean, std, staged, 
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     budget = 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
     clock = {"start": time.time()}
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch,
-                                (lambda: (time.time() - clock["start"]) / budget) if budget else None)
+    time_progress = (lambda: (time.time() - clock["start"]) / budget) if budget else None
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, time_progress)
+    lookahead = Lookahead(accelerator.unwrap_model(model)) if cfg.lookahead else None
     accelerator.register_for_checkpointing(scheduler)
     train_tf = TrainTransform(size, mean, std, augment=cfg.augment, shift=cfg.shift, zoom=cfg.zoom,
                               channels_last=cfg.channels_last)
@@ -305,6 +310,10 @@ def _fit(cfg, accelerator, model, bundle, evaluate_tf, size, mean, std, staged, 
                     if accelerator.sync_gradients and cfg.scheduler != "plateau":
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if lookahead is not None and accelerator.sync_gradients:
+                        done = (epoch - 1) * steps_per_epoch + (step + 1) // cfg.grad_accum_steps
+                        progress = done / (cfg.epochs * steps_per_epoch)
+                        lookahead.step(done, max(progress, time_progress()) if budget else progress)
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(-1) == y).sum()
                 seen += len(y)
@@ -330,6 +339,8 @@ def _fit(cfg, accelerator, model, bundle, evaluate_tf, size, mean, std, staged, 
             raise TrainingError(f"loss became {train_loss} in epoch {epoch}; the last good checkpoint is "
                                 f"{ckpt.latest() or 'none'}. Lower --lr or set --max-grad-norm 1.0")
         seconds = time.time() - t0
+        if lookahead is not None:
+            lookahead.finish_epoch()
         val = collect_logits(model, val_loader, evaluate_tf, accelerator) if len(bundle.val) else None
         val_loss = torch.nn.functional.cross_entropy(val["logits"], val["fine"]).item() if val else train_loss
         val_acc = (val["logits"].argmax(-1) == val["fine"]).float().mean().item() if val else train_acc

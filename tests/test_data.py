@@ -8,7 +8,7 @@ from PIL import Image
 
 from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
 from cifar_tl import data as data_mod
-from cifar_tl.augment import TrainTransform, eval_transform
+from cifar_tl.augment import TrainTransform, eval_transform, random_crop_flip
 from cifar_tl.data import DataError, decode_image, load_bundle, load_raw, make_loader, stratified_split
 
 
@@ -105,8 +105,28 @@ def test_augmentation_keeps_shapes_and_label_alignment(cifar100_arrays):
         ref = eval_transform(x, size, mean, std).mean(dim=(2, 3))
         nearest = torch.cdist(colours, ref).argmin(dim=1)
         assert (torch.as_tensor(fine[:64])[nearest] == torch.as_tensor(fine[:64])).float().mean() > 0.95
+    for size in (32, 64):
+        out = TrainTransform(size, mean, std, augment="crop", shift=0.0625)(x)
+        assert out.shape == (64, 3, size, size) and out.is_contiguous(memory_format=torch.channels_last)
     ra = TrainTransform(32, mean, std, augment="randaugment")(x)
     assert ra.shape == (64, 3, 32, 32) and torch.isfinite(ra).all()
+
+
+def test_random_crop_flip_moves_whole_pixels():
+    x = torch.arange(400 * 3 * 8 * 8, dtype=torch.float32).view(400, 3, 8, 8)
+    out = random_crop_flip(x, 2, generator=torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2,) * 4, mode="reflect")
+    shifts = set()
+    for i in range(len(x)):  # every output is an 8x8 window of the padded image, maybe mirrored
+        hits = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
+                if torch.equal(out[i], (lambda w: w.flip(-1) if f else w)(padded[i, :, dy:dy + 8, dx:dx + 8]))]
+        assert hits, i
+        shifts.update(h[:2] for h in hits)
+    assert len(shifts) == 25  # all shifts in [-2, 2]^2 occur
+    flipped = random_crop_flip(x, 0, generator=torch.Generator().manual_seed(1)).ne(x).flatten(1).any(1)
+    assert torch.equal(random_crop_flip(x, 0, generator=torch.Generator().manual_seed(1))[flipped],
+                       x[flipped].flip(-1))
+    assert 0.35 < flipped.float().mean() < 0.65
 
 
 def test_eval_transform_normalises():

@@ -178,3 +178,39 @@ def test_tracking_offline_and_gradient_accumulation(easy10_parquet, tmp_path, mo
     record = next(runs[0].glob("*.wandb")).read_bytes()  # offline runs keep artifact records in the run file
     assert f"model-{runs[0].name.split('-')[-1]}".encode() in record, "no W&B model artifact logged"
     assert b"epoch_1" in record and b"val_top1" in record  # alias and the epoch's metrics as metadata
+
+
+def test_fast_cnn_recipe_learns(easy10_parquet, tmp_path):
+    """The cpu_fast_cnn recipe's pieces together: whitened stem, crop augmentation, BN-bias LR scale, lookahead."""
+    metrics = train(parse_args([
+        "--dataset", str(easy10_parquet), "--output-dir", str(tmp_path), "--model", "fast_cnn", "--no-pretrained",
+        "--batch-size", "32", "--eval-batch-size", "64", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.85",
+        "--bias-lr-scale", "64", "--weight-decay", "1e-3", "--scheduler", "cosine", "--lookahead", "--augment",
+        "crop", "--shift", "0.0625", "--label-smoothing", "0.2", "--epochs", "5", "--val-fraction", "0.2",
+        "--early-stopping-patience", "0", "--drop-rate", "0"]))
+    assert metrics["top1"] > 0.7, metrics
+    stem = load_file(str(tmp_path / "model" / "model.safetensors"))["features.0.weight"]
+    assert torch.equal(stem[12:], -stem[:12])  # fitted to the data, and never trained
+    assert Predictor.from_dir(tmp_path / "model").model.model_args["widths"] == [32, 128, 128]
+
+
+def test_lookahead_pulls_weights_to_their_average():
+    from cifar_tl.lookahead import Lookahead
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    la = Lookahead(model, every=5, start=0.3)
+    la.step(5, 0.2)  # before `start`: nothing happens
+    assert la.average is None
+    la.step(5, 0.5)  # first call after `start` takes the snapshot
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    la.step(7, 0.5)  # not a multiple of `every`
+    assert torch.equal(model.weight, torch.ones(1, 2))
+    la.step(10, 1.0)
+    rho = 0.95 ** 5
+    assert torch.allclose(model.weight, torch.full((1, 2), 1 - rho))  # average moved by (1 - rho), copied back
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    la.finish_epoch()
+    assert torch.allclose(model.weight, torch.full((1, 2), 1 - rho))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cifar_tl.models import BaselineCNN, WeightsError, create_model, data_config, lite0_to_timm, load_weights
+from cifar_tl.models import BaselineCNN, FastCNN, WeightsError, create_model, data_config, lite0_to_timm, load_weights
 
 
 def test_baseline_cnn_structure_and_api():
@@ -15,6 +15,28 @@ def test_baseline_cnn_structure_and_api():
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 100)
     assert m.get_classifier().out_features == 100
     assert data_config(m)["image_size"] == 32
+
+
+def test_fast_cnn_whitening_stem_and_api():
+    m = create_model("fast_cnn", num_classes=100)
+    assert isinstance(m, FastCNN) and m.model_args["widths"] == [32, 128, 128]
+    assert create_model("fast_cnn_wide", num_classes=10).num_features == 256
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.5, 0.5, 0.7]])  # correlated colour channels
+    images = torch.einsum("ij,bjhw->bihw", mix, torch.randn(64, 3, 16, 16, generator=gen))
+    m.init_whitening(images)
+    stem = m.features[0]
+    assert not stem.weight.requires_grad
+    # the first 12 filters whiten 2x2 patches: their responses are decorrelated with unit variance
+    patches = images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    response = patches @ stem.weight[:12].reshape(12, -1).T
+    cov = response.T @ response / len(response)
+    assert torch.allclose(cov, torch.eye(12), atol=0.05)
+    assert torch.equal(stem.weight[12:], -stem.weight[:12])
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert m.get_classifier().out_features == 100 and m.get_classifier().bias is None
+    with pytest.raises(WeightsError, match="--no-pretrained"):
+        create_model("fast_cnn", pretrained=True)
 
 
 def test_timm_model_gets_new_head():
