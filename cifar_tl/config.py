@@ -86,6 +86,8 @@ class TrainConfig:
                                 "then the whole network"})
     bn_eval: bool = field(default=False, metadata={"help": "keep BatchNorm statistics frozen while fine-tuning"})
     linear_probe: bool = field(default=False, metadata={"help": "train a linear head on cached frozen features"})
+    probe_stages: int = field(default=0, metadata={"help": "with --linear-probe: also train the backbone's last "
+                              "N stages, on cached feature maps of the frozen ones (EfficientNet family)"})
     # evaluation
     tta: bool = field(default=False, metadata={"help": "also report horizontal-flip TTA test metrics"})
     # run
@@ -119,6 +121,8 @@ class TrainConfig:
             raise ConfigError(f"--label-smoothing must be in [0, 1); got {self.label_smoothing}")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("--push-to-hub needs --hub-model-id user/name")
+        if self.probe_stages < 0 or (self.probe_stages and not self.linear_probe):
+            raise ConfigError(f"--probe-stages {self.probe_stages} needs --linear-probe and must be >= 0")
         if self.linear_probe and self.freeze_backbone:
             raise ConfigError("--linear-probe already freezes the backbone; drop --freeze-backbone")
         return self

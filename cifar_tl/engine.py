@@ -171,20 +171,17 @@ def train(cfg: TrainConfig) -> dict:
                        fine_to_coarse=bundle.fine_to_coarse, train_config=cfg.to_dict(),
                        dataset_fingerprint=bundle.fingerprint)
     if cfg.linear_probe:  # the probe already has the test logits, from its cached features
-        summary, test_logits = probe.run(cfg, accelerator, model, bundle, evaluate_tf, out)
+        summary, probe_logits = probe.run(cfg, accelerator, model, bundle, evaluate_tf, out)
     else:
         summary = _fit(cfg, accelerator, model, bundle, evaluate_tf, size, mean, std, staged, out)
         model = accelerator.unwrap_model(model)
-        test_logits = None
+        probe_logits = {}
     test_loader = accelerator.prepare(make_loader(bundle.test, cfg.eval_batch_size, shuffle=False))
 
     # ---- final test evaluation on the restored best weights
     results = {}
     for tta in ([False, True] if cfg.tta else [False]):
-        if test_logits is not None and not tta:
-            gathered = test_logits
-        else:
-            gathered = collect_logits(model, test_loader, evaluate_tf, accelerator, tta=tta)
+        gathered = probe_logits.get(tta) or collect_logits(model, test_loader, evaluate_tf, accelerator, tta=tta)
         m = compute_metrics(gathered["logits"], gathered["fine"], coarse=gathered.get("coarse"),
                             fine_names=bundle.fine_names, coarse_names=bundle.coarse_names,
                             fine_to_coarse=bundle.fine_to_coarse)

@@ -1,5 +1,14 @@
-"""Linear probe: run the frozen backbone over the data once, cache the pooled features on disk, then train
-the classifier head on them in seconds. A second run with the same key never touches the backbone."""
+"""Frozen-backbone fast paths: the frozen part of the network runs over the data once, its outputs are cached
+on disk, and only the rest trains, on the cached tensors.
+
+* `--linear-probe`: pooled features -> the classifier head, trained in seconds.
+* `--linear-probe --probe-stages N` (EfficientNet-family models): the feature maps below the backbone's last N
+  stages -> those stages, the head conv and the classifier. The maps of horizontally flipped training images
+  are cached too, as the only augmentation.
+
+On a CPU the frozen part runs in ONNX Runtime (EfficientNet-Lite0 at 224 px: 178 img/s against 28 img/s in
+PyTorch eager on 2 cores), on a GPU in PyTorch. The cache key covers model, weights, image size, stages,
+dataset fingerprint and split, so a second run with the same key never touches the frozen part."""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +21,55 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
+from .config import ConfigError
 from .data import cache_dir, make_loader
 from .export import atomic_write_text
+
+EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
+
+
+class _Extractor(nn.Module):
+    """uint8 images -> the frozen part's output: the pooled features, or the maps below the last N stages."""
+
+    def __init__(self, model: nn.Module, transform, stages: int):
+        super().__init__()
+        self.model, self.transform, self.stages = model, transform, stages
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.transform(images, channels_last=False)
+        m = self.model
+        if self.stages == 0:
+            return m.forward_head(m.forward_features(x), pre_logits=True)
+        return m.blocks[:len(m.blocks) - self.stages](m.bn1(m.conv_stem(x)))
+
+
+class _Top(nn.Module):
+    """The trainable rest: the last N stages, the head conv and the classifier of the same model object, so
+    training it trains the model that is exported."""
+
+    def __init__(self, model: nn.Module, stages: int):
+        super().__init__()
+        self.model, self.first = model, len(model.blocks) - stages
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.forward_head(m.bn2(m.conv_head(m.blocks[self.first:](maps))))
+
+
+def trainable_top(cfg, model: nn.Module) -> nn.Module:
+    if cfg.probe_stages == 0:
+        return nn.Sequential(nn.Dropout(cfg.drop_rate), model.get_classifier())
+    missing = [p for p in EFFICIENTNET_PARTS if not hasattr(model, p)]
+    if missing:
+        raise ConfigError(f"--probe-stages needs an EfficientNet-family model (conv_stem, blocks, conv_head); "
+                          f"{cfg.model} has no {', '.join(missing)}. Use --probe-stages 0 or --freeze-backbone")
+    if not 0 < cfg.probe_stages <= len(model.blocks):
+        raise ConfigError(f"--probe-stages must be between 0 and {len(model.blocks)} for {cfg.model}; "
+                          f"got {cfg.probe_stages}")
+    return _Top(model, cfg.probe_stages)
 
 
 def feature_key(cfg, bundle, image_size: int) -> str:
@@ -26,95 +80,163 @@ def feature_key(cfg, bundle, image_size: int) -> str:
     elif cfg.pretrained:
         weights = "pretrained"
     parts = [cfg.model, weights, image_size, bundle.fingerprint, cfg.seed, cfg.val_fraction,
-             cfg.max_train_samples]
+             cfg.max_train_samples, cfg.probe_stages]
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:20]
 
 
-@torch.no_grad()
-def extract(model, split, transform, accelerator, batch_size: int, desc: str) -> torch.Tensor:
-    loader = accelerator.prepare(make_loader(split, batch_size, shuffle=False))
-    feats = []
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+def _runner(extractor: nn.Module, accelerator, key: str, data_size: int):
+    """images -> outputs: ONNX Runtime on CPU (several times faster than eager PyTorch for EfficientNets),
+    PyTorch on an accelerator or when the export fails."""
+    extractor.eval()
+    if accelerator.device.type == "cpu":
+        try:
+            import onnxruntime as ort
+
+            path = cache_dir() / "onnx" / f"probe-{key}.onnx"
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                example = torch.zeros(2, 3, data_size, data_size, dtype=torch.uint8)
+                torch.onnx.export(extractor, (example,), str(tmp), dynamo=True, verbose=False,
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+                os.replace(tmp, path)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            return lambda images: torch.from_numpy(session.run(None, {name: images.contiguous().numpy()})[0])
+        except Exception as err:  # an op the exporter cannot express: same numbers, just slower
+            accelerator.print(f"linear probe: ONNX export failed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:120]}); extracting with PyTorch")
+    extractor.to(accelerator.device)
+
+    def run(images):
         with accelerator.autocast():
-            f = model.forward_head(model.forward_features(transform(batch["image"])), pre_logits=True)
-        feats.append(accelerator.gather_for_metrics(f.float()).cpu())
-    return torch.cat(feats)
+            return extractor(images.to(accelerator.device)).float()
+    return run
+
+
+@torch.no_grad()
+def extract(runner, split, accelerator, batch_size: int, desc: str, flip: bool = False) -> torch.Tensor:
+    loader = accelerator.prepare(make_loader(split, batch_size, shuffle=False))
+    outputs = []
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        images = batch["image"].cpu()
+        out = runner(images.flip(-1) if flip else images).to(accelerator.device)
+        outputs.append(accelerator.gather_for_metrics(out).cpu().half())
+    return torch.cat(outputs)
 
 
 def cached_features(cfg, accelerator, model, bundle, transform, image_size: int) -> dict[str, torch.Tensor]:
-    path = cache_dir() / "features" / f"{feature_key(cfg, bundle, image_size)}.safetensors"
+    """train / val / test outputs of the frozen part (+ train_flip with --probe-stages, test_flip with --tta),
+    stored in half precision (half the disk); a fresh run rounds the same way, so cached == fresh."""
+    key = feature_key(cfg, bundle, image_size)
+    path = cache_dir() / "features" / f"{key}.safetensors"
     if path.is_file():
         accelerator.print(f"linear probe: cached features {path}")
-        return {k: v.float() for k, v in load_file(str(path)).items()}
-    model.eval().to(accelerator.device)
+        return load_file(str(path))
+    model.eval()
     t0 = time.time()
-    # stored in half precision (2x less disk); round here too so a cached run is identical to a fresh one
-    feats = {name: extract(model, getattr(bundle, name), transform, accelerator, cfg.eval_batch_size,
-                           f"features {name}").half() for name in ("train", "val", "test") if len(getattr(bundle, name))}
-    accelerator.print(f"linear probe: extracted features in {time.time() - t0:.0f}s -> {path}")
+    runner = _runner(_Extractor(model, transform, cfg.probe_stages), accelerator, key, bundle.image_size)
+    jobs = [(name, name, False) for name in ("train", "val", "test") if len(getattr(bundle, name))]
+    jobs += [("train_flip", "train", True)] if cfg.probe_stages else []
+    jobs += [("test_flip", "test", True)] if cfg.tta else []
+    feats = {name: extract(runner, getattr(bundle, split), accelerator, cfg.eval_batch_size,
+                           f"features {name}", flip) for name, split, flip in jobs}
+    accelerator.print(f"linear probe: extracted {sum(len(v) for v in feats.values())} images' features in "
+                      f"{time.time() - t0:.0f}s -> {path}")
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
         os.replace(tmp, path)
-    return {k: v.float() for k, v in feats.items()}
+    return feats
+
+
+def _logits(top, feats: torch.Tensor, device, batch_size: int) -> torch.Tensor:
+    top.eval()
+    with torch.no_grad():
+        out = torch.cat([top(_batch(feats[i:i + batch_size], device)).float().cpu()
+                         for i in range(0, len(feats), batch_size)])
+    top.train()
+    return out
+
+
+def _batch(feats: torch.Tensor, device) -> torch.Tensor:
+    x = feats.to(device).float()
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, dict]:
-    """Train `model`'s classifier on cached features; returns (summary, test logits/labels)."""
+    """Train the trainable part on cached features; returns (summary, {tta: test logits/labels})."""
     image_size = transform.keywords["size"]
+    top = trainable_top(cfg, model)  # checks the model before the (long) extraction
     feats = cached_features(cfg, accelerator, model, bundle, transform, image_size)
     device = accelerator.device
-    head = model.get_classifier()
-    head.to(device).float()
-    x_train, y_train = feats["train"].to(device), bundle.train.fine.to(device)
-    x_val = feats.get("val", feats["train"]).to(device)
-    y_val = (bundle.val if "val" in feats else bundle.train).fine.to(device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    top.to(device).float().train()
+    params = list(top.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    x_train, y_train = feats["train"], bundle.train.fine
+    x_flip = feats.get("train_flip")
+    x_val, y_val = (feats["val"], bundle.val.fine) if "val" in feats else (x_train, y_train)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(1, s / total))))
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup))
+                                                  * 0.5 * (1 + math.cos(math.pi * min(1, s / total))))
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout masks must not depend on whether features came from the cache
     best = {"loss": float("inf"), "epoch": 0, "state": None}
     history, bad, t0 = [], 0, time.time()
     for epoch in range(1, cfg.epochs + 1):
-        perm = torch.randperm(len(x_train), generator=gen).to(device)
-        total_loss, correct = 0.0, 0
-        for i in range(0, len(perm), cfg.batch_size):
+        perm = torch.randperm(len(x_train), generator=gen)
+        flips = torch.rand(len(x_train), generator=gen) < 0.5
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(0, len(perm), cfg.batch_size), desc=f"probe epoch {epoch}/{cfg.epochs}", leave=False,
+                   disable=not accelerator.is_local_main_process or cfg.probe_stages == 0)
+        for i in bar:
             idx = perm[i:i + cfg.batch_size]
-            logits = head(F.dropout(x_train[idx], cfg.drop_rate))
-            loss = F.cross_entropy(logits, y_train[idx], label_smoothing=cfg.label_smoothing)
-            correct += int((logits.argmax(-1) == y_train[idx]).sum())
+            x = x_train[idx] if x_flip is None else torch.where(flips[idx].view(-1, 1, 1, 1), x_flip[idx], x_train[idx])
+            y = y_train[idx].to(device)
+            logits = top(_batch(x, device))
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            correct += int((logits.argmax(-1) == y).sum())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             total_loss += loss.item() * len(idx)
-        with torch.no_grad():
-            val_logits = head(x_val)
-            val_loss = F.cross_entropy(val_logits, y_val).item()
-            val_acc = (val_logits.argmax(-1) == y_val).float().mean().item()
-        history.append({"epoch": epoch, "train_loss": total_loss / len(perm), "train_top1": correct / len(perm),
-                        "val_loss": val_loss,
-                        "val_top1": val_acc, "lr": optimizer.param_groups[0]["lr"],
+            seen += len(idx)
+        val_logits = _logits(top, x_val, device, cfg.eval_batch_size)
+        val_loss = F.cross_entropy(val_logits, y_val).item()
+        val_acc = (val_logits.argmax(-1) == y_val).float().mean().item()
+        history.append({"epoch": epoch, "train_loss": total_loss / seen, "train_top1": correct / seen,
+                        "val_loss": val_loss, "val_top1": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                        "seconds": time.time() - t0 - (history[-1]["elapsed_seconds"] if history else 0),
                         "elapsed_seconds": time.time() - t0, "timestamp": time.time()})
+        if cfg.probe_stages:
+            accelerator.print(f"probe epoch {epoch}: train loss {history[-1]['train_loss']:.4f} acc "
+                              f"{history[-1]['train_top1']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}")
         if val_loss < best["loss"]:
-            best = {"loss": val_loss, "epoch": epoch, "state": {k: v.clone() for k, v in head.state_dict().items()}}
+            best = {"loss": val_loss, "epoch": epoch, "state": {k: v.clone() for k, v in top.state_dict().items()}}
             bad = 0
         else:
             bad += 1
             if cfg.early_stopping_patience and bad >= cfg.early_stopping_patience:
                 break
-    head.load_state_dict(best["state"])
+    top.load_state_dict(best["state"])
     if accelerator.is_main_process:
         atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     accelerator.print(f"linear probe: best val loss {best['loss']:.4f} at epoch {best['epoch']} "
                       f"(val acc {history[best['epoch'] - 1]['val_top1']:.4f}), {time.time() - t0:.1f}s")
-    with torch.no_grad():
-        test = {"logits": head(feats["test"].to(device)).cpu(), "fine": bundle.test.fine}
-    if bundle.test.coarse is not None:
-        test["coarse"] = bundle.test.coarse
+    labels = {"fine": bundle.test.fine, **({"coarse": bundle.test.coarse} if bundle.test.coarse is not None else {})}
+    tests = {False: {"logits": _logits(top, feats["test"], device, cfg.eval_batch_size), **labels}}
+    if "test_flip" in feats:  # flip TTA from the cached flipped test images
+        flipped = _logits(top, feats["test_flip"], device, cfg.eval_batch_size)
+        tests[True] = {"logits": (tests[False]["logits"] + flipped) / 2, **labels}
+    seconds = time.time() - t0
     summary = {"best_epoch": best["epoch"], "epochs_run": len(history), "best_val_loss": best["loss"],
-               "train_seconds": time.time() - t0, "train_images_per_second": None, "stopped": "linear probe"}
-    return summary, test
+               "train_seconds": seconds, "train_images_per_second": len(history) * len(x_train) / seconds,
+               "stopped": "linear probe" if cfg.probe_stages == 0 else f"probe, last {cfg.probe_stages} stages"}
+    return summary, tests

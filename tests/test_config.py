@@ -45,6 +45,8 @@ def test_reference_presets_reproduce_the_study():
     (["--epochs", "0"], "--epochs"),
     (["--lr", "-1"], "--lr"),
     (["--push-to-hub"], "--hub-model-id"),
+    (["--probe-stages", "2"], "--probe-stages 2 needs --linear-probe"),
+    (["--bias-lr-scale", "0"], "--bias-lr-scale"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -134,6 +134,51 @@ def test_linear_probe_caches_features(easy10_parquet, tmp_path, monkeypatch):
     Predictor.from_dir(tmp_path / "b" / "model")
 
 
+def test_probe_stages_train_the_last_stages_on_cached_maps(easy10_parquet, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from cifar_tl.data import cache_dir
+    from cifar_tl.models import create_model
+
+    model = create_model("test_efficientnet", num_classes=10)
+    start, last = model.state_dict(), f"blocks.{len(model.blocks) - 1}."
+    save_file(start, str(tmp_path / "start.safetensors"))
+    args = ["--model", "test_efficientnet", "--weights", str(tmp_path / "start.safetensors"), "--linear-probe",
+            "--probe-stages", "1", "--image-size", "32", "--epochs", "8", "--lr", "3e-3", "--batch-size", "32", "--tta",
+            "--val-fraction", "0.2", "--early-stopping-patience", "0"]
+    first = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "a"), *args]))
+    assert first["top1"] > 0.5 and "tta" in first and first["epochs_run"] == 8
+    assert list((cache_dir() / "onnx").glob("probe-*.onnx"))  # on CPU the frozen part ran in ONNX Runtime
+    trained = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    frozen = [k for k in start if k.startswith(("conv_stem", "bn1", "blocks.")) and not k.startswith(last)]
+    assert frozen and [k for k in frozen if not torch.equal(trained[k], start[k])] == []
+    assert not torch.equal(trained[last + "0.conv_pw.weight"], start[last + "0.conv_pw.weight"])
+    monkeypatch.setattr(probe, "extract", lambda *a, **k: pytest.fail("backbone ran again"))
+    second = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "b"), *args]))
+    assert second["top1"] == pytest.approx(first["top1"])
+    with pytest.raises(Exception, match="EfficientNet-family"):
+        train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "c"), *CNN,
+                          "--linear-probe", "--probe-stages", "1"]))
+
+
+def test_onnx_feature_extraction_matches_pytorch():
+    from functools import partial
+
+    from accelerate import Accelerator
+
+    from cifar_tl.augment import eval_transform
+    from cifar_tl.models import create_model
+
+    model = create_model("test_efficientnet", num_classes=10).eval()
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    for stages in (0, 2):
+        extractor = probe._Extractor(model, partial(eval_transform, size=48, mean=(0.5,) * 3, std=(0.5,) * 3),
+                                     stages)
+        fast = probe._runner(extractor, Accelerator(cpu=True), f"test-{stages}", 32)(images)
+        with torch.no_grad():
+            assert torch.allclose(fast, extractor(images), atol=1e-4)
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--dataset", str(tmp_path / "nope"),
                           "--model", "baseline_cnn", "--no-pretrained"], capture_output=True, text=True, timeout=120)
