@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -94,6 +95,8 @@ def _runner(extractor: nn.Module, accelerator, key: str, data_size: int):
 
             path = cache_dir() / "onnx" / f"probe-{key}.onnx"
             if not path.is_file():
+                for name in ("onnx_ir", "onnxscript"):  # the exporter's per-pass INFO chatter
+                    logging.getLogger(name).setLevel(logging.WARNING)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
                 example = torch.zeros(2, 3, data_size, data_size, dtype=torch.uint8)
