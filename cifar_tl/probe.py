@@ -156,6 +156,13 @@ def cached_features(cfg, accelerator, model, bundle, transform, image_size: int)
     return feats
 
 
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
 def _logits(top, feats: torch.Tensor, device, batch_size: int) -> torch.Tensor:
     top.eval()
     with torch.no_grad():
@@ -190,9 +197,25 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
                                                   * 0.5 * (1 + math.cos(math.pi * min(1, s / total))))
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout masks must not depend on whether features came from the cache
-    best = {"loss": float("inf"), "epoch": 0, "state": None}
-    history, bad, t0 = [], 0, time.time()
-    for epoch in range(1, cfg.epochs + 1):
+    state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "best_state": None, "bad": 0, "history": []}
+    ckpt = out / "checkpoints" / "probe-last.pt"
+    key = feature_key(cfg, bundle, image_size)
+    if cfg.resume and ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if saved["key"] != key:
+            raise ConfigError(f"--resume: {ckpt} was trained on other features (model, weights, size, stages or "
+                              "data differ); use another --output-dir")
+        top.load_state_dict(saved["top"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = saved["state"]
+        accelerator.print(f"resumed the probe from {ckpt} (epoch {state['epoch']})")
+    history, t0 = state["history"], time.time() - (state["history"][-1]["elapsed_seconds"] if state["history"] else 0)
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if cfg.early_stopping_patience and state["bad"] >= cfg.early_stopping_patience:
+            break
         perm = torch.randperm(len(x_train), generator=gen)
         flips = torch.rand(len(x_train), generator=gen) < 0.5
         total_loss, correct, seen = 0.0, 0, 0
@@ -221,16 +244,19 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
         if cfg.probe_stages:
             accelerator.print(f"probe epoch {epoch}: train loss {history[-1]['train_loss']:.4f} acc "
                               f"{history[-1]['train_top1']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}")
-        if val_loss < best["loss"]:
-            best = {"loss": val_loss, "epoch": epoch, "state": {k: v.clone() for k, v in top.state_dict().items()}}
-            bad = 0
+        if val_loss < state["best_loss"]:
+            state.update(best_loss=val_loss, best_epoch=epoch, bad=0,
+                         best_state={k: v.detach().clone().cpu() for k, v in top.state_dict().items()})
         else:
-            bad += 1
-            if cfg.early_stopping_patience and bad >= cfg.early_stopping_patience:
-                break
-    top.load_state_dict(best["state"])
-    if accelerator.is_main_process:
-        atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            state["bad"] += 1
+        state["epoch"] = epoch
+        if accelerator.is_main_process:  # a crash loses at most the epoch in progress
+            _save_checkpoint(ckpt, {"key": key, "top": top.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
+                                    "torch_rng": torch.get_rng_state(), "state": state})
+            atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    best = {"loss": state["best_loss"], "epoch": state["best_epoch"]}
+    top.load_state_dict(state["best_state"])
     accelerator.print(f"linear probe: best val loss {best['loss']:.4f} at epoch {best['epoch']} "
                       f"(val acc {history[best['epoch'] - 1]['val_top1']:.4f}), {time.time() - t0:.1f}s")
     labels = {"fine": bundle.test.fine, **({"coarse": bundle.test.coarse} if bundle.test.coarse is not None else {})}

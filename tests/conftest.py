@@ -137,6 +137,12 @@ def cnn_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fast_cnn_model_dir(tmp_path_factory) -> Path:
+    """fast_cnn model folder (32 px input)."""
+    return build_model_dir("fast_cnn", tmp_path_factory.mktemp("fast_cnn_model"))
+
+
+@pytest.fixture(scope="session")
 def timm_model_dir(tmp_path_factory) -> Path:
     """A tiny timm EfficientNet (timm's `test_efficientnet`) model folder at 64 px input."""
     return build_model_dir("test_efficientnet", tmp_path_factory.mktemp("timm_model"), image_size=64)

@@ -161,6 +161,21 @@ def test_probe_stages_train_the_last_stages_on_cached_maps(easy10_parquet, tmp_p
                           "--linear-probe", "--probe-stages", "1"]))
 
 
+def test_probe_resumes_from_its_last_epoch(easy10_parquet, tmp_path):
+    args = ["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path), "--model", "test_efficientnet",
+            "--no-pretrained", "--linear-probe", "--image-size", "32", "--lr", "1e-2", "--batch-size", "64",
+            "--early-stopping-patience", "0"]
+    train(parse_args([*args, "--epochs", "3"]))
+    first = history(tmp_path)
+    assert (tmp_path / "checkpoints" / "probe-last.pt").is_file()
+    metrics = train(parse_args([*args, "--epochs", "5", "--resume"]))
+    rows = history(tmp_path)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5] and metrics["epochs_run"] == 5
+    assert rows[:3] == first  # the finished epochs were kept, not retrained
+    with pytest.raises(Exception, match="other features"):
+        train(parse_args([*args, "--epochs", "6", "--resume", "--image-size", "40"]))
+
+
 def test_onnx_feature_extraction_matches_pytorch():
     from functools import partial
 
