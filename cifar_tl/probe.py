@@ -91,6 +91,7 @@ def _runner(extractor: nn.Module, accelerator, key: str, data_size: int):
     extractor.eval()
     if accelerator.device.type == "cpu":
         try:
+            import onnx
             import onnxruntime as ort
 
             path = cache_dir() / "onnx" / f"probe-{key}.onnx"
@@ -100,8 +101,9 @@ def _runner(extractor: nn.Module, accelerator, key: str, data_size: int):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
                 example = torch.zeros(2, 3, data_size, data_size, dtype=torch.uint8)
-                torch.onnx.export(extractor, (example,), str(tmp), dynamo=True, verbose=False,
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+                program = torch.onnx.export(extractor, (example,), dynamo=True, verbose=False,
+                                            dynamic_shapes=({0: torch.export.Dim("batch")},))
+                onnx.save(program.model_proto, str(tmp))  # weights embedded: one self-contained file
                 os.replace(tmp, path)
             options = ort.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()

@@ -149,6 +149,7 @@ def test_probe_stages_train_the_last_stages_on_cached_maps(easy10_parquet, tmp_p
     first = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "a"), *args]))
     assert first["top1"] > 0.5 and "tta" in first and first["epochs_run"] == 8
     assert list((cache_dir() / "onnx").glob("probe-*.onnx"))  # on CPU the frozen part ran in ONNX Runtime
+    assert all(p.suffix == ".onnx" for p in (cache_dir() / "onnx").iterdir())  # self-contained, no leftovers
     trained = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
     frozen = [k for k in start if k.startswith(("conv_stem", "bn1", "blocks.")) and not k.startswith(last)]
     assert frozen and [k for k in frozen if not torch.equal(trained[k], start[k])] == []
