@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from cifar_tl.models import BaselineCNN, FastCNN, WeightsError, create_model, data_config, lite0_to_timm, load_weights
+from cifar_tl.models import (
+    BaselineCNN,
+    FastCNN,
+    WeightsError,
+    create_model,
+    data_config,
+    lite0_to_timm,
+    load_weights,
+)
 
 
 def test_baseline_cnn_structure_and_api():
