@@ -26,7 +26,44 @@ class WeightsError(RuntimeError):
     """Weights could not be found or do not fit the model; the message says what to supply instead."""
 
 
-class BaselineCNN(nn.Module):
+class _CifarCNN(nn.Module):
+    """timm's model API (`pretrained_cfg`, `num_features`, `forward_head`, `get_classifier`,
+    `reset_classifier`) over features -> global_pool -> head_drop -> classifier, shared by our own CNNs."""
+
+    def _init_head(self, features: nn.Sequential, num_features: int, num_classes: int, global_pool: nn.Module,
+                   head_drop: nn.Module, in_chans: int, architecture: str) -> None:
+        self.features = features
+        self.num_features, self.num_classes = num_features, num_classes
+        self.global_pool, self.head_drop = global_pool, head_drop
+        self.classifier = self._new_classifier(num_classes)
+        self.pretrained_cfg = {
+            "architecture": architecture, "input_size": (in_chans, 32, 32), "interpolation": "bilinear",
+            "crop_pct": 1.0, "crop_mode": "center", "mean": CIFAR_MEAN, "std": CIFAR_STD,
+            "num_classes": num_classes, "first_conv": "features.0", "classifier": "classifier",
+        }
+
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.global_pool(x).flatten(1))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.classifier = self._new_classifier(num_classes)
+
+
+class BaselineCNN(_CifarCNN):
     """The reference study's Keras CNN: 3 stacks of Conv-Conv-MaxPool(2, stride 2)-Dropout(drop_rate) with same
     padding and ReLU, filters doubling with depth, then global pooling and a linear classifier. BatchNorm
     after each conv (a modern addition, on by default) lets it train at a high learning rate."""
@@ -43,34 +80,9 @@ class BaselineCNN(nn.Module):
                 layers += [nn.ReLU(inplace=True)]
             layers += [nn.MaxPool2d(2, 2), nn.Dropout(drop_rate)]
             c_in = w
-        self.features = nn.Sequential(*layers)
-        self.num_features = c_in
-        self.num_classes = num_classes
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(c_in, num_classes)
-        self.pretrained_cfg = {
-            "architecture": "baseline_cnn", "input_size": (in_chans, 32, 32), "interpolation": "bilinear",
-            "crop_pct": 1.0, "crop_mode": "center", "mean": CIFAR_MEAN, "std": CIFAR_STD,
-            "num_classes": num_classes, "first_conv": "features.0", "classifier": "classifier",
-        }
+        self._init_head(nn.Sequential(*layers), c_in, num_classes, nn.AdaptiveAvgPool2d(1), nn.Identity(),
+                        in_chans, "baseline_cnn")
         self.model_args = {"widths": list(widths), "drop_rate": drop_rate, "batchnorm": batchnorm}
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x).flatten(1)
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.classifier = nn.Linear(self.num_features, num_classes)
 
 
 class _DiracConv(nn.Conv2d):
@@ -96,7 +108,7 @@ class _ScaledLinear(nn.Linear):
         return super().forward(x) * self.scale
 
 
-class FastCNN(nn.Module):
+class FastCNN(_CifarCNN):
     """airbench94's network (Jordan, 2024: 94 % CIFAR-10 in 10 epochs): a frozen 2x2 whitening conv
     initialised from the data's patch covariance, then 3 stacks of Conv-MaxPool-BN-GELU-Conv-BN-GELU
     (BatchNorm without scale weights, dirac-initialised convs), global max pooling and a scaled linear head.
@@ -112,18 +124,12 @@ class FastCNN(nn.Module):
             layers += [_DiracConv(c_in, w), nn.MaxPool2d(2), self._norm(w), nn.GELU(),
                        _DiracConv(w, w), self._norm(w), nn.GELU()]
             c_in = w
-        self.features = nn.Sequential(*layers)
-        self.num_features = c_in
-        self.num_classes = num_classes
-        self.global_pool = nn.AdaptiveMaxPool2d(1)
-        self.drop = nn.Dropout(drop_rate)
-        self.classifier = _ScaledLinear(c_in, num_classes)
-        self.pretrained_cfg = {
-            "architecture": "fast_cnn", "input_size": (in_chans, 32, 32), "interpolation": "bilinear",
-            "crop_pct": 1.0, "crop_mode": "center", "mean": CIFAR_MEAN, "std": CIFAR_STD,
-            "num_classes": num_classes, "first_conv": "features.0", "classifier": "classifier",
-        }
+        self._init_head(nn.Sequential(*layers), c_in, num_classes, nn.AdaptiveMaxPool2d(1), nn.Dropout(drop_rate),
+                        in_chans, "fast_cnn")
         self.model_args = {"widths": list(widths), "whiten_kernel": whiten_kernel, "drop_rate": drop_rate}
+
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        return _ScaledLinear(self.num_features, num_classes)
 
     @staticmethod
     def _norm(width: int) -> nn.BatchNorm2d:
@@ -142,23 +148,6 @@ class FastCNN(nn.Module):
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0).reshape(-1, c, k, k)
         conv.weight.copy_(torch.cat((filters, -filters)))
         conv.bias.zero_()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(self.global_pool(x).flatten(1))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.classifier = _ScaledLinear(self.num_features, num_classes)
 
 
 # --------------------------------------------------------------------------------------------- factory
