@@ -132,10 +132,9 @@ def extract(runner, split, accelerator, batch_size: int, desc: str, flip: bool =
     return torch.cat(outputs)
 
 
-def cached_features(cfg, accelerator, model, bundle, transform, image_size: int) -> dict[str, torch.Tensor]:
+def cached_features(cfg, accelerator, model, bundle, transform, key: str) -> dict[str, torch.Tensor]:
     """train / val / test outputs of the frozen part (+ train_flip with --probe-stages, test_flip with --tta),
     stored in half precision (half the disk); a fresh run rounds the same way, so cached == fresh."""
-    key = feature_key(cfg, bundle, image_size)
     path = cache_dir() / "features" / f"{key}.safetensors"
     if path.is_file():
         accelerator.print(f"linear probe: cached features {path}")
@@ -183,7 +182,8 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
     """Train the trainable part on cached features; returns (summary, {tta: test logits/labels})."""
     image_size = transform.keywords["size"]
     top = trainable_top(cfg, model)  # checks the model before the (long) extraction
-    feats = cached_features(cfg, accelerator, model, bundle, transform, image_size)
+    key = feature_key(cfg, bundle, image_size)
+    feats = cached_features(cfg, accelerator, model, bundle, transform, key)
     device = accelerator.device
     top.to(device).float().train()
     params = list(top.parameters())
@@ -201,7 +201,6 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
     torch.manual_seed(cfg.seed)  # dropout masks must not depend on whether features came from the cache
     state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "best_state": None, "bad": 0, "history": []}
     ckpt = out / "checkpoints" / "probe-last.pt"
-    key = feature_key(cfg, bundle, image_size)
     if cfg.resume and ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         if saved["key"] != key:
