@@ -17,6 +17,7 @@ import onnx
 import torch
 
 from .augment import eval_transform
+from .export import atomic_path
 from .inference import Predictor
 
 CONFIG_KEY = "cifar_tl_config"  # metadata_props key holding config.json
@@ -35,20 +36,25 @@ class ThumbnailClassifier(torch.nn.Module):
         return self.model(eval_transform(images, self.size, self.mean, self.std, channels_last=False))
 
 
-def export_onnx(predictor: Predictor, output: str | os.PathLike) -> Path:
-    """Write `predictor` as an ONNX file with a dynamic batch axis (torch.onnx's dynamo exporter)."""
-    output = Path(output)
-    example = torch.zeros(2, 3, predictor.data_size, predictor.data_size, dtype=torch.uint8)
-    program = torch.onnx.export(ThumbnailClassifier(predictor).eval(), (example,), dynamo=True, verbose=False,
-                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}})
+def save_onnx(module: torch.nn.Module, example: torch.Tensor, output: str | os.PathLike,
+              metadata: dict[str, str] | None = None, **names) -> Path:
+    """Export `module` with a dynamic batch axis (torch.onnx's dynamo exporter) to one self-contained file,
+    written atomically. `names`: the exporter's input_names / output_names."""
+    program = torch.onnx.export(module.eval(), (example,), dynamo=True, verbose=False,
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, {CONFIG_KEY: json.dumps(predictor.config)})
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, output)  # atomic: a reader never sees half a model
-    return output
+    if metadata:
+        onnx.helper.set_model_props(proto, metadata)
+    with atomic_path(output) as tmp:
+        onnx.save(proto, str(tmp))  # weights embedded, no external-data file
+    return Path(output)
+
+
+def export_onnx(predictor: Predictor, output: str | os.PathLike) -> Path:
+    """Write `predictor` as an ONNX file with a dynamic batch axis."""
+    example = torch.zeros(2, 3, predictor.data_size, predictor.data_size, dtype=torch.uint8)
+    return save_onnx(ThumbnailClassifier(predictor), example, output, {CONFIG_KEY: json.dumps(predictor.config)},
+                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
 
 
 def main(argv: list[str] | None = None) -> int:

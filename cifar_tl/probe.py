@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError
 from .data import cache_dir, make_loader
-from .export import atomic_write_text
+from .export import atomic_path, atomic_write_text
 
 EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
 
@@ -91,20 +91,15 @@ def _runner(extractor: nn.Module, accelerator, key: str, data_size: int):
     extractor.eval()
     if accelerator.device.type == "cpu":
         try:
-            import onnx
             import onnxruntime as ort
+
+            from .export_onnx import save_onnx
 
             path = cache_dir() / "onnx" / f"probe-{key}.onnx"
             if not path.is_file():
                 for name in ("onnx_ir", "onnxscript"):  # the exporter's per-pass INFO chatter
                     logging.getLogger(name).setLevel(logging.WARNING)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                example = torch.zeros(2, 3, data_size, data_size, dtype=torch.uint8)
-                program = torch.onnx.export(extractor, (example,), dynamo=True, verbose=False,
-                                            dynamic_shapes=({0: torch.export.Dim("batch")},))
-                onnx.save(program.model_proto, str(tmp))  # weights embedded: one self-contained file
-                os.replace(tmp, path)
+                save_onnx(extractor, torch.zeros(2, 3, data_size, data_size, dtype=torch.uint8), path)
             options = ort.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -150,18 +145,9 @@ def cached_features(cfg, accelerator, model, bundle, transform, key: str) -> dic
     accelerator.print(f"linear probe: extracted {sum(len(v) for v in feats.values())} images' features in "
                       f"{time.time() - t0:.0f}s -> {path}")
     if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
     return feats
-
-
-def _save_checkpoint(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def _logits(top, feats: torch.Tensor, device, batch_size: int) -> torch.Tensor:
@@ -252,9 +238,10 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
             state["bad"] += 1
         state["epoch"] = epoch
         if accelerator.is_main_process:  # a crash loses at most the epoch in progress
-            _save_checkpoint(ckpt, {"key": key, "top": top.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
-                                    "torch_rng": torch.get_rng_state(), "state": state})
+            with atomic_path(ckpt) as tmp:
+                torch.save({"key": key, "top": top.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
+                            "torch_rng": torch.get_rng_state(), "state": state}, tmp)
             atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     best = {"loss": state["best_loss"], "epoch": state["best_epoch"]}
     top.load_state_dict(state["best_state"])
