@@ -16,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +106,39 @@ def write_result(name: str, payload: dict, out_dir: str | None = None, quiet: bo
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class GpuUtilisation:
+    """Mean GPU utilisation (nvidia-smi's percent of time a kernel ran) over a with-block, in `.mean`,
+    sampled by a thread every 0.2 s; None on a CPU or without nvidia-smi. GPU 0 as nvidia-smi numbers it."""
+
+    QUERY = ["nvidia-smi", "--id=0", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+
+    def __init__(self, device: torch.device):
+        self.device, self.mean, self.samples = device, None, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self.stop.wait(0.2):
+            try:
+                out = subprocess.run(self.QUERY, capture_output=True, text=True, timeout=5).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                return
+            if out.isdigit():
+                self.samples.append(float(out))
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.thread.is_alive():
+            self.stop.set()
+            self.thread.join()
+            self.mean = statistics.mean(self.samples) if self.samples else None
+        return False
 
 
 def now(device: torch.device) -> float:

@@ -2,8 +2,11 @@
 
 Pipelines, all with the same model, image size, batch size, thread count, optimizer (Adam, lr 1e-4), loss
 (cross-entropy) and precision:
-  ours      uint8 batch from the tensor store (cifar_tl.data.make_loader) -> TrainTransform (one grid_sample:
-            shift/zoom/flip + resize, normalise, channels_last) -> model (channels_last) -> loss -> step
+  ours      uint8 batch from the tensor store (cifar_tl.data.make_loader; on a GPU the store lives in GPU
+            memory, as in train.py) -> TrainTransform (one grid_sample: shift/zoom/flip + resize, normalise,
+            channels_last) -> model (channels_last; on a GPU its forward + backward replay as CUDA graphs,
+            train.py's default there) -> loss -> step
+  ours_eager  (GPU only, in the default set there) ours without the CUDA graphs
   timm      timm.data create_dataset (image folder of the JPEGs) + create_loader (timm's create_transform
             inside) with train.py's defaults (RandomResizedCrop, random interpolation, flip, colour jitter
             0.4, prefetcher normalising on the device) -> plain train step
@@ -35,7 +38,7 @@ import benchlib
 import torch
 import torch.nn.functional as F
 
-PIPELINES = ("ours", "timm", "timm_cl", "hf")
+PIPELINES = ("ours", "ours_eager", "timm", "timm_cl", "hf")
 DEFAULT_BATCH = {32: 64, 64: 32, 128: 32, 224: 16}  # small enough for a 2-core CPU's budget
 DEFAULT_STEPS = {32: 2, 64: 1, 128: 1, 224: 1}
 
@@ -58,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="MODEL@SIZE",
         help="model/size pairs to leave out, e.g. baseline_cnn@224",
     )
-    p.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(PIPELINES))
+    p.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=None,
+                   help="default: all; ours_eager only on a GPU")
     p.add_argument(
         "--batch-sizes",
         default=",".join(f"{k}:{v}" for k, v in DEFAULT_BATCH.items()),
@@ -118,9 +122,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Pipeline:
     """A model + optimizer + a way to start a loader iterator yielding (input, target) ready for the model."""
 
-    def __init__(self, name, model, loader, prepare, device):
+    def __init__(self, name, model, loader, prepare, device, graphed=False):
         self.name, self.model, self.loader, self.prepare, self.device = name, model, loader, prepare, device
         self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        self.graph_pending = graphed  # captured on the first training batch (untimed warm-up)
+        self.capture_error = None
 
     def batches(self):
         while True:  # endless: a new epoch starts when the loader runs out
@@ -130,7 +136,7 @@ class Pipeline:
 
 def build_pipelines(args, names, model_name, size, batch_size, store, folder, hf_ds, device):
     from cifar_tl.augment import TrainTransform
-    from cifar_tl.data import make_loader
+    from cifar_tl.data import make_loader, on_device
     from cifar_tl.models import create_model, data_config
 
     base = create_model(model_name, pretrained=False, num_classes=10).to(device)
@@ -139,11 +145,11 @@ def build_pipelines(args, names, model_name, size, batch_size, store, folder, hf
     out = []
     for name in names:
         model = copy.deepcopy(base).train()
-        if name in ("ours", "timm_cl"):
+        if name in ("ours", "ours_eager", "timm_cl"):
             model = model.to(memory_format=torch.channels_last)
-        if name == "ours":
+        if name.startswith("ours"):
             tf = TrainTransform(size, mean, std)  # the engine's defaults: augment basic, channels_last
-            loader = make_loader(store, batch_size, shuffle=True, drop_last=True)
+            loader = make_loader(on_device(store, device), batch_size, shuffle=True, drop_last=True)
             prepare = lambda b, tf=tf: (
                 tf(b["image"].to(device, non_blocking=True)),
                 b["fine"].to(device, non_blocking=True),
@@ -161,7 +167,7 @@ def build_pipelines(args, names, model_name, size, batch_size, store, folder, hf
                 b["pixel_values"].to(device, non_blocking=True),
                 b["labels"].to(device, non_blocking=True),
             )
-        out.append(Pipeline(name, model, loader, prepare, device))
+        out.append(Pipeline(name, model, loader, prepare, device, graphed=name == "ours" and device.type == "cuda"))
     return out
 
 
@@ -228,6 +234,15 @@ def autocast(device, precision):
 
 
 def train_step(pipe: Pipeline, x, y, precision: str) -> None:
+    if pipe.graph_pending:
+        from cifar_tl.cuda_graphs import capture
+
+        pipe.graph_pending = False
+        try:
+            capture(pipe.model, x, torch.bfloat16 if precision == "bf16" else None)
+        except RuntimeError as err:  # keep the rest of the matrix; the row records it
+            pipe.capture_error = str(err)
+            print(f"!! {pipe.name}: CUDA graph capture failed, timed without graphs: {err}", flush=True)
     with autocast(pipe.device, precision):
         logits = pipe.model(x)
     loss = F.cross_entropy(logits.float(), y)
@@ -258,15 +273,17 @@ def run_round(
 
 
 def run_epoch(pipe: Pipeline, precision: str) -> dict:
-    """One pass over the pipeline's whole loader, start-up included."""
-    t0 = benchlib.now(pipe.device)
-    images = 0
-    for batch in pipe.loader:
-        x, y = pipe.prepare(batch)
-        train_step(pipe, x, y, precision)
-        images += len(y)
-    seconds = benchlib.now(pipe.device) - t0
-    return {"seconds": seconds, "images": images, "images_per_second": images / seconds}
+    """One pass over the pipeline's whole loader, start-up included (and the GPU's mean utilisation)."""
+    with benchlib.GpuUtilisation(pipe.device) as util:
+        t0 = benchlib.now(pipe.device)
+        images = 0
+        for batch in pipe.loader:
+            x, y = pipe.prepare(batch)
+            train_step(pipe, x, y, precision)
+            images += len(y)
+        seconds = benchlib.now(pipe.device) - t0
+    return {"seconds": seconds, "images": images, "images_per_second": images / seconds,
+            "gpu_utilisation_percent": util.mean}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -275,7 +292,7 @@ def run_epoch(pipe: Pipeline, precision: str) -> dict:
 def load_sources(args, names, n_images):
     """The same first `n_images` training images, in each pipeline's own storage."""
     store = folder = hf_ds = None
-    if "ours" in names:
+    if any(n.startswith("ours") for n in names):
         from cifar_tl.data import load_raw
 
         train = load_raw(args.dataset, splits=("train", "test")).splits[
@@ -300,6 +317,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     benchlib.threads(args.threads)
     device = torch.device(args.device)
+    if args.pipelines is None:
+        args.pipelines = [p for p in PIPELINES if p != "ours_eager" or device.type == "cuda"]
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as timm train.py does; process-wide, so for every pipeline
@@ -355,6 +374,7 @@ def main(argv=None) -> int:
             "rounds": rounds,
             "ratios": ratios(medians),
         }
+        row.update({f"{p.name}_graph_capture_error": p.capture_error for p in pipes if p.capture_error})
         payload["results"].append(row)
         print(
             f"{model_name:22s} {size:4d}px bs {bs:3d} | "

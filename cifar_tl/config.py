@@ -77,6 +77,8 @@ class TrainConfig:
                                  "(bf16 autocast is 10x slower on CPUs without native bf16)"})
     channels_last: bool = True
     compile: bool = False
+    cuda_graphs: bool = field(default=True, metadata={"help": "on one GPU, replay the training forward+backward "
+                              "as CUDA graphs (small images are otherwise bound by kernel-launch overhead)"})
     time_limit_minutes: float | None = field(default=None, metadata={"help": "stop training after this many "
                                              "minutes (the run still evaluates and exports); a cosine schedule "
                                              "then anneals to this budget"})

@@ -52,6 +52,14 @@ class Split:
     def subset(self, index: torch.Tensor) -> Split:
         return Split(self.images[index], self.fine[index], None if self.coarse is None else self.coarse[index])
 
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.images.to(device), self.fine.to(device),
+                     None if self.coarse is None else self.coarse.to(device))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.images, self.fine, self.coarse) if t is not None)
+
 
 @dataclass
 class RawDataset:
@@ -546,6 +554,8 @@ class TensorDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices)
+        if self.split.images.is_cuda:  # a pinned, asynchronous copy: a pageable one would stall the host
+            idx = idx.pin_memory().to(self.split.images.device, non_blocking=True)
         # index_select is ~20x faster than advanced indexing for a batch gather (bench/train_throughput.py)
         batch = {"image": self.split.images.index_select(0, idx), "fine": self.split.fine.index_select(0, idx)}
         if self.split.coarse is not None:
@@ -558,6 +568,19 @@ class TensorDataset(torch.utils.data.Dataset):
 
 def _identity(batch):
     return batch
+
+
+def on_device(split: Split, device: torch.device, share: float = 0.25) -> Split:
+    """`split` moved into GPU memory when it takes at most `share` of the free memory: batches are then
+    gathered on the GPU and the host never copies or waits for an image batch. CPU or too big: unchanged."""
+    if device.type != "cuda" or split.images.is_cuda:
+        return split
+    free, _ = torch.cuda.mem_get_info(device)
+    if split.nbytes > share * free:
+        log.info("data stays in host memory: %.1f GB is more than %.0f%% of the GPU's free %.1f GB",
+                 split.nbytes / 1e9, 100 * share, free / 1e9)
+        return split
+    return split.to(device)
 
 
 def make_loader(split: Split, batch_size: int, *, shuffle: bool, seed: int = 0,

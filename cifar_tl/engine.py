@@ -13,14 +13,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from . import probe
+from . import cuda_graphs, probe
 from .augment import TrainTransform, eval_transform
 from .config import ConfigError, TrainConfig
-from .data import load_bundle, make_loader
+from .data import load_bundle, make_loader, on_device
 from .evaluation import collect_logits, compute_metrics, confusion_matrix
 from .export import atomic_write_text, model_config, save_model_dir, save_weights
 from .lookahead import Lookahead
@@ -134,7 +134,9 @@ def train(cfg: TrainConfig) -> dict:
         else [cfg.report_to],
         project_dir=str(out),
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=staged)],
+        # autocast's weight cache cannot live inside a CUDA graph (and each weight is cast once per step anyway)
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=staged),
+                         AutocastKwargs(cache_enabled=False)],
         dynamo_backend="inductor" if cfg.compile else None,
     )
     main = accelerator.is_main_process
@@ -145,6 +147,7 @@ def train(cfg: TrainConfig) -> dict:
         from .hub import check_push_access
         check_push_access(cfg.hub_model_id)  # fail now, not after hours of training
     set_seed(cfg.seed)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- data and model
@@ -229,9 +232,10 @@ def _fit(cfg, accelerator, model, bundle, evaluate_tf, size, mean, std, staged, 
     main = accelerator.is_main_process
     if cfg.freeze_backbone:
         set_backbone_trainable(model, False)  # before prepare: DDP never sees the frozen weights
-    train_loader = make_loader(bundle.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                               drop_last=len(bundle.train) > cfg.batch_size)
-    val_loader = make_loader(bundle.val, cfg.eval_batch_size, shuffle=False)
+    # on a GPU with room for them, the uint8 images live there: batches never cross PCIe or wait for the host
+    train_loader = make_loader(on_device(bundle.train, accelerator.device), cfg.batch_size, shuffle=True,
+                               seed=cfg.seed, drop_last=len(bundle.train) > cfg.batch_size)
+    val_loader = make_loader(on_device(bundle.val, accelerator.device), cfg.eval_batch_size, shuffle=False)
     optimizer = build_optimizer(cfg, model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
@@ -263,6 +267,20 @@ def _fit(cfg, accelerator, model, bundle, evaluate_tf, size, mean, std, staged, 
                           f"{state['best_val_loss']:.4f} at epoch {state['best_epoch']})")
     elif cfg.resume:
         accelerator.print(f"--resume: no checkpoint in {ckpt.root}; starting from scratch")
+    if cfg.cuda_graphs and accelerator.device.type == "cuda":
+        blockers = cuda_graphs.graph_blockers(num_processes=accelerator.num_processes, compile=cfg.compile,
+                                              grad_accum_steps=cfg.grad_accum_steps,
+                                              frozen_parts=staged or cfg.freeze_backbone or cfg.bn_eval)
+        if blockers:
+            accelerator.print(f"CUDA graphs off: {'; '.join(blockers)}")
+        else:  # every training batch has this shape: the last partial one is dropped
+            sample = torch.randn(min(cfg.batch_size, len(bundle.train)), 3, size, size, device=accelerator.device)
+            model.train()
+            try:
+                cuda_graphs.capture(model, sample.contiguous(memory_format=torch.channels_last)
+                                    if cfg.channels_last else sample)
+            except RuntimeError as err:  # the step still works, only slower
+                accelerator.print(f"CUDA graphs off: capture failed ({err}); --no-cuda-graphs skips the attempt")
     history = []
     if history_path.is_file() and state["epoch"] > 0:  # keep the epochs the checkpoint knows about
         history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]

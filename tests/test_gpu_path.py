@@ -1,0 +1,98 @@
+"""The GPU training path: device-resident data, cached normalisation constants, CUDA graphs. The CUDA tests
+run wherever a GPU is (bench/gpu_suite.sh runs them on a lent one); the rest run everywhere."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifar_tl import cuda_graphs
+from cifar_tl.augment import TrainTransform, eval_transform
+from cifar_tl.config import parse_args
+from cifar_tl.data import Split, make_loader, on_device
+from cifar_tl.engine import train
+from cifar_tl.models import create_model
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def split(n=40):
+    return Split(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8), torch.arange(n) % 10,
+                 torch.arange(n) % 2)
+
+
+def test_cpu_split_stays_where_it_is():
+    s = split()
+    assert on_device(s, torch.device("cpu")) is s
+    assert s.nbytes == 40 * 3 * 8 * 8 + 2 * 40 * 8
+
+
+def test_train_transform_makes_its_constants_once():
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    tf = TrainTransform(8, [0.5, 0.4, 0.3], (0.2, 0.2, 0.2), augment="none")
+    first = tf(images)
+    stats = tf._stats
+    assert torch.equal(tf(images), first) and tf._stats is stats
+    torch.testing.assert_close(first, eval_transform(images, 8, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)))
+
+
+def test_graph_blockers_name_each_reason():
+    assert cuda_graphs.graph_blockers(num_processes=1, compile=False, grad_accum_steps=1, frozen_parts=False) == []
+    reasons = cuda_graphs.graph_blockers(num_processes=2, compile=True, grad_accum_steps=4, frozen_parts=True)
+    assert len(reasons) == 4 and "--compile" in reasons and any("--grad-accum-steps" in r for r in reasons)
+    assert parse_args(["--no-cuda-graphs"]).cuda_graphs is False and parse_args([]).cuda_graphs is True
+
+
+@cuda
+def test_device_resident_batches_match_host_batches():
+    s = split()
+    dev = on_device(s, torch.device("cuda"))
+    assert dev.images.is_cuda and dev.fine.is_cuda and dev.coarse.is_cuda
+    for a, b in zip(make_loader(s, 16, shuffle=True, seed=3), make_loader(dev, 16, shuffle=True, seed=3)):
+        assert all(b[k].is_cuda and torch.equal(a[k], b[k].cpu()) for k in a)
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["baseline_cnn_small", "efficientnet_b0"])
+def test_graphed_step_matches_eager(arch):
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    eager = create_model(arch, num_classes=10, drop_rate=0.0).to(dev).to(memory_format=torch.channels_last)
+    if arch.startswith("efficientnet"):  # stochastic depth would draw different masks in the two models
+        for m in eager.modules():
+            if hasattr(m, "drop_path") and hasattr(m.drop_path, "drop_prob"):
+                m.drop_path.drop_prob = 0.0
+    eager.train()
+    graphed = copy.deepcopy(eager)
+    x = torch.randn(8, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in graphed.state_dict().items()}
+    cuda_graphs.capture(graphed, torch.randn_like(x))
+    assert all(torch.equal(before[k], v) for k, v in graphed.state_dict().items())  # weights, BN statistics
+    assert all(p.grad is None for p in graphed.parameters())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, graphed)]
+    for _ in range(3):  # real steps: the graph must follow the weights as they change
+        xb, y = torch.randn_like(x), torch.randint(0, 10, (8,), device=dev)
+        for model, opt in zip((eager, graphed), opts):
+            F.cross_entropy(model(xb), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-3, msg=name)
+    eager.eval(), graphed.eval()
+    x5 = torch.randn(5, 3, 32, 32, device=dev)  # eval mode runs the ordinary forward, any batch size
+    torch.testing.assert_close(eager(x5), graphed(x5), rtol=1e-3, atol=1e-4)
+
+
+@cuda
+def test_engine_trains_with_graphs_and_device_data(easy10_parquet, tmp_path, monkeypatch):
+    captured = []
+    real_capture = cuda_graphs.capture
+    monkeypatch.setattr(cuda_graphs, "capture", lambda model, batch, *a: captured.append(batch.shape)
+                        or real_capture(model, batch, *a))
+    args = ["--dataset", str(easy10_parquet), "--model", "baseline_cnn", "--no-pretrained", "--batch-size", "32",
+            "--lr", "3e-3", "--epochs", "6", "--scheduler", "cosine", "--val-fraction", "0.2",
+            "--early-stopping-patience", "0"]
+    metrics = train(parse_args([*args, "--output-dir", str(tmp_path / "graphs")]))
+    assert captured == [(32, 3, 32, 32)] and metrics["top1"] > 0.7, metrics
+    train(parse_args([*args, "--epochs", "1", "--no-cuda-graphs", "--output-dir", str(tmp_path / "eager")]))
+    assert len(captured) == 1
