@@ -56,11 +56,11 @@ engine() {  # the same recipe with CUDA graphs on and off
 export -f engine && export PY DATA
 
 part tests "${STEP_TIMEOUT:-80}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu_path.py
-part train "${STEP_TIMEOUT:-290}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
+part train "${STEP_TIMEOUT:-280}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
   --batch-sizes 32:256,64:256,128:256,224:128 --steps 20 --warmup 2 --repeats 2
 part engine "${STEP_TIMEOUT:-110}" bash -c engine
-part epoch "${STEP_TIMEOUT:-120}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
-  --pipelines ours timm timm_cl hf --batch-sizes 224:128 --repeats 0 --epoch-images 50000 --epoch-size 224 \
+part epoch "${STEP_TIMEOUT:-100}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
+  --pipelines ours timm hf --batch-sizes 224:128 --repeats 0 --epoch-images 50000 --epoch-size 224 \
   --name train_epoch_cuda
 part profile "${STEP_TIMEOUT:-40}" $PY bench/profile_step.py --device cuda --sizes 32 224 --batch-size 256 --steps 10
 part scaling "${STEP_TIMEOUT:-75}" $PY bench/scaling.py --device cuda --processes 1 --batch-size 256
