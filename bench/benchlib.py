@@ -123,8 +123,10 @@ class GpuUtilisation:
         while not self.stop.wait(0.2):
             try:
                 out = subprocess.run(self.QUERY, capture_output=True, text=True, timeout=5).stdout.strip()
-            except (OSError, subprocess.SubprocessError):
+            except OSError:  # no nvidia-smi
                 return
+            except subprocess.SubprocessError:  # a slow answer on a busy host: skip this sample
+                continue
             if out.isdigit():
                 self.samples.append(float(out))
 

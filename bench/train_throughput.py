@@ -283,7 +283,7 @@ def run_epoch(pipe: Pipeline, precision: str) -> dict:
             images += len(y)
         seconds = benchlib.now(pipe.device) - t0
     return {"seconds": seconds, "images": images, "images_per_second": images / seconds,
-            "gpu_utilisation_percent": util.mean}
+            "gpu_utilisation_percent": util.mean, "gpu_utilisation_samples": len(util.samples)}
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -359,10 +359,16 @@ def main(argv=None) -> int:
         steps = args.steps or DEFAULT_STEPS.get(size, 2)
         pipes = build_pipelines(args, args.pipelines, model_name, size, bs, store, folder, hf_ds, device)
         rounds = {p.name: [] for p in pipes}
-        for r in range(args.repeats):
-            warmup = args.warmup * (2 if r == 0 else 1)  # a pipeline's first round also pays first-call costs
-            for pipe in pipes[r % len(pipes) :] + pipes[: r % len(pipes)]:
-                rounds[pipe.name].append(run_round(pipe, warmup, steps, bs, precision, args.data_only))
+        try:
+            for r in range(args.repeats):
+                warmup = args.warmup * (2 if r == 0 else 1)  # a pipeline's first round also pays first-call costs
+                for pipe in pipes[r % len(pipes) :] + pipes[: r % len(pipes)]:
+                    rounds[pipe.name].append(run_round(pipe, warmup, steps, bs, precision, args.data_only))
+        except RuntimeError as err:  # e.g. a reference loader's worker died: keep the rest of the matrix
+            print(f"!! {model_name}@{size}: {err}", flush=True)
+            payload.setdefault("errors", []).append({"model": model_name, "size": size, "error": str(err)})
+            benchlib.write_result(name, payload, args.out, quiet=True)
+            continue
         medians = {k: benchlib.median(v) for k, v in rounds.items()}
         row = {
             "model": model_name,

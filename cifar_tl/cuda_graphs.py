@@ -34,6 +34,9 @@ def capture(model: torch.nn.Module, batch: torch.Tensor, autocast_dtype: torch.d
     `autocast_dtype`: capture under autocast (the model's forward must not enter autocast itself).
     A failed capture (an op CUDA graphs cannot record) raises and leaves the model's forward as it was."""
     saved = [b.detach().clone() for b in model.buffers()]
+    # the capture's side stream leaves the weights' gradient nodes tagged with it; the warning this causes on
+    # every later backward is about a possible extra sync, not about correctness
+    torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
     amp = (torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False) if autocast_dtype
            else nullcontext())
     try:
