@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import sys
 from contextlib import nullcontext
 
@@ -354,7 +355,12 @@ def main(argv=None) -> int:
         "epoch": None,
     }
     name = args.name or f"train_throughput_{device.type}"
+    pipes = []
     for model_name, size in cases:
+        # the last case's graphed model sits in a reference cycle (its forward closes over it): free its CUDA
+        # graphs now, or a forked loader worker's garbage collector tries to and the worker dies of a CUDA error
+        del pipes
+        gc.collect()
         bs = batch_sizes.get(size, 32)
         steps = args.steps or DEFAULT_STEPS.get(size, 2)
         pipes = build_pipelines(args, args.pipelines, model_name, size, bs, store, folder, hf_ds, device)
@@ -390,9 +396,10 @@ def main(argv=None) -> int:
             flush=True,
         )
         benchlib.write_result(name, payload, args.out, quiet=True)  # partial results survive a timeout
-        del pipes
 
     if args.epoch_images:
+        pipes = []
+        gc.collect()  # as above
         store, folder, hf_ds = load_sources(args, args.pipelines, args.epoch_images)
         bs = batch_sizes.get(args.epoch_size, 32)
         pipes = build_pipelines(
