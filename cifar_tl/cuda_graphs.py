@@ -5,6 +5,9 @@ step, each costing the Python/launch overhead, while the GPU finishes its work i
 graph records those launches once and replays them with one call, so the step runs at the GPU's speed.
 `torch.cuda.make_graphed_callables` graphs the model's training forward and its backward; eval mode still
 runs the ordinary forward (so validation batches may have any size).
+
+A process that forks after a capture (DataLoader workers) must free unused graphed models first
+(`gc.collect()`): a forked child whose garbage collector frees CUDA graphs dies of a CUDA error.
 """
 from __future__ import annotations
 
@@ -35,8 +38,9 @@ def capture(model: torch.nn.Module, batch: torch.Tensor, autocast_dtype: torch.d
     A failed capture (an op CUDA graphs cannot record) raises and leaves the model's forward as it was."""
     saved = [b.detach().clone() for b in model.buffers()]
     # the capture's side stream leaves the weights' gradient nodes tagged with it; the warning this causes on
-    # every later backward is about a possible extra sync, not about correctness
-    torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
+    # every later backward (recent torch) is about a possible extra sync, not about correctness
+    if hasattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch"):
+        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
     amp = (torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False) if autocast_dtype
            else nullcontext())
     try:
