@@ -38,19 +38,19 @@ def train_table(d: dict) -> list[str]:
         if st.get("data_only")
         else f"the training step ({st['precision']}, reference loaders with {st['workers']} worker(s))"
     )
-    repeats = d["results"][0]["repeats"] if d["results"] else 0
-    lines = [
-        machine_line(d["machine"]),
-        "",
-        f"Images/s of {what}; median of {repeats} alternating rounds.",
-        "",
-        "| model | px | batch | "
-        + " | ".join(names)
-        + " | "
-        + " | ".join(f"ours/{n}" for n in others)
-        + " |",
-        "|---" * (3 + len(names) + len(others)) + "|",
-    ]
+    lines = [machine_line(d["machine"])]
+    if d["results"]:
+        lines += [
+            "",
+            f"Images/s of {what}; median of {d['results'][0]['repeats']} alternating rounds.",
+            "",
+            "| model | px | batch | "
+            + " | ".join(names)
+            + " | "
+            + " | ".join(f"ours/{n}" for n in others)
+            + " |",
+            "|---" * (3 + len(names) + len(others)) + "|",
+        ]
     for r in d["results"]:
         ips, ratio = r["images_per_second"], r["ratios"]
         cells = [f"{ips[n]:,.1f}" for n in names]
@@ -63,17 +63,22 @@ def train_table(d: dict) -> list[str]:
         lines.append(
             f"| {r['model']} | {r['size']} | {r['batch_size']} | " + " | ".join(cells + marks) + " |"
         )
+    lines += [f"- not measured, {e['model']} @ {e['size']} px: {e['error']}" for e in d.get("errors", [])]
     if d.get("epoch"):
         e = d["epoch"]
         lines += [
             "",
             f"One epoch of {e['images']:,} images, {e['model']} at {e['size']} px, batch {e['batch_size']}:",
             "",
-            "| pipeline | seconds | images/s |",
-            "|---|---|---|",
+            "| pipeline | seconds | images/s | GPU utilisation (samples) |",
+            "|---|---|---|---|",
         ]
         lines += [
-            f"| {k} | {v['seconds']:.1f} | {v['images_per_second']:,.0f} |" for k, v in e["pipelines"].items()
+            f"| {k} | {v['seconds']:.1f} | {v['images_per_second']:,.0f} | "
+            + (f"{v['gpu_utilisation_percent']:.0f} % ({v['gpu_utilisation_samples']})"
+               if v.get("gpu_utilisation_samples", 0) >= 5 else "–")  # fewer: the sampler starved
+            + " |"
+            for k, v in e["pipelines"].items()
         ]
     return lines
 
