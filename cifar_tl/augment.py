@@ -87,8 +87,8 @@ class TrainTransform:
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self._stats is None or self._stats[0].device != x.device:  # made once: from a list, every batch
             # would pay a blocking host-to-GPU copy
-            self._stats = tuple(torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (self.mean, self.std))
-        return (x - self._stats[0]) / self._stats[1]
+            self._stats = tuple(torch.tensor(v, device=x.device, dtype=x.dtype) for v in (self.mean, self.std))
+        return normalize(x, *self._stats)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.augment == "none":
