@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -24,7 +25,7 @@ from .data import load_bundle, make_loader, on_device
 from .evaluation import collect_logits, compute_metrics, confusion_matrix
 from .export import atomic_write_text, model_config, save_model_dir, save_weights
 from .lookahead import Lookahead
-from .models import create_model, data_config, set_backbone_trainable
+from .models import cpu_bf16_pays, create_model, data_config, set_backbone_trainable
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def mixed_precision(cfg: TrainConfig) -> str:
         return cfg.mixed_precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"  # CPUs without native bf16 run autocast 10-15x slower than fp32
+    return "bf16" if cpu_bf16_pays(cfg.model) else "no"
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -127,6 +128,9 @@ def _check_resume(state: dict, cfg: TrainConfig, num_classes: int, fine_names: l
 def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     staged = cfg.unfreeze_after > 0 and not cfg.freeze_backbone
+    # Accelerate fixes the precision process-wide; a later train() in the same process may need another one
+    # (auto picks per model on CPUs). The process group (PartialState) is left alone.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=mixed_precision(cfg),
         gradient_accumulation_steps=cfg.grad_accum_steps,
@@ -193,7 +197,8 @@ def train(cfg: TrainConfig) -> dict:
             plain = gathered
     metrics = {**{k: v for k, v in results["plain"].items() if not isinstance(v, dict)}, **summary,
                "model": cfg.model, "image_size": size, "dataset": cfg.dataset,
-               "dataset_fingerprint": bundle.fingerprint, "num_processes": accelerator.num_processes}
+               "dataset_fingerprint": bundle.fingerprint, "num_processes": accelerator.num_processes,
+               "mixed_precision": accelerator.mixed_precision}
     if cfg.tta:
         metrics["tta"] = {k: v for k, v in results["tta"].items() if not isinstance(v, dict)}
     if main:

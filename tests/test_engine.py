@@ -36,6 +36,7 @@ def test_outputs_and_model_folder(cifar100_parquet, tmp_path):
                 "train_images_per_second", "loss", "ece", "n"):
         assert key in metrics, key
     assert metrics["epochs_run"] == 2 and metrics["n"] == 200 and "tta" in metrics
+    assert metrics["mixed_precision"] in ("no", "bf16")  # auto on a CPU: bf16 only with native support
     assert json.loads((tmp_path / "metrics.json").read_text())["top1"] == metrics["top1"]
     rows = history(tmp_path)
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -205,7 +206,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
 def test_two_process_gloo_run_matches_one_process(easy10_parquet, tmp_path):
     """`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2` with the same global batch."""
     common = [str(ROOT / "train.py"), "--dataset", str(easy10_parquet), *CNN, "--epochs", "3",
-              "--augment", "none", "--val-fraction", "0.2"]
+              "--augment", "none", "--val-fraction", "0.2", "--mixed-precision", "no"]  # fp32 on any CPU
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -1,5 +1,6 @@
-"""The GPU training path: device-resident data, cached normalisation constants, CUDA graphs. The CUDA tests
-run wherever a GPU is (bench/gpu_suite.sh runs them on a lent one); the rest run everywhere."""
+"""The training step's speed paths: device-resident data, cached normalisation constants, CUDA graphs, the CPU
+bf16 choice. The CUDA tests run wherever a GPU is (bench/gpu_suite.sh runs them on a lent one); the rest run
+everywhere."""
 import copy
 
 import pytest
@@ -96,3 +97,18 @@ def test_engine_trains_with_graphs_and_device_data(easy10_parquet, tmp_path, mon
     assert captured == [(32, 3, 32, 32)] and metrics["top1"] > 0.7, metrics
     train(parse_args([*args, "--epochs", "1", "--no-cuda-graphs", "--output-dir", str(tmp_path / "eager")]))
     assert len(captured) == 1
+
+
+def test_auto_precision_on_cpu_follows_the_hardware_and_the_model(monkeypatch):
+    from cifar_tl.engine import mixed_precision
+    from cifar_tl.models import cpu_bf16_pays
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert cpu_bf16_pays("fast_cnn") is native and cpu_bf16_pays("baseline_cnn") is native
+        assert cpu_bf16_pays("efficientnet_b0") is False  # depthwise convolutions: slower in bf16
+        assert mixed_precision(parse_args(["--model", "baseline_cnn"])) == ("bf16" if native else "no")
+        assert mixed_precision(parse_args(["--model", "tf_efficientnet_lite0"])) == "no"
+    assert mixed_precision(parse_args(["--model", "baseline_cnn", "--mixed-precision", "no"])) == "no"
