@@ -38,6 +38,7 @@ def train_table(d: dict) -> list[str]:
         if st.get("data_only")
         else f"the training step ({st['precision']}, reference loaders with {st['workers']} worker(s))"
     )
+    per_row = any("precision" in r for r in d["results"])  # newer files: `auto` resolves per model
     lines = [machine_line(d["machine"])]
     if d["results"]:
         lines += [
@@ -45,11 +46,12 @@ def train_table(d: dict) -> list[str]:
             f"Images/s of {what}; median of {d['results'][0]['repeats']} alternating rounds.",
             "",
             "| model | px | batch | "
+            + ("precision | " if per_row else "")
             + " | ".join(names)
             + " | "
             + " | ".join(f"ours/{n}" for n in others)
             + " |",
-            "|---" * (3 + len(names) + len(others)) + "|",
+            "|---" * (3 + per_row + len(names) + len(others)) + "|",
         ]
     for r in d["results"]:
         ips, ratio = r["images_per_second"], r["ratios"]
@@ -61,7 +63,10 @@ def train_table(d: dict) -> list[str]:
             for n in others
         ]
         lines.append(
-            f"| {r['model']} | {r['size']} | {r['batch_size']} | " + " | ".join(cells + marks) + " |"
+            f"| {r['model']} | {r['size']} | {r['batch_size']} | "
+            + (f"{r.get('precision', '')} | " if per_row else "")
+            + " | ".join(cells + marks)
+            + " |"
         )
     lines += [f"- not measured, {e['model']} @ {e['size']} px: {e['error']}" for e in d.get("errors", [])]
     if d.get("epoch"):

@@ -97,7 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
-        help="auto: bf16 autocast on CUDA, fp32 on CPU (our engine's default), for every pipeline",
+        help="auto: what train.py picks per model (bf16 on CUDA; on a CPU bf16 only with native bf16 and no "
+        "depthwise convolutions, else fp32), for every pipeline",
     )
     p.add_argument(
         "--data-only",
@@ -228,6 +229,17 @@ def hf_loader(ds, size, batch_size, mean, std, workers, device):
 # --------------------------------------------------------------------------------------------- timing
 
 
+def case_precision(requested: str, device, model_name: str) -> str:
+    """`auto`: what train.py picks for this model here (bf16 on a GPU; on a CPU bf16 only where it pays)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16"
+    from cifar_tl.models import cpu_bf16_pays
+
+    return "bf16" if cpu_bf16_pays(model_name) else "fp32"
+
+
 def autocast(device, precision):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -320,7 +332,6 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.pipelines is None:
         args.pipelines = [p for p in PIPELINES if p != "ours_eager" or device.type == "cuda"]
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as timm train.py does; process-wide, so for every pipeline
     batch_sizes = {int(k): int(v) for k, v in (kv.split(":") for kv in args.batch_sizes.split(","))}
@@ -341,7 +352,7 @@ def main(argv=None) -> int:
         "machine": benchlib.machine(args.device),
         "settings": {
             "device": args.device,
-            "precision": precision,
+            "precision": args.precision,
             "threads": args.threads,
             "workers": args.workers,
             "warmup": args.warmup,
@@ -363,6 +374,7 @@ def main(argv=None) -> int:
         gc.collect()
         bs = batch_sizes.get(size, 32)
         steps = args.steps or DEFAULT_STEPS.get(size, 2)
+        precision = case_precision(args.precision, device, model_name)
         pipes = build_pipelines(args, args.pipelines, model_name, size, bs, store, folder, hf_ds, device)
         rounds = {p.name: [] for p in pipes}
         try:
@@ -382,6 +394,7 @@ def main(argv=None) -> int:
             "batch_size": bs,
             "steps": steps,
             "repeats": args.repeats,
+            "precision": precision,
             "images_per_second": medians,
             "rounds": rounds,
             "ratios": ratios(medians),
@@ -405,10 +418,12 @@ def main(argv=None) -> int:
         pipes = build_pipelines(
             args, args.pipelines, args.epoch_model, args.epoch_size, bs, store, folder, hf_ds, device
         )
+        precision = case_precision(args.precision, device, args.epoch_model)
         epoch = payload["epoch"] = {
             "model": args.epoch_model,
             "size": args.epoch_size,
             "batch_size": bs,
+            "precision": precision,
             "images": args.epoch_images,
             "pipelines": {},
         }

@@ -73,8 +73,8 @@ class TrainConfig:
     cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 disables)"})
     grad_accum_steps: int = 1
     max_grad_norm: float | None = None
-    mixed_precision: str = field(default="auto", metadata={"help": "auto = bf16/fp16 on GPU, fp32 on CPU "
-                                 "(bf16 autocast is 10x slower on CPUs without native bf16)"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto = bf16/fp16 on GPU; on CPU bf16 where "
+                                 "the CPU has native bf16 and the model no depthwise convolutions, else fp32"})
     channels_last: bool = True
     compile: bool = False
     cuda_graphs: bool = field(default=True, metadata={"help": "on one GPU, replay the training forward+backward "
