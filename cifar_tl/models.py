@@ -178,9 +178,9 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 100, we
 
 def cpu_bf16_pays(name: str) -> bool:
     """Whether bf16 autocast trains `name` faster than fp32 on this CPU. Only with native bf16 (AVX512-BF16 or
-    AMX): without it bf16 runs 10-15x slower. With it, dense-convolution CNNs (baseline_cnn, fast_cnn) step
-    1.8-1.9x faster, but models with depthwise convolutions (the EfficientNets) 1.1-2x slower
-    (bench/cpu_precision.py); depthwise layers are the test, on a weightless (meta) copy of the model."""
+    AMX): without it bf16 runs 10-15x slower. With it, dense-convolution CNNs (baseline_cnn, fast_cnn) step ~2x
+    faster, but EfficientNet-B0 runs 1.1-2x slower and Lite0 gains nothing (bench/cpu_precision.py): depthwise
+    layers are the test, on a weightless (meta) copy of the model."""
     cpu = torch.cpu
     native = any(getattr(cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported",
                                                                         "_is_amx_tile_supported"))
