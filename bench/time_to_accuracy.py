@@ -2,6 +2,7 @@
 wall-clock minutes (process start to exit: imports, data, training, evaluation, export all count).
 
   python bench/time_to_accuracy.py configs/cpu_fast_cnn.yaml configs/cpu_fast_transfer.yaml
+  python bench/time_to_accuracy.py --output /tmp/wide.json configs/cpu_fast_cnn.yaml -- --model fast_cnn_wide
 
 Writes bench/results/time_to_accuracy.json: per preset the total wall time, the test top-1 at the end, and the
 validation top-1 after each epoch with the minutes elapsed since the process started (the curve), from which
@@ -48,8 +49,9 @@ def main() -> None:
     parser.add_argument("--dataset", default=str(ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"))
     parser.add_argument("--runs-dir", default="/tmp/tta_runs")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "time_to_accuracy.json"))
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="flags passed to train.py after --")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # flags after -- go to train.py as they are
+    args, extra = parser.parse_args(argv[:cut]), argv[cut + 1:]
     import torch
 
     env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
@@ -60,7 +62,7 @@ def main() -> None:
         results["runs"] = json.loads(out_path.read_text()).get("runs", {})
     for preset in args.presets:
         name = Path(preset).stem
-        r = run_preset(preset, args.dataset, Path(args.runs_dir) / name, [a for a in args.extra if a != "--"])
+        r = run_preset(preset, args.dataset, Path(args.runs_dir) / name, extra)
         r["machine"] = env
         results["runs"][name] = r
         print(json.dumps({name: {k: r[k] for k in ("wall_minutes", "test_top1", "tta_top1", "val_top1_by")}}))
