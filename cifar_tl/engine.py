@@ -129,8 +129,9 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     staged = cfg.unfreeze_after > 0 and not cfg.freeze_backbone
     # Accelerate fixes the precision process-wide; a later train() in the same process may need another one
-    # (auto picks per model on CPUs). The process group (PartialState) is left alone.
-    AcceleratorState._reset_state()
+    # (auto picks per model on CPUs). The process group (PartialState) is left alone. Private API: skipped if
+    # a future Accelerate drops it (only a second train() with another precision would then fail).
+    getattr(AcceleratorState, "_reset_state", lambda: None)()
     accelerator = Accelerator(
         mixed_precision=mixed_precision(cfg),
         gradient_accumulation_steps=cfg.grad_accum_steps,
