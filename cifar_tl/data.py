@@ -49,12 +49,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.fine)
 
+    def _map(self, fn) -> Split:
+        return Split(fn(self.images), fn(self.fine), None if self.coarse is None else fn(self.coarse))
+
     def subset(self, index: torch.Tensor) -> Split:
-        return Split(self.images[index], self.fine[index], None if self.coarse is None else self.coarse[index])
+        return self._map(lambda t: t[index])
 
     def to(self, device: torch.device | str) -> Split:
-        return Split(self.images.to(device), self.fine.to(device),
-                     None if self.coarse is None else self.coarse.to(device))
+        return self._map(lambda t: t.to(device))
 
     @property
     def nbytes(self) -> int:
