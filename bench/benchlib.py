@@ -122,7 +122,7 @@ class GpuUtilisation:
     def _sample(self):
         while not self.stop.wait(0.2):
             try:
-                out = subprocess.run(self.QUERY, capture_output=True, text=True, timeout=5).stdout.strip()
+                out = subprocess.run(self.QUERY, capture_output=True, text=True, timeout=5, check=False).stdout.strip()
             except OSError:  # no nvidia-smi
                 return
             except subprocess.SubprocessError:  # a slow answer on a busy host: skip this sample

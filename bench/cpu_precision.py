@@ -69,8 +69,8 @@ def main(argv=None) -> int:
         y = torch.randint(0, 10, (batch,))
         rounds = {"fp32": [], "bf16": []}
         for _ in range(args.repeats):
-            for key in rounds:
-                rounds[key].append(rate(model, opt, x, y, key == "bf16", args.steps))
+            for key, values in rounds.items():
+                values.append(rate(model, opt, x, y, key == "bf16", args.steps))
         med = {k: benchlib.median(v) for k, v in rounds.items()}
         row = {"model": name, "size": size, "batch_size": batch, "images_per_second": med, "rounds": rounds,
                "bf16/fp32": med["bf16"] / med["fp32"], "auto_picks_bf16": cpu_bf16_pays(name)}

@@ -21,7 +21,10 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pytest pluggy iniconfig pygments
 #   run: bash bench/gpu_suite.sh   carry: build/cifar10-jpeg, .whl   timeout: 600 s
-# Env: WORKERS (reference loaders' DataLoader workers, default nproc-2), STEP_TIMEOUT (seconds per part).
+# Env: WORKERS (reference loaders' DataLoader workers, default nproc-2), STEP_TIMEOUT (seconds per part),
+# TRAIN_ARGS (more train_throughput.py flags for part train), e.g. the rows no device time has reached yet:
+#   PARTS=train STEP_TIMEOUT=540 TRAIN_ARGS="--models efficientnet_b0 tf_efficientnet_lite0 --skip
+#   efficientnet_b0@32 efficientnet_b0@128 --name train_throughput_cuda_effnets" bash bench/gpu_suite.sh
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-bench/results} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -57,7 +60,7 @@ export -f engine && export PY DATA
 
 part tests "${STEP_TIMEOUT:-80}" $PY -m pytest -q -p no:cacheprovider tests/test_speed_paths.py
 part train "${STEP_TIMEOUT:-280}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
-  --batch-sizes 32:256,64:256,128:256,224:128 --steps 20 --warmup 2 --repeats 2
+  --batch-sizes 32:256,64:256,128:256,224:128 --steps 20 --warmup 2 --repeats 2 ${TRAIN_ARGS:-}
 part engine "${STEP_TIMEOUT:-110}" bash -c engine
 part epoch "${STEP_TIMEOUT:-100}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
   --pipelines ours timm hf --batch-sizes 224:128 --repeats 0 --epoch-images 50000 --epoch-size 224 \

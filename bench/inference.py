@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="result folder (default $OUT or bench/results)")
+    p.add_argument("--name", default=None, help="result file name (default inference_<device type>)")
     return p.parse_args(argv)
 
 
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
         },
         "results": [],
     }
-    name = f"inference_{device.type}"
+    name = args.name or f"inference_{device.type}"
     for case in args.cases:
         model_name, size = case.rsplit("@", 1)
         size = int(size)

@@ -1,6 +1,6 @@
 """Scaling: how one epoch of train.py grows with the training-set size and with 1 vs 2 processes.
 
-Runs `train.py --model baseline_cnn --no-pretrained --epochs 1 --max-train-samples N` for each fraction of
+Runs `train.py --model baseline_cnn (--model) --no-pretrained --epochs 1 --max-train-samples N` for each fraction of
 `--full` images, with 1 process (`python train.py`) and with 2 CPU processes
 (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_cpu_threads_per_process T`),
 and reads the epoch's `seconds` (the training loop alone, no evaluation) from history.jsonl. The thread budget
@@ -10,7 +10,7 @@ train.py always evaluates the whole test split after training; `--test-rows` (de
 copy of the dataset whose train split is the original file (a symlink) and whose test split is cut to that
 many rows, which saves CPU without touching the measured epoch. `--test-rows 0` uses the dataset as is.
 
-  python bench/scaling.py --full 2560 --batch-size 64  # CPU: 256 / 1280 / 2560 images, 1 and 2 processes
+  python bench/scaling.py --batch-size 64   # CPU: 10 / 50 / 100 % of the train split, 1 and 2 processes
   python bench/scaling.py --full 800 --fractions 0.5 1 --processes 1   # quick (about 1 min)
   python bench/scaling.py --device cuda --processes 1  # GPU: fractions of the whole train split
 """
@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0,
         help="images that count as 100 %% (0: the whole train split after the validation split)",
     )
+    p.add_argument("--model", default="baseline_cnn")
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.5, 1.0])
     p.add_argument("--processes", nargs="+", type=int, default=[1, 2])
     p.add_argument("--threads", type=int, default=2, help="CPU threads in total, split between processes")
@@ -54,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default=None, help="result folder (default $OUT or bench/results)")
+    p.add_argument("--name", default=None, help="result file name (default scaling_<device>)")
     return p.parse_args(argv)
 
 
@@ -86,7 +88,7 @@ def run_train(args, dataset: str, samples: int, processes: int) -> dict:
         "--dataset",
         dataset,
         "--model",
-        "baseline_cnn",
+        args.model,
         "--no-pretrained",
         "--epochs",
         "1",
@@ -145,6 +147,7 @@ def run_train(args, dataset: str, samples: int, processes: int) -> dict:
         "train_images": round(record["images_per_second"] * record["seconds"]),
         "wall_seconds": wall,
         "num_processes_reported": metrics["num_processes"],
+        "mixed_precision": metrics.get("mixed_precision"),
         "command": " ".join(cmd),
     }
 
@@ -153,6 +156,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dataset = trimmed_dataset(args.dataset, args.test_rows) if args.test_rows else args.dataset
     full = args.full or full_train_size(dataset, args.val_fraction)
+    machine = benchlib.machine(args.device)  # before the runs: its load average is the machine's, not ours
     results = []
     for processes in args.processes:
         for fraction in args.fractions:
@@ -167,9 +171,10 @@ def main(argv=None) -> int:
             )
     payload = {
         "benchmark": "scaling",
-        "machine": benchlib.machine(args.device),
+        "machine": machine,
         "settings": {
             "dataset": args.dataset,
+            "model": args.model,
             "full": full,
             "threads": args.threads,
             "batch_size": args.batch_size,
@@ -179,7 +184,7 @@ def main(argv=None) -> int:
         },
         "results": results,
     }
-    benchlib.write_result(f"scaling_{args.device}", payload, args.out)
+    benchlib.write_result(args.name or f"scaling_{args.device}", payload, args.out)
     return 0
 
 

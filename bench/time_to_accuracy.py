@@ -27,7 +27,7 @@ def run_preset(preset: str, dataset: str, out_dir: Path, extra: list[str]) -> di
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", preset, "--dataset", dataset,
            "--output-dir", str(out_dir), *extra]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{preset} failed:\n{proc.stderr[-3000:]}")

@@ -230,14 +230,14 @@ def hf_loader(ds, size, batch_size, mean, std, workers, device):
 
 
 def case_precision(requested: str, device, model_name: str) -> str:
-    """`auto`: what train.py picks for this model here (bf16 on a GPU; on a CPU bf16 only where it pays)."""
+    """`auto`: what train.py picks for this model on this device (bf16 on a GPU; on a CPU bf16 only where it
+    pays)."""
     if requested != "auto":
         return requested
-    if device.type == "cuda":
-        return "bf16"
-    from cifar_tl.models import cpu_bf16_pays
+    from cifar_tl.engine import mixed_precision
 
-    return "bf16" if cpu_bf16_pays(model_name) else "fp32"
+    # the bench has no fp16 (GradScaler) step: a GPU without bf16 runs fp32
+    return "bf16" if mixed_precision("auto", model_name, cuda=device.type == "cuda") == "bf16" else "fp32"
 
 
 def autocast(device, precision):

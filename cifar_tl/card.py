@@ -198,7 +198,7 @@ def _parameter_count(weights: Path) -> str:
     """Learned parameters from the safetensors header (no tensors loaded); BatchNorm statistics excluded."""
     total = 0
     with safe_open(str(weights), framework="numpy") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
             if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
                 total += math.prod(f.get_slice(key).get_shape())
     return f"{total / 1e6:.2f} M"

@@ -27,6 +27,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_path
+
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("img", "image")
@@ -150,7 +152,7 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     classes, counts = torch.unique(labels, return_counts=True)
     exact = counts.double() * fraction
     n_held = exact.floor().long()
-    short = int(round(len(labels) * fraction)) - int(n_held.sum())
+    short = round(len(labels) * fraction) - int(n_held.sum())
     if short > 0:  # ties among equal remainders are broken at random, reproducibly
         order = torch.argsort(exact - n_held + torch.rand(len(classes), generator=gen, dtype=torch.float64) * 1e-9,
                               descending=True)
@@ -524,10 +526,8 @@ def _write_store(raw: RawDataset, path: Path) -> None:
         tensors[f"{name}.fine"] = s.fine
         if s.coarse is not None:
             tensors[f"{name}.coarse"] = s.coarse
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"cifar_tl": json.dumps(meta)})
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written store
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"cifar_tl": json.dumps(meta)})
 
 
 def _read_store(path: Path, source: str) -> RawDataset:

@@ -23,7 +23,8 @@ from .augment import TrainTransform, eval_transform
 from .config import ConfigError, TrainConfig
 from .data import load_bundle, make_loader, on_device
 from .evaluation import collect_logits, compute_metrics, confusion_matrix
-from .export import atomic_write_text, model_config, save_model_dir, save_weights
+from .export import model_config, save_model_dir, save_weights
+from .files import atomic_write_text
 from .lookahead import Lookahead
 from .models import cpu_bf16_pays, create_model, data_config, set_backbone_trainable
 
@@ -34,12 +35,14 @@ class TrainingError(RuntimeError):
     """The run cannot go on (diverged, out of memory, mismatched resume); the message says what to do."""
 
 
-def mixed_precision(cfg: TrainConfig) -> str:
-    if cfg.mixed_precision != "auto":
-        return cfg.mixed_precision
-    if torch.cuda.is_available():
+def mixed_precision(requested: str, model: str, cuda: bool | None = None) -> str:
+    """Accelerate's `mixed_precision` for a run; `auto`: bf16 (fp16 without bf16) on a GPU, and on a CPU bf16
+    only where it pays for this model (`models.cpu_bf16_pays`)."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() if cuda is None else cuda:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_bf16_pays(cfg.model) else "no"
+    return "bf16" if cpu_bf16_pays(model) else "no"
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -83,9 +86,9 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, time_prog
 def set_bn_eval(model: torch.nn.Module, backbone_only_frozen: bool) -> None:
     """BatchNorm layers whose weights do not train keep their ImageNet statistics."""
     for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            if not backbone_only_frozen or not any(p.requires_grad for p in m.parameters()):
-                m.eval()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
+                not backbone_only_frozen or not any(p.requires_grad for p in m.parameters())):
+            m.eval()
 
 
 class Checkpoints:
@@ -133,7 +136,7 @@ def train(cfg: TrainConfig) -> dict:
     # a future Accelerate drops it (only a second train() with another precision would then fail).
     getattr(AcceleratorState, "_reset_state", lambda: None)()
     accelerator = Accelerator(
-        mixed_precision=mixed_precision(cfg),
+        mixed_precision=mixed_precision(cfg.mixed_precision, cfg.model),
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with=None if cfg.report_to == "none" else ["wandb", "tensorboard"] if cfg.report_to == "all"
         else [cfg.report_to],
@@ -169,7 +172,9 @@ def train(cfg: TrainConfig) -> dict:
                          weights=cfg.weights, drop_rate=cfg.drop_rate)
     dcfg = data_config(model, cfg.image_size)
     size, mean, std = dcfg["image_size"], dcfg["mean"], dcfg["std"]
-    evaluate_tf = partial(eval_transform, size=size, mean=mean, std=std, channels_last=cfg.channels_last)
+    # the statistics as device tensors: from lists, every eval batch would pay a blocking host-to-GPU copy
+    stats = [torch.tensor(v, device=accelerator.device) for v in (mean, std)]
+    evaluate_tf = partial(eval_transform, size=size, mean=stats[0], std=stats[1], channels_last=cfg.channels_last)
     if hasattr(model, "init_whitening") and not cfg.weights:  # fast_cnn: a stem fitted to the data
         model.init_whitening(evaluate_tf(bundle.train.images[:5000], channels_last=False))
     if cfg.channels_last:

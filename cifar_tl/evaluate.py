@@ -16,7 +16,7 @@ import torch
 from .augment import eval_transform
 from .data import DataError, load_bundle, make_loader
 from .evaluation import EvaluationError, align_labels, collect_logits, compute_metrics, load_label_map
-from .export import atomic_write_text
+from .files import atomic_write_text
 from .inference import Predictor
 from .report import write_report
 

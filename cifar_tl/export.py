@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,28 +33,10 @@ from safetensors.torch import load_file, save_file
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .card import write_card
+from .files import atomic_path, atomic_write_text
 from .models import create_model
 
 FORMAT_VERSION = 1
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary sibling of `path` to write; it replaces `path` only once the block finished, so a
-    crash or a concurrent reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:

@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from .augment import eval_transform
-from .export import atomic_path
+from .files import atomic_path
 from .inference import Predictor
 
 CONFIG_KEY = "cifar_tl_config"  # metadata_props key holding config.json

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError
 from .data import cache_dir, make_loader
-from .export import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text
 
 EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
 

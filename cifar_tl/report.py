@@ -15,7 +15,7 @@ import torch
 from . import plots
 from .data import DatasetBundle
 from .evaluation import confusion_matrix, reliability_bins, top_confused_pairs
-from .export import atomic_write_text
+from .files import atomic_write_text
 from .inference import coarse_probs
 
 GRID_IMAGES = 24

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE  # noqa: E402
+from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,8 +1,8 @@
 import json
 
 import pandas as pd
+from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
 
-from cifar100_meta import FINE_NAMES, FINE_TO_COARSE, COARSE_NAMES
 from cifar_tl.eda import main
 
 

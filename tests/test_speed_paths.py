@@ -105,10 +105,10 @@ def test_auto_precision_on_cpu_follows_the_hardware_and_the_model(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for native in (False, True):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
         assert cpu_bf16_pays("fast_cnn") is native and cpu_bf16_pays("baseline_cnn") is native
         assert cpu_bf16_pays("efficientnet_b0") is False  # depthwise convolutions: slower in bf16
-        assert mixed_precision(parse_args(["--model", "baseline_cnn"])) == ("bf16" if native else "no")
-        assert mixed_precision(parse_args(["--model", "tf_efficientnet_lite0"])) == "no"
-    assert mixed_precision(parse_args(["--model", "baseline_cnn", "--mixed-precision", "no"])) == "no"
+        assert mixed_precision("auto", "baseline_cnn") == ("bf16" if native else "no")
+        assert mixed_precision("auto", "tf_efficientnet_lite0") == "no"
+    assert mixed_precision("no", "baseline_cnn") == "no"
