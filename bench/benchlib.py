@@ -169,6 +169,22 @@ def train_parquet(dataset: str) -> list[Path]:
     return files
 
 
+def columns(dataset: str) -> tuple[str, str]:
+    """The image and label columns of the parquet source, picked as train.py picks them (CIFAR-10: `img`,
+    `label`; CIFAR-100: `img`, `fine_label`)."""
+    import pyarrow.parquet as pq
+
+    from cifar_tl.data import IMAGE_COLUMNS, LABEL_COLUMNS
+
+    names = pq.ParquetFile(train_parquet(dataset)[0]).schema_arrow.names
+    image = next((c for c in IMAGE_COLUMNS if c in names), None)
+    label = next((c for c in LABEL_COLUMNS if c in names), None)
+    if image is None or label is None:
+        raise SystemExit(f"--dataset {dataset}: expected an image column ({', '.join(IMAGE_COLUMNS)}) and a "
+                         f"label column ({', '.join(LABEL_COLUMNS)}); found {', '.join(names)}")
+    return image, label
+
+
 def image_folder(dataset: str, n: int) -> Path:
     """The first `n` training images of the parquet source as `ROOT/train/<class>/<row>.jpg`, written with
     their original encoded bytes (so timm decodes real JPEGs), built once and reused."""
@@ -180,12 +196,13 @@ def image_folder(dataset: str, n: int) -> Path:
     if done.is_file():
         return root
     written = 0
+    image, label = columns(dataset)
     for file in train_parquet(dataset):
-        table = pq.read_table(file, columns=["img", "label"])
+        table = pq.read_table(file, columns=[image, label])
         for row in table.slice(0, n - written).to_pylist():
-            data = row["img"]["bytes"]
+            data = row[image]["bytes"]
             ext = (Image.open(io.BytesIO(data)).format or "png").lower().replace("jpeg", "jpg")
-            folder = root / "train" / f"class_{row['label']:03d}"
+            folder = root / "train" / f"class_{row[label]:03d}"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{written:06d}.{ext}").write_bytes(data)
             written += 1

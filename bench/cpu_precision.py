@@ -1,11 +1,13 @@
 """fp32 against bf16 autocast for a CPU training step, per model and size: the measurement behind
-`--mixed-precision auto` on CPUs (`cifar_tl.models.cpu_bf16_pays`).
+`--mixed-precision auto` on CPUs (`cifar_tl.models.cpu_bf16_pays`); with `--compile`, also both under
+torch.compile (inductor), as `train.py --compile` would run them.
 
-Each case builds the model once (channels_last, as the engine trains it), then alternates fp32 and bf16 rounds
+Each case builds the model once (channels_last, as the engine trains it), then alternates the variants' rounds
 (`--repeats` each, `--steps` timed steps after one untimed step) of forward, cross-entropy, backward and a
-fused SGD step on random input, and reports the median images/s of each and their ratio.
+fused SGD step on random input, and reports the median images/s of each and the ratios to fp32.
 
   python bench/cpu_precision.py                                   # the default cases, ~3 min on 2 cores
+  python bench/cpu_precision.py --cases fast_cnn@32:512 baseline_cnn@64:32 --compile --name cpu_compile
   python bench/cpu_precision.py --cases fast_cnn@32:256 --steps 2 --repeats 1   # smoke
 """
 from __future__ import annotations
@@ -29,11 +31,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--repeats", type=int, default=3, help="rounds per precision, alternating")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also time fp32 and bf16 under torch.compile")
     p.add_argument("--out", default=None, help="result folder (default $OUT or bench/results)")
+    p.add_argument("--name", default="cpu_precision", help="result file name")
     return p.parse_args(argv)
 
 
 def rate(model, opt, x, y, bf16: bool, steps: int) -> float:
+    """images/s of `steps` training steps, after one untimed step (first-call costs, or compiling)."""
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
@@ -41,7 +46,7 @@ def rate(model, opt, x, y, bf16: bool, steps: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # untimed: first-call costs of this precision's kernels
+    step()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
@@ -57,7 +62,8 @@ def main(argv=None) -> int:
                "native_bf16": {n: getattr(torch.cpu, n, lambda: None)()
                                for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")},
                "settings": {"steps": args.steps, "repeats": args.repeats, "threads": args.threads,
-                            "optimizer": "SGD fused, momentum 0.9", "layout": "channels_last"},
+                            "optimizer": "SGD fused, momentum 0.9", "layout": "channels_last",
+                            "compile": args.compile},
                "results": []}
     for case in args.cases:
         name, rest = case.split("@")
@@ -67,19 +73,34 @@ def main(argv=None) -> int:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
         x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (batch,))
-        rounds = {"fp32": [], "bf16": []}
+        variants = {"fp32": (model, False), "bf16": (model, True)}
+        compile_seconds = {}
+        if args.compile:  # compiled once per precision here, so the timed rounds hold no compiling
+            # a fresh dynamo cache per case: without it, tf_efficientnet_lite0 compiled after efficientnet_b0 (the
+            # same timm classes) had not finished in 25 minutes here; alone it takes 2
+            torch._dynamo.reset()
+            compiled = torch.compile(model)
+            for key, bf16 in (("fp32_compile", False), ("bf16_compile", True)):
+                t0 = time.perf_counter()
+                rate(compiled, opt, x, y, bf16, 1)
+                compile_seconds[key] = round(time.perf_counter() - t0, 1)
+                variants[key] = (compiled, bf16)
+        rounds = {key: [] for key in variants}
         for _ in range(args.repeats):
-            for key, values in rounds.items():
-                values.append(rate(model, opt, x, y, key == "bf16", args.steps))
+            for key, (m, bf16) in variants.items():
+                rounds[key].append(rate(m, opt, x, y, bf16, args.steps))
         med = {k: benchlib.median(v) for k, v in rounds.items()}
         row = {"model": name, "size": size, "batch_size": batch, "images_per_second": med, "rounds": rounds,
                "bf16/fp32": med["bf16"] / med["fp32"], "auto_picks_bf16": cpu_bf16_pays(name)}
+        if args.compile:
+            row["compile_seconds"] = compile_seconds
+            row.update({f"{k}/fp32": med[k] / med["fp32"] for k in compile_seconds})
         payload["results"].append(row)
-        print(f"{name:22s} {size:4d}px bs {batch:3d} | fp32 {med['fp32']:7.1f} bf16 {med['bf16']:7.1f} img/s | "
-              f"bf16/fp32 {row['bf16/fp32']:.2f}x | auto: {'bf16' if row['auto_picks_bf16'] else 'fp32'}",
-              flush=True)
-        benchlib.write_result("cpu_precision", payload, args.out, quiet=True)
-    benchlib.write_result("cpu_precision", payload, args.out)
+        print(f"{name:22s} {size:4d}px bs {batch:3d} | " + " ".join(f"{k} {v:7.1f}" for k, v in med.items())
+              + f" img/s | bf16/fp32 {row['bf16/fp32']:.2f}x | auto: "
+              f"{'bf16' if row['auto_picks_bf16'] else 'fp32'}", flush=True)
+        benchlib.write_result(args.name, payload, args.out, quiet=True)
+    benchlib.write_result(args.name, payload, args.out)
     return 0
 
 

@@ -318,7 +318,9 @@ def load_sources(args, names, n_images):
         import datasets
 
         datasets.logging.set_verbosity_error()
+        image, label = benchlib.columns(args.dataset)  # the example's --image_column_name / --label_column_name
         hf_ds = datasets.load_dataset(args.dataset, split="train").select(range(n_images))
+        hf_ds = hf_ds.rename_columns({k: v for k, v in {image: "img", label: "label"}.items() if k != v})
     return store, folder, hf_ds
 
 

@@ -1,0 +1,62 @@
+"""The benchmark scripts run end to end on a tiny fixture and write the JSON that BENCHMARKS.md is built from:
+a smoke test against rot, not a measurement (real runs: BENCHMARKS.md "Reproduce")."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str, out: Path) -> dict:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    files = list(out.glob("*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def test_train_throughput_times_every_pipeline_on_the_same_model(easy10_parquet, tmp_path):
+    # the fixture has CIFAR-100's columns (img, fine_label, coarse_label): every pipeline must find them
+    res = run_bench("train_throughput.py", "--dataset", str(easy10_parquet), "--models", "baseline_cnn_small",
+                    "--sizes", "32", "--batch-sizes", "32:16", "--steps", "1", "--warmup", "1", "--repeats", "1",
+                    "--pipelines", "ours", "timm", "hf", "--workers", "0", "--images", "64", out=tmp_path)
+    assert not res.get("errors")
+    (row,) = res["results"]
+    ips = row["images_per_second"]
+    assert set(ips) == {"ours", "timm", "hf"} and min(ips.values()) > 0
+    assert row["ratios"]["ours/timm"] == pytest.approx(ips["ours"] / ips["timm"])
+    assert row["precision"] in ("fp32", "bf16")
+
+
+def test_cpu_precision_times_fp32_and_bf16(tmp_path):
+    res = run_bench("cpu_precision.py", "--cases", "baseline_cnn_small@32:8", "--steps", "1", "--repeats", "1",
+                    out=tmp_path)
+    (row,) = res["results"]
+    assert set(row["images_per_second"]) == {"fp32", "bf16"} and min(row["images_per_second"].values()) > 0
+
+
+def test_inference_compares_backends(tmp_path):
+    res = run_bench("inference.py", "--cases", "baseline_cnn_small@32", "--batch-sizes", "4", "--backends",
+                    "eager", "channels_last", "onnxruntime", "--repeats", "1", "--min-seconds", "0.01",
+                    "--device", "cpu", out=tmp_path)
+    (row,) = res["results"]
+    assert set(row["images_per_second"]) == {"eager", "channels_last", "onnxruntime"}
+    assert row["prepare_seconds"]["onnxruntime"] > 0
+
+
+def test_scaling_reads_epoch_times_from_train_py(easy10_parquet, tmp_path):
+    res = run_bench("scaling.py", "--dataset", str(easy10_parquet), "--model", "baseline_cnn_small",
+                    "--fractions", "0.5", "1", "--processes", "1", "--batch-size", "32", "--test-rows", "20",
+                    "--val-fraction", "0.1", out=tmp_path)
+    rows = res["results"]
+    assert [r["fraction"] for r in rows] == [0.5, 1]
+    assert rows[1]["max_train_samples"] == 2 * rows[0]["max_train_samples"] == 270
+    assert all(r["epoch_seconds"] > 0 and r["mixed_precision"] in ("bf16", "no") for r in rows)
