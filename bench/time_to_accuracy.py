@@ -3,6 +3,7 @@ wall-clock minutes (process start to exit: imports, data, training, evaluation, 
 
   python bench/time_to_accuracy.py configs/cpu_fast_cnn.yaml configs/cpu_fast_transfer.yaml
   python bench/time_to_accuracy.py --output /tmp/wide.json configs/cpu_fast_cnn.yaml -- --model fast_cnn_wide
+  python bench/time_to_accuracy.py --name cpu_fast_cnn_fp32 configs/cpu_fast_cnn.yaml -- --mixed-precision no
 
 Writes bench/results/time_to_accuracy.json: per preset the total wall time, the test top-1 at the end, and the
 validation top-1 after each epoch with the minutes elapsed since the process started (the curve), from which
@@ -49,10 +50,16 @@ def main() -> None:
     parser.add_argument("--dataset", default=str(ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"))
     parser.add_argument("--runs-dir", default="/tmp/tta_runs")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "time_to_accuracy.json"))
+    parser.add_argument("--name", default=None,
+                        help="the run's key in the results (default: the preset's file name; one preset only)")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)  # flags after -- go to train.py as they are
     args, extra = parser.parse_args(argv[:cut]), argv[cut + 1:]
+    if args.name and len(args.presets) > 1:
+        parser.error("--name names one run: give one preset")
     import torch
+
+    from cifar_tl.files import atomic_write_text
 
     env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -61,13 +68,12 @@ def main() -> None:
     if out_path.is_file():  # keep earlier presets' results
         results["runs"] = json.loads(out_path.read_text()).get("runs", {})
     for preset in args.presets:
-        name = Path(preset).stem
+        name = args.name or Path(preset).stem
         r = run_preset(preset, args.dataset, Path(args.runs_dir) / name, extra)
         r["machine"] = env
         results["runs"][name] = r
         print(json.dumps({name: {k: r[k] for k in ("wall_minutes", "test_top1", "tta_top1", "val_top1_by")}}))
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_text(out_path, json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

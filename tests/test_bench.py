@@ -60,3 +60,26 @@ def test_scaling_reads_epoch_times_from_train_py(easy10_parquet, tmp_path):
     assert [r["fraction"] for r in rows] == [0.5, 1]
     assert rows[1]["max_train_samples"] == 2 * rows[0]["max_train_samples"] == 270
     assert all(r["epoch_seconds"] > 0 and r["mixed_precision"] in ("bf16", "no") for r in rows)
+
+
+def test_profile_step_splits_the_step_into_phases(easy10_parquet, tmp_path):
+    res = run_bench("profile_step.py", "--dataset", str(easy10_parquet), "--model", "baseline_cnn_small",
+                    "--sizes", "32", "--batch-size", "16", "--steps", "1", "--device", "cpu", out=tmp_path)
+    (row,) = res["results"]
+    assert set(row["phases_ms"]) == {"data", "transform", "forward", "backward", "optimizer"}
+    assert sum(row["phases_ms"].values()) == pytest.approx(row["ms_per_step"], rel=0.01)
+    assert row["top_ops"] and all(op["self_ms_per_step"] >= 0 for op in row["top_ops"])
+
+
+def test_time_to_accuracy_runs_a_preset_as_a_user_would(easy10_parquet, tmp_path):
+    out = tmp_path / "tta.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "time_to_accuracy.py"), str(ROOT / "configs" / "cpu_fast_cnn.yaml"),
+         "--dataset", str(easy10_parquet), "--runs-dir", str(tmp_path / "runs"), "--output", str(out),
+         "--name", "smoke", "--", "--epochs", "2", "--time-limit-minutes", "none", "--warmup-epochs", "0",
+         "--batch-size", "64", "--eval-batch-size", "100", "--no-tta"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(out.read_text())["runs"]["smoke"]
+    assert run["epochs_run"] == 2 and [c["epoch"] for c in run["curve"]] == [1, 2]
+    assert 0 <= run["test_top1"] <= 1 and run["val_top1_by"]["5min"] is not None
