@@ -138,7 +138,32 @@ def profile_table(d: dict) -> list[str]:
     return lines
 
 
+def precision_table(d: dict) -> list[str]:
+    variants, rounds = [], d["settings"]["repeats"]
+    for r in d["results"]:
+        variants += [v for v in r["images_per_second"] if v not in variants]
+    lines = [
+        machine_line(d["machine"]),
+        "",
+        f"Images/s of one training step (random input, fused SGD, channels_last); median of {rounds} rounds.",
+        "",
+        "| model | px | batch | " + " | ".join(variants) + " | bf16/fp32 | auto picks | compile s |",
+        "|---" * (6 + len(variants)) + "|",
+    ]
+    for r in d["results"]:
+        ips = r["images_per_second"]
+        cells = [f"{ips[v]:,.1f}" if v in ips else "–" for v in variants]
+        seconds = r.get("compile_seconds", {})
+        compiled = ", ".join(f"{k.removesuffix('_compile')} {v:.0f}" for k, v in seconds.items()) or "–"
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['batch_size']} | " + " | ".join(cells)
+            + f" | {r['bf16/fp32']:.2f} | {'bf16' if r['auto_picks_bf16'] else 'fp32'} | {compiled} |"
+        )
+    return lines
+
+
 RENDER = {
+    "cpu_precision": precision_table,
     "train_throughput": train_table,
     "inference": inference_table,
     "scaling": scaling_table,

@@ -83,3 +83,17 @@ def test_time_to_accuracy_runs_a_preset_as_a_user_would(easy10_parquet, tmp_path
     run = json.loads(out.read_text())["runs"]["smoke"]
     assert run["epochs_run"] == 2 and [c["epoch"] for c in run["curve"]] == [1, 2]
     assert 0 <= run["test_top1"] <= 1 and run["val_top1_by"]["5min"] is not None
+
+
+def test_report_renders_every_committed_result(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    files = sorted((ROOT / "bench" / "results").glob("*.json"))
+    renderable = [f for f in files if json.loads(f.read_text()).get("benchmark") in report.RENDER]
+    assert len(renderable) >= 20
+    assert report.main([str(f) for f in renderable]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n### ") + out.startswith("### ") == len(renderable) and "| model |" in out
