@@ -85,6 +85,19 @@ def test_time_to_accuracy_runs_a_preset_as_a_user_would(easy10_parquet, tmp_path
     assert 0 <= run["test_top1"] <= 1 and run["val_top1_by"]["5min"] is not None
 
 
+def test_demo_latency_queries_the_app_over_http(tmp_path):
+    """app.py as a fresh server process, queried the way the page's JavaScript and gradio_client do."""
+    out = tmp_path / "demo.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "demo_latency.py"), "--models", "baseline_cnn", "--backends", "torch",
+         "--requests", "3", "--clients", "2", "--per-client", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["app_single_image"]["n"] == row["gradio_client_single_image"]["n"] == 3
+    assert row["cold_start_to_first_prediction_s"] > 0 and row["app_throughput_2_clients_img_per_s"] > 0
+
+
 def test_report_renders_every_committed_result(capsys):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
