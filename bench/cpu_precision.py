@@ -86,8 +86,10 @@ def main(argv=None) -> int:
                 compile_seconds[key] = round(time.perf_counter() - t0, 1)
                 variants[key] = (compiled, bf16)
         rounds = {key: [] for key in variants}
-        for _ in range(args.repeats):
-            for key, (m, bf16) in variants.items():
+        order = list(variants)
+        for r in range(args.repeats):  # a rotated order each round, so no variant always runs first
+            for key in order[r % len(order):] + order[:r % len(order)]:
+                m, bf16 = variants[key]
                 rounds[key].append(rate(m, opt, x, y, bf16, args.steps))
         med = {k: benchlib.median(v) for k, v in rounds.items()}
         row = {"model": name, "size": size, "batch_size": batch, "images_per_second": med, "rounds": rounds,

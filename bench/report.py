@@ -2,6 +2,7 @@
 
 python bench/report.py                          # every result file in bench/results
 python bench/report.py bench/results/train_throughput_cpu.json
+python bench/report.py --round 2 bench/results/train_throughput_cuda_h100.json   # one round, not the median
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def machine_line(m: dict) -> str:
     )
 
 
-def train_table(d: dict) -> list[str]:
+def train_table(d: dict, round_: int | None = None) -> list[str]:
     names = list(d["results"][0]["images_per_second"]) if d["results"] else []
     others = [n for n in names if n != "ours"]
     st = d["settings"]
@@ -43,7 +44,9 @@ def train_table(d: dict) -> list[str]:
     if d["results"]:
         lines += [
             "",
-            f"Images/s of {what}; median of {d['results'][0]['repeats']} alternating rounds.",
+            f"Images/s of {what}; "
+            + (f"round {round_} of {d['results'][0]['repeats']}." if round_ else
+               f"median of {d['results'][0]['repeats']} alternating rounds."),
             "",
             "| model | px | batch | "
             + ("precision | " if per_row else "")
@@ -55,6 +58,9 @@ def train_table(d: dict) -> list[str]:
         ]
     for r in d["results"]:
         ips, ratio = r["images_per_second"], r["ratios"]
+        if round_:
+            ips = {k: v[round_ - 1] for k, v in r["rounds"].items()}
+            ratio = {f"ours/{k}": ips["ours"] / v for k, v in ips.items() if k != "ours"}
         cells = [f"{ips[n]:,.1f}" for n in names]
         marks = [
             f"**{ratio[f'ours/{n}']:.2f}**"
@@ -174,13 +180,16 @@ RENDER = {
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", type=Path, help="result files (default: bench/results/*.json)")
+    p.add_argument("--round", type=int, default=None,
+                   help="training throughput: show this round's figures (1 = first) instead of the median")
     args = p.parse_args(argv)
     for path in args.files or sorted(benchlib.RESULTS.glob("*.json")):
         d = json.loads(path.read_text())
         render = RENDER.get(d.get("benchmark"))
         if render:
             print(f"### {path.name}\n")
-            print("\n".join(render(d)) + "\n")
+            lines = render(d, args.round) if args.round and render is train_table else render(d)
+            print("\n".join(lines) + "\n")
     return 0
 
 

@@ -129,9 +129,11 @@ class Pipeline:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         self.graph_pending = graphed  # captured on the first training batch (untimed warm-up)
         self.capture_error = None
+        self.epochs_started = 0
 
     def batches(self):
         while True:  # endless: a new epoch starts when the loader runs out
+            self.epochs_started += 1
             for batch in self.loader:
                 yield self.prepare(batch)
 
@@ -277,11 +279,14 @@ def run_round(
 
     for _ in range(warmup):
         step(*next(it))
-    t0 = benchlib.now(pipe.device)
+    epoch, t0 = pipe.epochs_started, benchlib.now(pipe.device)
     for _ in range(steps):
         step(*next(it))
     seconds = benchlib.now(pipe.device) - t0
     it.close()
+    if pipe.epochs_started != epoch:  # a loader restart (worker start-up) would be timed as training
+        raise RuntimeError(f"{pipe.name}: the timed steps ran past the end of the {len(pipe.loader)}-batch "
+                           "loader; raise --images")
     return steps * batch_size / seconds
 
 
@@ -342,8 +347,10 @@ def main(argv=None) -> int:
         if args.repeats
         else []
     )
+    # the most batches one round draws (the first round warms up twice as long), plus one for a dropped
+    # partial batch: no round's timed steps may restart a loader (its workers' start-up would count)
     need = [
-        batch_sizes.get(s, 32) * (args.warmup + (args.steps or DEFAULT_STEPS.get(s, 2))) for _, s in cases
+        batch_sizes.get(s, 32) * (2 * args.warmup + (args.steps or DEFAULT_STEPS.get(s, 2)) + 1) for _, s in cases
     ]
     n_images = max([args.images, *need])
     if cases:

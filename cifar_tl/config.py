@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
             nullable = base is not tp
             kwargs["type"] = (lambda s, b=base: _optional(s, b)) if nullable else base
             kwargs["metavar"] = f.name.upper()
-            if f.name in CHOICES:
+            if f.name in CHOICES:  # the metavar hides argparse's own list of choices: name them in the help
                 kwargs["choices"] = CHOICES[f.name]
+                kwargs["help"] = f"{kwargs['help'].strip()} (one of: {', '.join(CHOICES[f.name])})".lstrip()
         parser.add_argument(f"--{_flag(f.name)}", **kwargs)
     return parser
 

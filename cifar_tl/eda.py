@@ -83,7 +83,7 @@ def sample_grid(raw: RawDataset, path: Path, split: str = "train", n: int = 40, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split()))
     parser.add_argument("--dataset", default="uoft-cs/cifar100")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--image-column")

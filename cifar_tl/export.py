@@ -15,7 +15,7 @@ CKPT is
   * a run's output dir (RUN/model/ is copied, with a fresh card and the run's plots),
   * a model folder (config.json + model.safetensors),
   * RUN/checkpoints/best.safetensors (the evaluated best weights, config from RUN/model/), or
-  * RUN/checkpoints/epoch-N (an Accelerate checkpoint; test metrics kept only when N is the best epoch).
+  * RUN/checkpoints/epoch-NNNN (the Accelerate checkpoint of the last epoch; test metrics kept only when N is the best epoch).
 Labels, preprocessing and the training config always come from the run's model/config.json.
 """
 from __future__ import annotations
@@ -162,7 +162,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> Checkpoint:
         state = json.loads((path / "trainer_state.json").read_text())
         return Checkpoint(path / "model.safetensors", run / "model", run, epoch=int(state["epoch"]))
     raise FileNotFoundError(f"--checkpoint {path}: expected a run's output dir, a model folder, "
-                            "RUN/checkpoints/best.safetensors or RUN/checkpoints/epoch-N")
+                            "RUN/checkpoints/best.safetensors or RUN/checkpoints/epoch-NNNN")
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cifar_tl.export", description="Export a model folder "
                                      "(model.safetensors, config.json, README.md) from a training run.")
     parser.add_argument("--checkpoint", required=True, help="run output dir, model folder, "
-                        "RUN/checkpoints/best.safetensors or RUN/checkpoints/epoch-N")
+                        "RUN/checkpoints/best.safetensors or RUN/checkpoints/epoch-NNNN")
     parser.add_argument("--output-dir", required=True, help="folder to write (may be the source folder)")
     parser.add_argument("--hub-model-id", help="user/name the card's loading snippets should use")
     args = parser.parse_args(argv)

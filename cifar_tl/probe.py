@@ -178,6 +178,9 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
     x_train, y_train = feats["train"], bundle.train.fine
     x_flip = feats.get("train_flip")
     x_val, y_val = (feats["val"], bundle.val.fine) if "val" in feats else (x_train, y_train)
+    if (cfg.optimizer, cfg.scheduler) != ("adamw", "cosine"):
+        accelerator.print(f"linear probe: trains with AdamW and warm-up + cosine; --optimizer {cfg.optimizer} and "
+                          f"--scheduler {cfg.scheduler} apply to full training only")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
