@@ -22,10 +22,9 @@
 #       -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pytest pluggy iniconfig pygments
 #   run: bash bench/gpu_suite.sh   carry: build/cifar10-jpeg, .whl   timeout: 600 s
 # Env: WORKERS (reference loaders' DataLoader workers, default nproc-2), STEP_TIMEOUT (seconds per part),
-# TRAIN_ARGS (more train_throughput.py flags for part train), e.g. the matrix in two calls of < 10 minutes:
-#   PARTS=train STEP_TIMEOUT=540 TRAIN_ARGS="--models baseline_cnn" bash bench/gpu_suite.sh
-#   PARTS=train STEP_TIMEOUT=540 TRAIN_ARGS="--models efficientnet_b0 tf_efficientnet_lite0
-#   --name train_throughput_cuda_effnets" bash bench/gpu_suite.sh
+# TRAIN_ARGS (more train_throughput.py flags for part train), e.g. the matrix one model per call (~5 min each):
+#   PARTS=train STEP_TIMEOUT=540 TRAIN_ARGS="--models tf_efficientnet_lite0 --name train_throughput_cuda_lite0" \
+#     bash bench/gpu_suite.sh
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-bench/results} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
