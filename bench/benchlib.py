@@ -152,6 +152,12 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def ratios(images_per_second: dict) -> dict:
+    """ours / each other pipeline, from {pipeline: images/s}."""
+    ips = images_per_second
+    return {f"ours/{k}": ips["ours"] / v for k, v in ips.items() if k != "ours" and "ours" in ips}
+
+
 def threads(n: int) -> None:
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)  # inherited by subprocesses

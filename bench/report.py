@@ -60,7 +60,7 @@ def train_table(d: dict, round_: int | None = None) -> list[str]:
         ips, ratio = r["images_per_second"], r["ratios"]
         if round_:
             ips = {k: v[round_ - 1] for k, v in r["rounds"].items()}
-            ratio = {f"ours/{k}": ips["ours"] / v for k, v in ips.items() if k != "ours"}
+            ratio = benchlib.ratios(ips)
         cells = [f"{ips[n]:,.1f}" for n in names]
         marks = [
             f"**{ratio[f'ours/{n}']:.2f}**"

@@ -1,7 +1,7 @@
 """Scaling: how one epoch of train.py grows with the training-set size and with 1 vs 2 processes.
 
-Runs `train.py --model baseline_cnn (--model) --no-pretrained --epochs 1 --max-train-samples N` for each fraction of
-`--full` images, with 1 process (`python train.py`) and with 2 CPU processes
+Runs `train.py --model MODEL --no-pretrained --epochs 1 --max-train-samples N` (`--model`, default baseline_cnn)
+for each fraction of `--full` images, with 1 process (`python train.py`) and with 2 CPU processes
 (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_cpu_threads_per_process T`),
 and reads the epoch's `seconds` (the training loop alone, no evaluation) from history.jsonl. The thread budget
 (`--threads`) is split between the processes, so both settings use the same cores.

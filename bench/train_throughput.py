@@ -329,10 +329,6 @@ def load_sources(args, names, n_images):
     return store, folder, hf_ds
 
 
-def ratios(medians: dict) -> dict:
-    return {f"ours/{k}": medians["ours"] / v for k, v in medians.items() if k != "ours" and "ours" in medians}
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     benchlib.threads(args.threads)
@@ -406,7 +402,7 @@ def main(argv=None) -> int:
             "precision": precision,
             "images_per_second": medians,
             "rounds": rounds,
-            "ratios": ratios(medians),
+            "ratios": benchlib.ratios(medians),
         }
         row.update({f"{p.name}_graph_capture_error": p.capture_error for p in pipes if p.capture_error})
         payload["results"].append(row)

@@ -13,11 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_bench(script: str, *args: str, out: Path) -> dict:
+def run_script(script: str, *args: str) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def run_bench(script: str, *args: str, out: Path) -> dict:
+    """A script that writes one JSON file into `--out`: its content."""
+    run_script(script, *args, "--out", str(out))
     files = list(out.glob("*.json"))
     assert len(files) == 1, files
     return json.loads(files[0].read_text())
@@ -73,13 +78,10 @@ def test_profile_step_splits_the_step_into_phases(easy10_parquet, tmp_path):
 
 def test_time_to_accuracy_runs_a_preset_as_a_user_would(easy10_parquet, tmp_path):
     out = tmp_path / "tta.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "time_to_accuracy.py"), str(ROOT / "configs" / "cpu_fast_cnn.yaml"),
-         "--dataset", str(easy10_parquet), "--runs-dir", str(tmp_path / "runs"), "--output", str(out),
-         "--name", "smoke", "--", "--epochs", "2", "--time-limit-minutes", "none", "--warmup-epochs", "0",
-         "--batch-size", "64", "--eval-batch-size", "100", "--no-tta"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("time_to_accuracy.py", str(ROOT / "configs" / "cpu_fast_cnn.yaml"), "--dataset", str(easy10_parquet),
+               "--runs-dir", str(tmp_path / "runs"), "--output", str(out), "--name", "smoke", "--", "--epochs", "2",
+               "--time-limit-minutes", "none", "--warmup-epochs", "0", "--batch-size", "64",
+               "--eval-batch-size", "100", "--no-tta")
     run = json.loads(out.read_text())["runs"]["smoke"]
     assert run["epochs_run"] == 2 and [c["epoch"] for c in run["curve"]] == [1, 2]
     assert 0 <= run["test_top1"] <= 1 and run["val_top1_by"]["5min"] is not None
@@ -88,11 +90,8 @@ def test_time_to_accuracy_runs_a_preset_as_a_user_would(easy10_parquet, tmp_path
 def test_demo_latency_queries_the_app_over_http(tmp_path):
     """app.py as a fresh server process, queried the way the page's JavaScript and gradio_client do."""
     out = tmp_path / "demo.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "demo_latency.py"), "--models", "baseline_cnn", "--backends", "torch",
-         "--requests", "3", "--clients", "2", "--per-client", "1", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_script("demo_latency.py", "--models", "baseline_cnn", "--backends", "torch", "--requests", "3",
+               "--clients", "2", "--per-client", "1", "--out", str(out))
     (row,) = json.loads(out.read_text())["results"]
     assert row["app_single_image"]["n"] == row["gradio_client_single_image"]["n"] == 3
     assert row["cold_start_to_first_prediction_s"] > 0 and row["app_throughput_2_clients_img_per_s"] > 0
