@@ -6,13 +6,22 @@ costs one kernel on the GPU instead of per-image PIL work in a loader.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
+@functools.lru_cache(maxsize=32)
+def _stats(mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: from Python lists, every batch would pay a blocking host-to-GPU copy
+    return tuple(torch.tensor(v, device=device, dtype=dtype).view(1, -1, 1, 1) for v in (mean, std))
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    mean = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    # while torch.compile / torch.export trace, tensors made here are the tracer's: never cache those
+    make = _stats.__wrapped__ if torch.compiler.is_compiling() else _stats
+    mean, std = make(tuple(mean), tuple(std), x.device, x.dtype)
     return (x - mean) / std
 
 
@@ -82,22 +91,15 @@ class TrainTransform:
                  zoom: float = 0.1, channels_last: bool = True):
         self.size, self.mean, self.std = size, mean, std
         self.augment, self.shift, self.zoom, self.channels_last = augment, shift, zoom, channels_last
-        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if self._stats is None or self._stats[0].device != x.device:  # made once: from a list, every batch
-            # would pay a blocking host-to-GPU copy
-            self._stats = tuple(torch.tensor(v, device=x.device, dtype=x.dtype) for v in (self.mean, self.std))
-        return normalize(x, *self._stats)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.augment == "none":
-            x = self._normalize(_float_resized(images, self.size))
-        elif self.augment == "crop":
-            x = random_crop_flip(self._normalize(_float_resized(images, self.size)), round(self.shift * self.size))
+        if self.augment in ("none", "crop"):
+            x = normalize(_float_resized(images, self.size), self.mean, self.std)
+            if self.augment == "crop":
+                x = random_crop_flip(x, round(self.shift * self.size))
         else:
             if self.augment == "randaugment":
                 images = rand_augment(images)
             x = random_affine_resize(images.float().div_(255), self.size, self.shift, self.zoom)
-            x = self._normalize(x)
+            x = normalize(x, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -172,9 +172,7 @@ def train(cfg: TrainConfig) -> dict:
                          weights=cfg.weights, drop_rate=cfg.drop_rate)
     dcfg = data_config(model, cfg.image_size)
     size, mean, std = dcfg["image_size"], dcfg["mean"], dcfg["std"]
-    # the statistics as device tensors: from lists, every eval batch would pay a blocking host-to-GPU copy
-    stats = [torch.tensor(v, device=accelerator.device) for v in (mean, std)]
-    evaluate_tf = partial(eval_transform, size=size, mean=stats[0], std=stats[1], channels_last=cfg.channels_last)
+    evaluate_tf = partial(eval_transform, size=size, mean=mean, std=std, channels_last=cfg.channels_last)
     if hasattr(model, "init_whitening") and not cfg.weights:  # fast_cnn: a stem fitted to the data
         model.init_whitening(evaluate_tf(bundle.train.images[:5000], channels_last=False))
     if cfg.channels_last:

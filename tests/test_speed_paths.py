@@ -28,13 +28,18 @@ def test_cpu_split_stays_where_it_is():
     assert s.nbytes == 40 * 3 * 8 * 8 + 2 * 40 * 8
 
 
-def test_train_transform_makes_its_constants_once():
+def test_normalisation_constants_are_made_once():
+    from cifar_tl import augment
+
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     tf = TrainTransform(8, [0.5, 0.4, 0.3], (0.2, 0.2, 0.2), augment="none")
     first = tf(images)
-    stats = tf._stats
-    assert torch.equal(tf(images), first) and tf._stats is stats
+    stats = augment._stats((0.5, 0.4, 0.3), (0.2, 0.2, 0.2), torch.device("cpu"), torch.float32)
+    misses = augment._stats.cache_info().misses
+    assert torch.equal(tf(images), first)  # the train transform (a list) and eval (a tuple) share them
     torch.testing.assert_close(first, eval_transform(images, 8, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)))
+    assert augment._stats.cache_info().misses == misses
+    assert augment._stats((0.5, 0.4, 0.3), (0.2, 0.2, 0.2), torch.device("cpu"), torch.float32) is stats
 
 
 def test_graph_blockers_name_each_reason():
@@ -112,3 +117,20 @@ def test_auto_precision_on_cpu_follows_the_hardware_and_the_model(monkeypatch):
         assert mixed_precision("auto", "baseline_cnn") == ("bf16" if native else "no")
         assert mixed_precision("auto", "tf_efficientnet_lite0") == "no"
     assert mixed_precision("no", "baseline_cnn") == "no"
+
+
+def test_tracing_does_not_leave_its_tensors_in_the_constants_cache():
+    """torch.export (ONNX export, the probe) runs the same transform: what it traces must not be cached."""
+    from cifar_tl import augment
+
+    augment._stats.cache_clear()
+
+    class Pre(torch.nn.Module):
+        def forward(self, images):
+            return eval_transform(images, 8, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5))
+
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    torch.export.export(Pre(), (images,))
+    assert augment._stats.cache_info().currsize == 0
+    out = eval_transform(images, 8, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5))
+    torch.testing.assert_close(out, (images.float() / 255 - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / 0.5)
