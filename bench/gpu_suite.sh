@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-relevant in one command, JSON to $OUT (else bench/results), rows written as they come. Each
 # part has a time limit (STEP_TIMEOUT overrides them all); PARTS picks some ("tests train engine epoch" is
-# about 8 minutes on one H100):
+# about 11 minutes on one H200, more than one 10-minute device call: split it):
 #   tests      the GPU tests (device-resident data, CUDA-graph step = eager step, engine with graphs)
 #   train      training throughput of ours / ours without CUDA graphs / timm / timm+channels_last /
 #              transformers-example pipelines, 3 models x 32-224 px (mostly DataLoader worker start-up)
@@ -22,9 +22,8 @@
 #       -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pytest pluggy iniconfig pygments
 #   run: bash bench/gpu_suite.sh   carry: build/cifar10-jpeg, .whl   timeout: 600 s
 # Env: WORKERS (reference loaders' DataLoader workers, default nproc-2), STEP_TIMEOUT (seconds per part),
-# TRAIN_ARGS (more train_throughput.py flags for part train), e.g. the matrix one model per call (~5 min each):
-#   PARTS=train STEP_TIMEOUT=540 TRAIN_ARGS="--models tf_efficientnet_lite0 --name train_throughput_cuda_lite0" \
-#     bash bench/gpu_suite.sh
+# TRAIN_ARGS (more train_throughput.py flags for part train). The whole training matrix took 384 s on an H200:
+#   PARTS=train STEP_TIMEOUT=550 bash bench/gpu_suite.sh; then PARTS="tests engine epoch" (~4 min)
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-bench/results} PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -59,10 +58,10 @@ engine() {  # the same recipe with CUDA graphs on and off
 export -f engine && export PY DATA
 
 part tests "${STEP_TIMEOUT:-80}" $PY -m pytest -q -p no:cacheprovider tests/test_speed_paths.py
-part train "${STEP_TIMEOUT:-280}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
+part train "${STEP_TIMEOUT:-550}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
   --batch-sizes 32:256,64:256,128:256,224:128 --steps 20 --warmup 2 --repeats 2 ${TRAIN_ARGS:-}
 part engine "${STEP_TIMEOUT:-110}" bash -c engine
-part epoch "${STEP_TIMEOUT:-100}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
+part epoch "${STEP_TIMEOUT:-150}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
   --pipelines ours timm hf --batch-sizes 224:128 --repeats 0 --epoch-images 50000 --epoch-size 224 \
   --name train_epoch_cuda
 part profile "${STEP_TIMEOUT:-40}" $PY bench/profile_step.py --device cuda --sizes 32 224 --batch-size 256 --steps 10
