@@ -115,7 +115,12 @@ def onnx_runner(model, x, device, threads, t0):
         return binding.get_outputs()
 
     run(x)
-    return run, x, time.perf_counter() - t0
+    prepare_seconds = time.perf_counter() - t0
+    with torch.inference_mode():  # a wrongly bound buffer would still time fine: check the logits once
+        expected = model(x).float().cpu().numpy()
+    if not np.allclose(binding.copy_outputs_to_cpu()[0], expected, rtol=1e-3, atol=1e-3):
+        raise SystemExit("onnxruntime: logits differ from the PyTorch model's; the export or binding is wrong")
+    return run, x, prepare_seconds
 
 
 def measure(run, x, batch: int, device: torch.device, min_seconds: float) -> float:
