@@ -39,28 +39,25 @@ for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MOD
     os.environ.setdefault(key, value)
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples" / "cifar100").glob("*.png"))
+EXAMPLES = sorted((ROOT / "cifar_tl" / "examples" / "cifar100").glob("*.png"))
 sys.path.insert(0, str(ROOT))
 
 import torch
 
-from cifar_tl.models import BASELINE_WIDTHS
-
-INPUT_SIZE = dict.fromkeys(BASELINE_WIDTHS, 32)  # anything else: the timm model's own default input size
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice: one per physical core
 
 
 def build_model_dir(arch: str, out: Path) -> Path:
-    from cifar_tl.export import model_config, save_model_dir
+    from cifar_tl.model_folder import folder_config, write_model_folder
     from cifar_tl.models import create_model, data_config
 
     model = create_model(arch, pretrained=False, num_classes=100).eval()
-    dc = data_config(model, INPUT_SIZE.get(arch))
+    dc = data_config(model)  # the model's own input size: 32 px for our CNNs
     names = [f"class_{i}" for i in range(100)]
-    cfg = model_config(model, architecture=arch, image_size=dc["image_size"], mean=dc["mean"], std=dc["std"],
-                       data_size=32, fine_names=names, coarse_names=[f"super_{i}" for i in range(20)],
-                       fine_to_coarse=[i % 20 for i in range(100)])
-    return save_model_dir(model, cfg, out)
+    cfg = folder_config(model, image_size=dc["image_size"], mean=dc["mean"], std=dc["std"], data_size=32,
+                        fine_names=names, coarse_names=[f"super_{i}" for i in range(20)],
+                        fine_to_coarse=[i % 20 for i in range(100)])
+    return write_model_folder(out, model, cfg)
 
 
 def cpu_name() -> str:
@@ -190,7 +187,7 @@ def app_throughput(url: str, clients: int, per_client: int) -> float:
 
 def model_latency(model: str, backend: str, threads: int | None, n: int) -> list[float]:
     from cifar_tl.inference import open_image
-    from cifar_tl.predict import load_predictor
+    from cifar_tl.loading import load_predictor
 
     torch.set_num_threads(DEFAULT_THREADS)  # undo an earlier configuration's cap
     predictor = load_predictor(model, backend, threads=threads)
@@ -219,8 +216,8 @@ def main() -> int:
     import gradio
     import onnxruntime
 
-    from cifar_tl.export_onnx import export_onnx
     from cifar_tl.inference import Predictor
+    from cifar_tl.onnx_backend import export_onnx
 
     thread_counts = [None if t == "default" else int(t) for t in args.threads]
     results = []

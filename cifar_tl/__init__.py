@@ -4,6 +4,6 @@ __version__ = "0.1.0"
 
 def from_pretrained(model_dir_or_hub_id: str, device=None):
     """A ready Predictor (model + preprocessing + label names) from a model folder or a Hub id."""
-    from .hub import from_pretrained as _from_pretrained
+    from .loading import load_predictor
 
-    return _from_pretrained(model_dir_or_hub_id, device=device)
+    return load_predictor(model_dir_or_hub_id, device=device)

@@ -1,13 +1,11 @@
-"""The model card (README.md of a model folder): the repository's `model_card.md` Jinja2 template, filled
-from the folder's config.json and the run's outputs. The YAML metadata is built with huggingface_hub's
-`ModelCardData` and `EvalResult`, so the `model-index` is well formed by construction, and the rendered card
-is parsed back with `ModelCard` before it is written. Rendering needs neither torch nor timm, so pushing a
-folder stays light."""
+"""The model card (README.md of a model folder), rendered from the repository's `model_card.md` Jinja2
+template, the folder's config.json and the run's outputs; `model_folder.write_card` writes it. The YAML
+metadata is built with huggingface_hub's `ModelCardData` and `EvalResult`, so the `model-index` is well formed
+by construction, and the rendered card is parsed back with `ModelCard` before it is written."""
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import jinja2
@@ -56,29 +54,6 @@ CITATIONS = {
 }
 
 
-def _run_dir_of(model_dir: Path) -> Path | None:
-    """The training run a model folder sits in (engine layout: RUN/model next to RUN/metrics.json), if any."""
-    parent = model_dir.resolve().parent
-    return parent if (parent / "metrics.json").is_file() else None
-
-
-def write_card(model_dir: str | Path, config: dict, *, repo_id: str | None = None,
-               run_dir: Path | None = None) -> Path:
-    """Copy the run's evaluation plots (PNG) into the folder and write README.md. `repo_id` names the Hub repo
-    in the loading snippets; without it they load the folder by its path. `run_dir` defaults to the folder's
-    parent when that is a training run."""
-    model_dir = Path(model_dir)
-    run_dir = run_dir if run_dir is not None else _run_dir_of(model_dir)
-    if run_dir is not None and run_dir.resolve() != model_dir.resolve():
-        for png in sorted([*run_dir.glob("*.png"), *run_dir.glob("plots/*.png")]):  # report.py writes plots/
-            (model_dir / "plots").mkdir(exist_ok=True)
-            shutil.copyfile(png, model_dir / "plots" / png.name)
-    card = render_card(config, model_dir=model_dir, repo_id=repo_id, run_dir=run_dir)
-    path = model_dir / "README.md"
-    card.save(path)
-    return path
-
-
 def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
                 run_dir: Path | None = None) -> ModelCard:
     extra = config.get("cifar_tl", {})
@@ -91,7 +66,7 @@ def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
     dataset_name, dataset_description = DATASETS.get(dataset_id, (source, f"{source}: {len(names)} classes."))
     base_model = extra.get("base_model")
     title = repo_id.split("/")[-1] if repo_id else f"{architecture} on {dataset_name}"
-    pct = {k: f"{_pct(metrics[k]):.2f} %" for k in ("top1", "coarse_top1") if k in metrics}
+    pct = {k: f"{percent(metrics[k]):.2f} %" for k in ("top1", "coarse_top1") if k in metrics}
     data = ModelCardData(
         license=LICENSE,
         library_name="timm" if is_timm else "pytorch",
@@ -155,7 +130,8 @@ def _origin(train: dict, base_model: str | None) -> str:
     return f"fine-tuned from {source}"
 
 
-def _pct(value: float) -> float:
+def percent(value: float) -> float:
+    """A share in [0, 1] as a percentage rounded to 2 decimals (the number the model-index records)."""
     return round(100 * float(value), 2)
 
 
@@ -166,14 +142,14 @@ def _floats(values) -> str:
 def _eval_results(metrics: dict, dataset_type: str, dataset_name: str) -> list[EvalResult]:
     return [EvalResult(task_type="image-classification", task_name="Image Classification",
                        dataset_type=dataset_type, dataset_name=dataset_name, dataset_split="test",
-                       metric_type=kind, metric_name=f"{name} (%)", metric_value=_pct(metrics[key]))
+                       metric_type=kind, metric_name=f"{name} (%)", metric_value=percent(metrics[key]))
             for key, kind, name in METRICS if key in metrics]
 
 
 def _results(metrics: dict) -> list[tuple[str, str]]:
-    rows = [(name, f"{_pct(metrics[key]):.2f} %") for key, _, name in METRICS if key in metrics]
+    rows = [(name, f"{percent(metrics[key]):.2f} %") for key, _, name in METRICS if key in metrics]
     if "top1" in metrics.get("tta", {}):
-        rows.append(("Top-1 accuracy with horizontal-flip TTA", f"{_pct(metrics['tta']['top1']):.2f} %"))
+        rows.append(("Top-1 accuracy with horizontal-flip TTA", f"{percent(metrics['tta']['top1']):.2f} %"))
     rows += [(name, f"{metrics[key]:.4f}") for key, name in (("loss", "Cross-entropy loss"),
                                                               ("ece", "Expected calibration error (15 bins)"))
              if key in metrics]
@@ -210,7 +186,7 @@ def _weakest_superclasses(run_dir: Path | None, count: int = 3) -> list[tuple[st
     details = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     per_super = details.get("plain", {}).get("per_superclass") or {}
     weakest = sorted(per_super.items(), key=lambda kv: kv[1])[:count]
-    return [(name, f"{_pct(acc):.1f} %") for name, acc in weakest]
+    return [(name, f"{percent(acc):.1f} %") for name, acc in weakest]
 
 
 def _plots(model_dir: Path) -> list[dict]:

@@ -218,6 +218,13 @@ def decode_image(data: bytes | Image.Image | np.ndarray) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
+def coarse_probs(fine_probs: torch.Tensor, fine_to_coarse, num_coarse: int) -> torch.Tensor:
+    """Superclass probabilities = fine probabilities summed per superclass (consistent by construction)."""
+    index = torch.as_tensor(fine_to_coarse, device=fine_probs.device)
+    out = torch.zeros(fine_probs.shape[0], num_coarse, device=fine_probs.device, dtype=fine_probs.dtype)
+    return out.index_add_(1, index, fine_probs)
+
+
 # --------------------------------------------------------------------------------------------- sources
 
 
@@ -338,8 +345,9 @@ def _load_hf(dataset, kind, image_column, label_column, coarse_label_column, spl
             ds = datasets.load_dataset(dataset)
     except Exception as err:  # datasets raises many types; keep the reason, drop the deep traceback
         if kind == "hub":
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-            why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"
+            from huggingface_hub import is_offline_mode
+
+            why = "offline mode is on (HF_HUB_OFFLINE=1)" if is_offline_mode() else "the Hub could not be reached"
             raise DataError(
                 f"--dataset {dataset}: not a local path and {why}, and it is not in the local datasets cache "
                 f"({type(err).__name__}: {err}). Download it where the Hub is reachable, or pass a local copy: "

@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image
 
 from .inference import MAX_PIXELS, ImageError, Predictor, open_image
-from .predict import ModelLoadError, add_model_args, load_predictor
+from .loading import ModelLoadError, add_model_args, load_predictor
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "cifar100"
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples" / "cifar100"  # package data
 PREVIEW_SIDE = 128  # the thumbnail preview is upscaled with nearest neighbour so its pixels stay visible
 NO_IMAGE = "Upload an image, take a webcam photo or paste one from the clipboard."
 

@@ -1,12 +1,13 @@
-"""`python -m cifar_tl.evaluate --model DIR_OR_HUB_ID --dataset D --split test --output-dir OUT [--tta]`
+"""Evaluate a model on one split: `evaluate_split` (the engine's final test evaluation uses it too) and the CLI
 
-Writes OUT/metrics.json, OUT/report.md and OUT/plots/*.png for one split. Also runs under
+    python -m cifar_tl.evaluate --model DIR_OR_HUB_ID --dataset D --split test --output-dir OUT [--tta]
+
+which writes OUT/metrics.json, OUT/report.md and OUT/plots/*.png. The CLI also runs under
 `accelerate launch -m cifar_tl.evaluate ...`: every process evaluates a shard and each image counts once."""
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from functools import partial
 from pathlib import Path
@@ -14,11 +15,54 @@ from pathlib import Path
 import torch
 
 from .augment import eval_transform
-from .data import DataError, load_bundle, make_loader
-from .evaluation import EvaluationError, align_labels, collect_logits, compute_metrics, load_label_map
+from .console import one_line_errors, setup_logging
+from .data import DataError, DatasetBundle, Split, load_bundle, make_loader
 from .files import atomic_write_text
-from .inference import Predictor
+from .loading import ModelLoadError, load_predictor
+from .metrics import EvaluationError, align_labels, compute_metrics, load_label_map
 from .report import write_report
+
+
+@torch.no_grad()
+def collect_logits(model, loader, transform, accelerator, tta: bool = False) -> dict[str, torch.Tensor]:
+    """Run `model` over `loader` on every process; gather_for_metrics drops the sampler's padding, so the
+    result holds each sample exactly once, in order."""
+    model.eval()
+    outs: dict[str, list[torch.Tensor]] = {}
+    for batch in loader:
+        x = transform(batch["image"])
+        with accelerator.autocast():
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+        tensors = {"logits": logits, **{k: batch[k] for k in ("fine", "coarse") if k in batch}}
+        for key, value in accelerator.gather_for_metrics(tensors).items():
+            outs.setdefault(key, []).append(value.cpu())
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def evaluate_split(model, split: Split, bundle: DatasetBundle, transform, accelerator, *, batch_size: int,
+                   tta: bool = False, columns: list[int] | None = None,
+                   precomputed: dict[bool, dict] | None = None) -> tuple[dict[str, dict], torch.Tensor]:
+    """Metrics of `model` on `split` (labels and names from `bundle`): {"plain": ..., "tta": ... (flip TTA)}
+    and the plain logits in the split's order. `columns` picks and orders the model outputs that predict the
+    dataset's classes (`metrics.align_labels`); `precomputed` holds logits already computed per TTA setting
+    (the linear probe's, from cached features)."""
+    loader = accelerator.prepare(make_loader(split, batch_size, shuffle=False))
+    results, plain = {}, None
+    for flip in [False, True] if tta else [False]:
+        gathered = (precomputed or {}).get(flip) or collect_logits(model, loader, transform, accelerator, tta=flip)
+        if not torch.equal(gathered["fine"].cpu(), split.fine.cpu()):  # every image exactly once, in order
+            raise RuntimeError(f"gathered {len(gathered['fine'])} labels that differ from the split's {len(split)}")
+        logits = gathered["logits"] if columns is None else gathered["logits"][:, columns]
+        results["tta" if flip else "plain"] = compute_metrics(
+            logits, split.fine, coarse=split.coarse, fine_names=bundle.fine_names,
+            coarse_names=bundle.coarse_names, fine_to_coarse=bundle.fine_to_coarse)
+        plain = logits if not flip else plain
+    return results, plain
+
+
+# --------------------------------------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,21 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_predictor(model: str, device: torch.device) -> Predictor:
-    """A local folder loads with Predictor.from_dir; anything else that looks like a Hub id from the Hub."""
-    path = Path(model).expanduser()
-    if not path.is_dir() and (path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise EvaluationError(f"--model {model}: no such model folder, and not a Hub id (user/name)")
-    try:
-        if path.is_dir():
-            return Predictor.from_dir(path, device=device)
-        from .hub import from_pretrained  # Hub access only when asked for
-
-        return from_pretrained(model, device=device)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise EvaluationError(f"--model {model}: cannot be loaded ({type(err).__name__}: {err})") from None
-
-
 def find_history(args: argparse.Namespace) -> Path | None:
     if args.history:
         if not Path(args.history).is_file():
@@ -70,17 +99,8 @@ def find_history(args: argparse.Namespace) -> Path | None:
     return next((p for p in (model / "history.jsonl", model.parent / "history.jsonl") if p.is_file()), None)
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    from accelerate import Accelerator
-
-    if args.batch_size < 1:
-        raise EvaluationError(f"--batch-size must be >= 1; got {args.batch_size}")
-    label_map = load_label_map(args.label_map) if args.label_map else None
-    history = find_history(args)
-    accelerator = Accelerator()
-    predictor = load_predictor(args.model, accelerator.device)
-    extra = predictor.config.get("cifar_tl", {})
-    trained = extra.get("train_config") or {}
+def load_split(args: argparse.Namespace, trained: dict, accelerator) -> tuple[DatasetBundle, Split]:
+    """The dataset split as the model's training run split it (same validation share and seed by default)."""
     val_fraction = args.val_fraction if args.val_fraction is not None else trained.get("val_fraction", 0.1)
     seed = args.seed if args.seed is not None else trained.get("seed", 42)
     with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
@@ -91,59 +111,64 @@ def evaluate(args: argparse.Namespace) -> dict:
     if len(data) == 0:
         hint = " (val comes from --val-fraction of the train split)" if args.split == "val" else ""
         raise EvaluationError(f"--split {args.split} of --dataset {args.dataset} is empty{hint}")
-    columns = align_labels(predictor.fine_names, bundle.fine_names, label_map)
+    return bundle, data
 
+
+def evaluate(args: argparse.Namespace) -> dict:
+    from accelerate import Accelerator
+
+    if args.batch_size < 1:
+        raise EvaluationError(f"--batch-size must be >= 1; got {args.batch_size}")
+    label_map = load_label_map(args.label_map) if args.label_map else None
+    history = find_history(args)
+    accelerator = Accelerator()
+    predictor = load_predictor(args.model, device=accelerator.device)
+    extra = predictor.config.get("cifar_tl", {})
+    bundle, data = load_split(args, extra.get("train_config") or {}, accelerator)
+    columns = align_labels(predictor.fine_names, bundle.fine_names, label_map)
     transform = partial(eval_transform, size=predictor.image_size, mean=predictor.mean, std=predictor.std,
                         channels_last=predictor.channels_last)
-    loader = accelerator.prepare(make_loader(data, args.batch_size, shuffle=False))
-    results, plain_logits = {}, None
-    for tta in [False, True] if args.tta else [False]:
-        gathered = collect_logits(predictor.model, loader, transform, accelerator, tta=tta)
-        if not torch.equal(gathered["fine"], data.fine):  # every image exactly once, in order
-            raise RuntimeError(f"gathered {len(gathered['fine'])} labels that differ from the {len(data)} of "
-                               f"the {args.split} split")
-        logits = gathered["logits"][:, columns]
-        if not tta:
-            plain_logits = logits
-        results["tta" if tta else "plain"] = compute_metrics(
-            logits, data.fine, coarse=data.coarse, fine_names=bundle.fine_names,
-            coarse_names=bundle.coarse_names, fine_to_coarse=bundle.fine_to_coarse)
-
+    results, plain_logits = evaluate_split(predictor.model, data, bundle, transform, accelerator,
+                                           batch_size=args.batch_size, tta=args.tta, columns=columns)
     info = {"model": args.model, "dataset": args.dataset, "dataset_fingerprint": bundle.fingerprint,
             "split": args.split, **({"label_map": args.label_map} if label_map is not None else {})}
     metrics = {**info, **results["plain"], **({"tta": results["tta"]} if args.tta else {})}
     if accelerator.is_main_process:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         report_info = {"model": args.model, "architecture": predictor.config["architecture"],
                        "dataset": args.dataset, "dataset fingerprint": bundle.fingerprint,
-                       "split": f"{args.split} ({len(data)} images)"}
-        if label_map is not None:
-            report_info["label map"] = args.label_map
-        write_report(out, results=results, logits=plain_logits, bundle=bundle, split=args.split,
-                     info=report_info, history=history, best_epoch=extra.get("metrics", {}).get("best_epoch"))
-        plain = results["plain"]
-        accelerator.print(f"{args.split}: top1 {plain['top1']:.4f} top5 {plain['top5']:.4f}"
-                          + (f" coarse_top1 {plain['coarse_top1']:.4f}" if "coarse_top1" in plain else "")
-                          + f" ece {plain['ece']:.4f}"
-                          + (f" | tta top1 {results['tta']['top1']:.4f}" if args.tta else "")
-                          + f" -> {out / 'report.md'}")
+                       "split": f"{args.split} ({len(data)} images)",
+                       **({"label map": args.label_map} if label_map is not None else {})}
+        write_outputs(Path(args.output_dir), metrics, results, plain_logits, bundle, args.split, report_info,
+                      history, extra.get("metrics", {}).get("best_epoch"))
+        accelerator.print(summary_line(args.split, results) + f" -> {Path(args.output_dir) / 'report.md'}")
     accelerator.wait_for_everyone()
     return metrics
 
 
+def write_outputs(out: Path, metrics: dict, results: dict, logits: torch.Tensor, bundle: DatasetBundle,
+                  split: str, info: dict, history: Path | None, best_epoch: int | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_report(out, results=results, logits=logits, bundle=bundle, split=split, info=info, history=history,
+                 best_epoch=best_epoch)
+
+
+def summary_line(split: str, results: dict) -> str:
+    plain = results["plain"]
+    return (f"{split}: top1 {plain['top1']:.4f} top5 {plain['top5']:.4f}"
+            + (f" coarse_top1 {plain['coarse_top1']:.4f}" if "coarse_top1" in plain else "")
+            + f" ece {plain['ece']:.4f}"
+            + (f" | tta top1 {results['tta']['top1']:.4f}" if "tta" in results else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "huggingface_hub", "datasets", "filelock", "accelerate", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         evaluate(args)
-    except (EvaluationError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return one_line_errors(run, EvaluationError, DataError, ModelLoadError)
 
 
 if __name__ == "__main__":

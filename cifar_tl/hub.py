@@ -1,6 +1,6 @@
-"""Hugging Face Hub: load a model folder or Hub id as a ready Predictor, push a model folder as one commit,
-and write a Gradio Space folder. Everything goes through huggingface_hub; only safetensors, JSON, Markdown
-(and the card's PNG plots) ever travel, and nothing runs remote code.
+"""Hugging Face Hub: push a model folder as one commit, and write a Gradio Space folder (loading a Hub model is
+`loading.load_predictor`). Everything goes through huggingface_hub; only safetensors, JSON, Markdown (and the
+card's PNG plots) ever travel, and nothing runs remote code.
 
     python -m cifar_tl.hub push MODEL_DIR user/name [--private] [--message TEXT]
     python -m cifar_tl.hub space SPACE_DIR --model user/name|MODEL_DIR
@@ -14,16 +14,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from huggingface_hub import HfApi, SpaceCard, SpaceCardData, get_token, is_offline_mode, snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub import HfApi, SpaceCard, SpaceCardData, get_token, is_offline_mode
 
-from .card import write_card
+from .console import one_line_errors
+from .loading import DOWNLOAD_PATTERNS, is_hub_id
+from .model_folder import write_card
 
-DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]  # never pickles, never code
-UPLOAD_PATTERNS = [*DOWNLOAD_PATTERNS, "*.png"]  # + the card's plots
+UPLOAD_PATTERNS = [*DOWNLOAD_PATTERNS, "*.png"]  # + the card's plots; never pickles, never code
 PACKAGE_DIR = Path(__file__).resolve().parent
-EXAMPLES_DIR = PACKAGE_DIR.parent / "examples"
 
 
 class HubError(RuntimeError):
@@ -33,40 +31,9 @@ class HubError(RuntimeError):
 
 def check_repo_id(repo_id: str | None, what: str) -> str:
     """A Hub model id must be namespace/name: a bare name would land in whichever account is logged in."""
-    try:
-        validate_repo_id(repo_id or "")
-        if repo_id.count("/") != 1:
-            raise HFValidationError("expected user/name")
-    except HFValidationError as err:
-        raise HubError(f"{what} {repo_id!r}: not a Hub id user/name ({err})") from None
+    if not is_hub_id(repo_id or ""):
+        raise HubError(f"{what} {repo_id!r}: not a Hub id user/name")
     return repo_id
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-def from_pretrained(model_dir_or_hub_id: str | Path, device=None):
-    """A ready `Predictor` from a model folder, or from a Hub repo (downloaded with snapshot_download,
-    allowing only safetensors/JSON/Markdown files)."""
-    from .inference import Predictor
-
-    path = Path(model_dir_or_hub_id)
-    if path.is_dir():
-        return Predictor.from_dir(path, device=device)
-    try:
-        repo_id = check_repo_id(str(model_dir_or_hub_id), "model")
-    except HubError:
-        raise FileNotFoundError(f"{path}: no such model folder, nor a Hub id user/name") from None
-    try:
-        folder = snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS)
-    except LocalEntryNotFoundError:
-        offline = " (HF_HUB_OFFLINE=1)" if is_offline_mode() else ""
-        raise HubError(f"{repo_id}: no such folder, and not in the local Hub cache while the Hub is "
-                       f"unreachable{offline}; download it once online or pass a model folder") from None
-    except Exception as err:  # repository missing, gated, private without a token, or the Hub failing
-        raise HubError(f"{repo_id}: cannot download from the Hub ({type(err).__name__}: "
-                       f"{str(err).splitlines()[0]})") from None
-    return Predictor.from_dir(folder, device=device)
 
 
 # --------------------------------------------------------------------------------------------- pushing
@@ -161,7 +128,7 @@ Run it locally: `pip install -r requirements.txt gradio=={{ gradio_version }} &&
 
 def build_space(space_dir: str | Path, model: str) -> Path:
     """Write a self-contained Gradio Space: README.md (Space metadata), app.py, requirements.txt, a copy of
-    the cifar_tl package and its example images. `model` is a Hub id, or a local model folder copied into the
+    the cifar_tl package (with its example images). `model` is a Hub id, or a local model folder copied into the
     Space. app.py calls `cifar_tl.demo.main(["--model", MODEL])`."""
     space = Path(space_dir)
     local = Path(model).is_dir()
@@ -170,8 +137,6 @@ def build_space(space_dir: str | Path, model: str) -> Path:
     space.mkdir(parents=True, exist_ok=True)
     shutil.copytree(PACKAGE_DIR, space / "cifar_tl", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    if EXAMPLES_DIR.is_dir():  # cifar_tl.demo looks for its example images next to the package
-        shutil.copytree(EXAMPLES_DIR, space / "examples", dirs_exist_ok=True)
     if local:  # bundle the weights: the Space then needs no model repo
         read_model_folder(model)
         keep = (".safetensors", ".json")
@@ -221,15 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     space.add_argument("space_dir")
     space.add_argument("--model", required=True, help="Hub id user/name, or a model folder to bundle")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         if args.command == "push":
             print(push_model_dir(args.model_dir, args.repo_id, private=args.private, message=args.message))
         else:
             print(f"wrote {build_space(args.space_dir, args.model)}; run it with `python app.py` there")
-    except (HubError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return one_line_errors(run, HubError, FileNotFoundError, ValueError)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """One Predictor (preprocessing + model + label names) serves evaluation, the predict CLI, the demo and Hub
-loading, so every path sees the same pixels the model was trained on."""
+loading, so every path sees the same pixels the model was trained on. `loading.load_predictor` builds it from
+a folder, a Hub id or an .onnx file (`onnx_backend.OnnxPredictor` shares everything but the forward pass)."""
 from __future__ import annotations
 
 import os
@@ -11,8 +12,8 @@ import torch
 from PIL import Image
 
 from .augment import eval_transform
-from .data import decode_image
-from .export import load_model_dir
+from .data import coarse_probs, decode_image
+from .model_folder import load_model
 
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # ~89 MP: PIL's own decompression-bomb threshold
 
@@ -39,13 +40,6 @@ def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # corrupt data surfaces only while decoding
         raise ImageError(f"the image data is damaged or truncated ({err})") from None
     return img
-
-
-def coarse_probs(fine_probs: torch.Tensor, fine_to_coarse, num_coarse: int) -> torch.Tensor:
-    """Superclass probabilities = fine probabilities summed per superclass (consistent by construction)."""
-    index = torch.as_tensor(fine_to_coarse, device=fine_probs.device)
-    out = torch.zeros(fine_probs.shape[0], num_coarse, device=fine_probs.device, dtype=fine_probs.dtype)
-    return out.index_add_(1, index, fine_probs)
 
 
 @dataclass
@@ -75,7 +69,7 @@ class Predictor:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | torch.device | None = None) -> Predictor:
-        model, config = load_model_dir(model_dir)
+        model, config = load_model(model_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(model, config, device, Path(model_dir))
 

@@ -1,5 +1,6 @@
-"""Model zoo: the reference baseline CNN and any timm model, with pretrained weights from a file, the Hub or
-an offline package. Every model exposes timm's API (`pretrained_cfg`, `num_features`, `get_classifier`,
+"""One way to build any model: `create_model(name, ...)` goes through `timm.create_model` for timm's models and
+ours alike (ours are registered by `cifar_tl.architectures`), with initial weights from a file, the Hub or an
+offline package. Every model exposes timm's API (`pretrained_cfg`, `num_features`, `get_classifier`,
 `reset_classifier`), so the rest of the project treats them alike."""
 from __future__ import annotations
 
@@ -9,145 +10,15 @@ from pathlib import Path
 
 import timm
 import torch
+from huggingface_hub import is_offline_mode
 from torch import nn
+
+from . import architectures  # noqa: F401  (registers baseline_cnn and fast_cnn with timm)
 
 log = logging.getLogger(__name__)
 
-# the reference architecture at three widths: the default, and a 4x cheaper one for CPU time budgets
-BASELINE_WIDTHS = {"baseline_cnn": (64, 128, 256), "baseline_cnn_small": (32, 64, 128),
-                   "baseline_cnn_wide": (128, 256, 512)}
-# airbench94's layout (Jordan, 2024) at its own widths and at half width, the 2-core CPU time-to-accuracy pick
-FAST_WIDTHS = {"fast_cnn": (32, 128, 128), "fast_cnn_wide": (64, 256, 256)}
-CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR_STD = (0.2673, 0.2564, 0.2762)
-
-
 class WeightsError(RuntimeError):
     """Weights could not be found or do not fit the model; the message says what to supply instead."""
-
-
-class _CifarCNN(nn.Module):
-    """timm's model API (`pretrained_cfg`, `num_features`, `forward_head`, `get_classifier`,
-    `reset_classifier`) over features -> global_pool -> head_drop -> classifier, shared by our own CNNs."""
-
-    def _init_head(self, features: nn.Sequential, num_features: int, num_classes: int, global_pool: nn.Module,
-                   head_drop: nn.Module, in_chans: int, architecture: str) -> None:
-        self.features = features
-        self.num_features, self.num_classes = num_features, num_classes
-        self.global_pool, self.head_drop = global_pool, head_drop
-        self.classifier = self._new_classifier(num_classes)
-        self.pretrained_cfg = {
-            "architecture": architecture, "input_size": (in_chans, 32, 32), "interpolation": "bilinear",
-            "crop_pct": 1.0, "crop_mode": "center", "mean": CIFAR_MEAN, "std": CIFAR_STD,
-            "num_classes": num_classes, "first_conv": "features.0", "classifier": "classifier",
-        }
-
-    def _new_classifier(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x).flatten(1))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.classifier = self._new_classifier(num_classes)
-
-
-class BaselineCNN(_CifarCNN):
-    """The reference study's Keras CNN: 3 stacks of Conv-Conv-MaxPool(2, stride 2)-Dropout(drop_rate) with same
-    padding and ReLU, filters doubling with depth, then global pooling and a linear classifier. BatchNorm
-    after each conv (a modern addition, on by default) lets it train at a high learning rate."""
-
-    def __init__(self, num_classes: int = 100, widths: tuple[int, ...] = (64, 128, 256),
-                 drop_rate: float = 0.25, batchnorm: bool = True, in_chans: int = 3):
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in = in_chans
-        for w in widths:
-            for c in (c_in, w):
-                layers += [nn.Conv2d(c, w, 3, padding=1, bias=not batchnorm)]
-                layers += [nn.BatchNorm2d(w)] if batchnorm else []
-                layers += [nn.ReLU(inplace=True)]
-            layers += [nn.MaxPool2d(2, 2), nn.Dropout(drop_rate)]
-            c_in = w
-        self._init_head(nn.Sequential(*layers), c_in, num_classes, nn.AdaptiveAvgPool2d(1), nn.Identity(),
-                        in_chans, "baseline_cnn")
-        self.model_args = {"widths": list(widths), "drop_rate": drop_rate, "batchnorm": batchnorm}
-
-
-class _DiracConv(nn.Conv2d):
-    """3x3 'same' conv whose first `in_channels` filters start as the identity: an implicit residual
-    path that lets a plain (non-residual) stack train fast."""
-
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__(c_in, c_out, 3, padding=1, bias=False)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        nn.init.dirac_(self.weight.data[:self.in_channels])
-
-
-class _ScaledLinear(nn.Linear):
-    """Bias-free classifier with fixed output scaling (keeps the initial logits small)."""
-
-    def __init__(self, c_in: int, num_classes: int, scale: float = 1 / 9):
-        super().__init__(c_in, num_classes, bias=False)
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) * self.scale
-
-
-class FastCNN(_CifarCNN):
-    """airbench94's network (Jordan, 2024: 94 % CIFAR-10 in 10 epochs): a frozen 2x2 whitening conv
-    initialised from the data's patch covariance, then 3 stacks of Conv-MaxPool-BN-GELU-Conv-BN-GELU
-    (BatchNorm without scale weights, dirac-initialised convs), global max pooling and a scaled linear head.
-    Call `init_whitening(images)` on normalised training images before training from scratch."""
-
-    def __init__(self, num_classes: int = 100, widths: tuple[int, ...] = (32, 128, 128), in_chans: int = 3,
-                 whiten_kernel: int = 2, drop_rate: float = 0.0):
-        super().__init__()
-        c_in = 2 * in_chans * whiten_kernel ** 2  # each whitening direction and its negative
-        layers: list[nn.Module] = [nn.Conv2d(in_chans, c_in, whiten_kernel), nn.GELU()]
-        layers[0].weight.requires_grad_(False)  # set from the data, never trained
-        for w in widths:
-            layers += [_DiracConv(c_in, w), nn.MaxPool2d(2), self._norm(w), nn.GELU(),
-                       _DiracConv(w, w), self._norm(w), nn.GELU()]
-            c_in = w
-        self._init_head(nn.Sequential(*layers), c_in, num_classes, nn.AdaptiveMaxPool2d(1), nn.Dropout(drop_rate),
-                        in_chans, "fast_cnn")
-        self.model_args = {"widths": list(widths), "whiten_kernel": whiten_kernel, "drop_rate": drop_rate}
-
-    def _new_classifier(self, num_classes: int) -> nn.Module:
-        return _ScaledLinear(self.num_features, num_classes)
-
-    @staticmethod
-    def _norm(width: int) -> nn.BatchNorm2d:
-        norm = nn.BatchNorm2d(width, eps=1e-12, momentum=0.4)  # fast-moving statistics for short runs
-        norm.weight.requires_grad_(False)
-        return norm
-
-    @torch.no_grad()
-    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
-        """Set the stem to the ZCA-style whitening of the images' k x k patches (eigenvectors scaled by
-        1/sqrt(eigenvalue), plus their negatives so the GELU keeps both signs)."""
-        conv = self.features[0]
-        c, k = conv.in_channels, conv.kernel_size[0]
-        patches = images.float().unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, c * k * k)
-        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
-        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0).reshape(-1, c, k, k)
-        conv.weight.copy_(torch.cat((filters, -filters)))
-        conv.bias.zero_()
 
 
 # --------------------------------------------------------------------------------------------- factory
@@ -157,23 +28,23 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 100, we
                  drop_rate: float = 0.2, **kwargs) -> nn.Module:
     """Build `name` with a fresh `num_classes` head. Weights come from, in order: `weights` (a file), the
     Hub (timm `pretrained=True`) when online, then an offline package. Never silently random."""
-    if name in BASELINE_WIDTHS or name in FAST_WIDTHS:
-        if pretrained and not weights:
+    if not timm.is_model(name):
+        raise WeightsError(f"--model {name}: unknown model; use baseline_cnn, fast_cnn or a timm name "
+                           "(see timm.list_models())")
+    if pretrained and not weights:
+        if not has_pretrained_weights(name):
             raise WeightsError(f"{name} has no pretrained weights: pass --no-pretrained to train it from "
                                "scratch, or --weights FILE")
-        cls, widths = (BaselineCNN, BASELINE_WIDTHS[name]) if name in BASELINE_WIDTHS else (FastCNN, FAST_WIDTHS[name])
-        model = cls(num_classes=num_classes, **{"widths": widths, "drop_rate": drop_rate, **kwargs})
-        model.pretrained_cfg["architecture"] = name  # the width variant, not the class
-    else:
-        if not timm.is_model(name):
-            raise WeightsError(f"--model {name}: unknown model; use baseline_cnn, fast_cnn or a timm name "
-                               "(see timm.list_models())")
-        if pretrained and not weights:
-            return _timm_pretrained(name, num_classes, drop_rate, **kwargs)
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+        return _timm_pretrained(name, num_classes, drop_rate, **kwargs)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
     if weights:
         load_weights(model, weights)
     return model
+
+
+def has_pretrained_weights(name: str) -> bool:
+    """Whether ImageNet weights exist for `name`: a timm pretrained tag, or an offline package."""
+    return timm.models.is_model_pretrained(name) or name in OFFLINE_SOURCES
 
 
 def cpu_bf16_pays(name: str) -> bool:
@@ -192,13 +63,9 @@ def cpu_bf16_pays(name: str) -> bool:
                    for m in model.modules())
 
 
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def _timm_pretrained(name: str, num_classes: int, drop_rate: float, **kwargs) -> nn.Module:
     reason = "HF_HUB_OFFLINE=1"
-    if not hub_offline():
+    if not is_offline_mode():
         try:
             return timm.create_model(name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
         except Exception as err:  # network, auth or missing-file errors all mean "try the offline sources"

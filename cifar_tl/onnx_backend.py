@@ -1,7 +1,11 @@
-"""onnxruntime backend: a Predictor whose logits come from the graph `export_onnx` writes. Thumbnails, labels,
-top-k and superclasses are Predictor's own code, so both backends see identical pixels."""
+"""The ONNX Runtime backend: `export_onnx` writes one graph from uint8 thumbnails [B, 3, data_size, data_size]
+to fine-class logits (the eval transform, resize + normalise, is traced into it from `augment.eval_transform`;
+the batch axis is dynamic; config.json rides along in the metadata, so the file alone is a complete predictor),
+and `OnnxPredictor` runs it. Thumbnails, labels, top-k and superclasses are Predictor's own code, so both
+backends see identical pixels."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -9,12 +13,50 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
+from .augment import eval_transform
 from .data import cache_dir
-from .export_onnx import CONFIG_KEY, INPUT_NAME, OUTPUT_NAME, export_onnx
+from .files import atomic_path
 from .inference import Predictor
+
+CONFIG_KEY = "cifar_tl_config"  # metadata_props key holding config.json
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+class ThumbnailClassifier(torch.nn.Module):
+    """Predictor.logits as one module: uint8 thumbnails in, logits out."""
+
+    def __init__(self, predictor: Predictor):
+        super().__init__()
+        self.model = copy.deepcopy(predictor.model).cpu().eval()  # the live predictor keeps its device
+        self.size, self.mean, self.std = predictor.image_size, predictor.mean, predictor.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(eval_transform(images, self.size, self.mean, self.std, channels_last=False))
+
+
+def save_onnx(module: torch.nn.Module, example: torch.Tensor, output: str | os.PathLike,
+              metadata: dict[str, str] | None = None, **names) -> Path:
+    """Export `module` with a dynamic batch axis (torch.onnx's dynamo exporter) to one self-contained file,
+    written atomically. `names`: the exporter's input_names / output_names."""
+    program = torch.onnx.export(module.eval(), (example,), dynamo=True, verbose=False,
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+    proto = program.model_proto
+    if metadata:
+        onnx.helper.set_model_props(proto, metadata)
+    with atomic_path(output) as tmp:
+        onnx.save(proto, str(tmp))  # weights embedded, no external-data file
+    return Path(output)
+
+
+def export_onnx(predictor: Predictor, output: str | os.PathLike) -> Path:
+    """Write `predictor` as an ONNX file with a dynamic batch axis."""
+    example = torch.zeros(2, 3, predictor.data_size, predictor.data_size, dtype=torch.uint8)
+    return save_onnx(ThumbnailClassifier(predictor), example, output, {CONFIG_KEY: json.dumps(predictor.config)},
+                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
 
 
 def _providers() -> list[str]:

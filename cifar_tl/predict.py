@@ -3,7 +3,7 @@
 Batch prediction: one JSON line per readable image, {"path", "fine": [{"label", "score"}, ...top-k],
 "coarse": {"label", "score"} | null}, to --output or stdout. Folders are searched recursively for image files;
 unreadable files are reported on stderr and skipped. `--backend onnx` runs the same preprocessing on
-onnxruntime. Also home of `load_predictor`, which the demo and the ONNX exporter share."""
+onnxruntime."""
 from __future__ import annotations
 
 import argparse
@@ -13,51 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .data import IMAGE_SUFFIXES
 from .inference import MAX_PIXELS, ImageError, Predictor, open_image
-
-BACKENDS = ("torch", "onnx")
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message names the source and the cause."""
-
-
-def load_predictor(model: str, backend: str = "torch", device: str | None = None,
-                   threads: int | None = None) -> Predictor:
-    """A model folder, a Hub id or an exported .onnx file -> a Predictor on the chosen backend (the device
-    defaults to CUDA when present; `threads` caps the CPU threads of either runtime)."""
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        if model.endswith(".onnx"):
-            from .onnx_backend import OnnxPredictor
-
-            return OnnxPredictor.from_file(model, threads=threads)
-        from .hub import from_pretrained
-
-        predictor = from_pretrained(model, device=device)
-        if backend == "onnx":
-            from .onnx_backend import OnnxPredictor
-
-            return OnnxPredictor.from_predictor(predictor, threads=threads)
-        return predictor
-    except Exception as err:  # missing files, bad configs, Hub/network errors: one clear line for the CLI
-        raise ModelLoadError(f"cannot load model '{model}': {type(err).__name__}: {err}") from err
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder, Hugging Face Hub id or exported .onnx file")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch",
-                        help="torch, or onnx (exported once to the cache, then run on onnxruntime)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for the model (default: the runtime's, one per core); on a CPU shared "
-                             "with other busy processes 1 can be several times faster")
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
-                        help="refuse images with more pixels than this (default: %(default)s)")
+from .loading import ModelLoadError, add_model_args, load_predictor
 
 
 def collect_files(inputs: list[str]) -> tuple[list[Path], list[str]]:

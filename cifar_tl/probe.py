@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError
 from .data import cache_dir, make_loader
 from .files import atomic_path, atomic_write_text
+from .optim import EarlyStopping, warmup_cosine
 
 EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
 
@@ -93,7 +94,7 @@ def _runner(extractor: nn.Module, accelerator, key: str, data_size: int):
         try:
             import onnxruntime as ort
 
-            from .export_onnx import save_onnx
+            from .onnx_backend import save_onnx
 
             path = cache_dir() / "onnx" / f"probe-{key}.onnx"
             if not path.is_file():
@@ -166,97 +167,112 @@ def _batch(feats: torch.Tensor, device) -> torch.Tensor:
 
 def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, dict]:
     """Train the trainable part on cached features; returns (summary, {tta: test logits/labels})."""
-    image_size = transform.keywords["size"]
     top = trainable_top(cfg, model)  # checks the model before the (long) extraction
-    key = feature_key(cfg, bundle, image_size)
+    key = feature_key(cfg, bundle, transform.keywords["size"])
     feats = cached_features(cfg, accelerator, model, bundle, transform, key)
-    device = accelerator.device
-    top.to(device).float().train()
-    params = list(top.parameters())
-    for p in params:
+    top.to(accelerator.device).float().train()
+    for p in top.parameters():
         p.requires_grad_(True)
-    x_train, y_train = feats["train"], bundle.train.fine
-    x_flip = feats.get("train_flip")
-    x_val, y_val = (feats["val"], bundle.val.fine) if "val" in feats else (x_train, y_train)
     if (cfg.optimizer, cfg.scheduler) != ("adamw", "cosine"):
         accelerator.print(f"linear probe: trains with AdamW and warm-up + cosine; --optimizer {cfg.optimizer} and "
                           f"--scheduler {cfg.scheduler} apply to full training only")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup))
-                                                  * 0.5 * (1 + math.cos(math.pi * min(1, s / total))))
+    optimizer = torch.optim.AdamW(top.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(feats["train"]) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr / cfg.lr))
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout masks must not depend on whether features came from the cache
-    state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "best_state": None, "bad": 0, "history": []}
+    state = {"epoch": 0, "early": EarlyStopping(cfg.early_stopping_patience), "best_state": None, "history": []}
     ckpt = out / "checkpoints" / "probe-last.pt"
     if cfg.resume and ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if saved["key"] != key:
-            raise ConfigError(f"--resume: {ckpt} was trained on other features (model, weights, size, stages or "
-                              "data differ); use another --output-dir")
-        top.load_state_dict(saved["top"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        gen.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        state = saved["state"]
+        _resume(ckpt, key, top, optimizer, scheduler, gen, state)
         accelerator.print(f"resumed the probe from {ckpt} (epoch {state['epoch']})")
-    history, t0 = state["history"], time.time() - (state["history"][-1]["elapsed_seconds"] if state["history"] else 0)
+    history = state["history"]
+    t0 = time.time() - (history[-1]["elapsed_seconds"] if history else 0)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        if cfg.early_stopping_patience and state["bad"] >= cfg.early_stopping_patience:
+        if state["early"].should_stop:
             break
-        perm = torch.randperm(len(x_train), generator=gen)
-        flips = torch.rand(len(x_train), generator=gen) < 0.5
-        total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(0, len(perm), cfg.batch_size), desc=f"probe epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=not accelerator.is_local_main_process or cfg.probe_stages == 0)
-        for i in bar:
-            idx = perm[i:i + cfg.batch_size]
-            x = x_train[idx] if x_flip is None else torch.where(flips[idx].view(-1, 1, 1, 1), x_flip[idx], x_train[idx])
-            y = y_train[idx].to(device)
-            logits = top(_batch(x, device))
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            correct += int((logits.argmax(-1) == y).sum())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.item() * len(idx)
-            seen += len(idx)
-        val_logits = _logits(top, x_val, device, cfg.eval_batch_size)
-        val_loss = F.cross_entropy(val_logits, y_val).item()
-        val_acc = (val_logits.argmax(-1) == y_val).float().mean().item()
-        history.append({"epoch": epoch, "train_loss": total_loss / seen, "train_top1": correct / seen,
-                        "val_loss": val_loss, "val_top1": val_acc, "lr": optimizer.param_groups[0]["lr"],
-                        "seconds": time.time() - t0 - (history[-1]["elapsed_seconds"] if history else 0),
-                        "elapsed_seconds": time.time() - t0, "timestamp": time.time()})
-        if cfg.probe_stages:
-            accelerator.print(f"probe epoch {epoch}: train loss {history[-1]['train_loss']:.4f} acc "
-                              f"{history[-1]['train_top1']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}")
-        if val_loss < state["best_loss"]:
-            state.update(best_loss=val_loss, best_epoch=epoch, bad=0,
-                         best_state={k: v.detach().clone().cpu() for k, v in top.state_dict().items()})
-        else:
-            state["bad"] += 1
+        record = _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoch)
+        seconds = time.time() - t0
+        history.append({**record, "seconds": seconds - (history[-1]["elapsed_seconds"] if history else 0),
+                        "elapsed_seconds": seconds, "timestamp": time.time()})
+        if state["early"].update(epoch, record["val_loss"]):
+            state["best_state"] = {k: v.detach().clone().cpu() for k, v in top.state_dict().items()}
         state["epoch"] = epoch
         if accelerator.is_main_process:  # a crash loses at most the epoch in progress
-            with atomic_path(ckpt) as tmp:
-                torch.save({"key": key, "top": top.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
-                            "torch_rng": torch.get_rng_state(), "state": state}, tmp)
+            _save(ckpt, key, top, optimizer, scheduler, gen, state)
             atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    best = {"loss": state["best_loss"], "epoch": state["best_epoch"]}
+    early = state["early"]
     top.load_state_dict(state["best_state"])
-    accelerator.print(f"linear probe: best val loss {best['loss']:.4f} at epoch {best['epoch']} "
-                      f"(val acc {history[best['epoch'] - 1]['val_top1']:.4f}), {time.time() - t0:.1f}s")
-    labels = {"fine": bundle.test.fine, **({"coarse": bundle.test.coarse} if bundle.test.coarse is not None else {})}
-    tests = {False: {"logits": _logits(top, feats["test"], device, cfg.eval_batch_size), **labels}}
-    if "test_flip" in feats:  # flip TTA from the cached flipped test images
-        flipped = _logits(top, feats["test_flip"], device, cfg.eval_batch_size)
-        tests[True] = {"logits": (tests[False]["logits"] + flipped) / 2, **labels}
+    accelerator.print(f"linear probe: best val loss {early.best_loss:.4f} at epoch {early.best_epoch} "
+                      f"(val acc {history[early.best_epoch - 1]['val_top1']:.4f}), {time.time() - t0:.1f}s")
     seconds = time.time() - t0
-    summary = {"best_epoch": best["epoch"], "epochs_run": len(history), "best_val_loss": best["loss"],
-               "train_seconds": seconds, "train_images_per_second": len(history) * len(x_train) / seconds,
+    summary = {"best_epoch": early.best_epoch, "epochs_run": len(history), "best_val_loss": early.best_loss,
+               "train_seconds": seconds, "train_images_per_second": len(history) * len(feats["train"]) / seconds,
                "stopped": "linear probe" if cfg.probe_stages == 0 else f"probe, last {cfg.probe_stages} stages"}
-    return summary, tests
+    return summary, _test_logits(top, feats, bundle, accelerator.device, cfg.eval_batch_size)
+
+
+def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoch: int) -> dict:
+    """One epoch over the cached training features (each image or its mirror, at random), then validation."""
+    device = accelerator.device
+    x_train, y_train, x_flip = feats["train"], bundle.train.fine, feats.get("train_flip")
+    perm = torch.randperm(len(x_train), generator=gen)
+    flips = torch.rand(len(x_train), generator=gen) < 0.5
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(range(0, len(perm), cfg.batch_size), desc=f"probe epoch {epoch}/{cfg.epochs}", leave=False,
+               disable=not accelerator.is_local_main_process or cfg.probe_stages == 0)
+    for i in bar:
+        idx = perm[i:i + cfg.batch_size]
+        x = x_train[idx] if x_flip is None else torch.where(flips[idx].view(-1, 1, 1, 1), x_flip[idx], x_train[idx])
+        y = y_train[idx].to(device)
+        logits = top(_batch(x, device))
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        correct += int((logits.argmax(-1) == y).sum())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(idx)
+        seen += len(idx)
+    x_val, y_val = (feats["val"], bundle.val.fine) if "val" in feats else (x_train, y_train)
+    val_logits = _logits(top, x_val, device, cfg.eval_batch_size)
+    val_loss = F.cross_entropy(val_logits, y_val).item()
+    val_acc = (val_logits.argmax(-1) == y_val).float().mean().item()
+    if cfg.probe_stages:
+        accelerator.print(f"probe epoch {epoch}: train loss {total_loss / seen:.4f} acc {correct / seen:.4f} | "
+                          f"val loss {val_loss:.4f} acc {val_acc:.4f}")
+    return {"epoch": epoch, "train_loss": total_loss / seen, "train_top1": correct / seen, "val_loss": val_loss,
+            "val_top1": val_acc, "lr": optimizer.param_groups[0]["lr"]}
+
+
+def _save(path: Path, key: str, top, optimizer, scheduler, gen, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"key": key, "top": top.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "state": {**state, "early": state["early"].state_dict()}}, tmp)
+
+
+def _resume(path: Path, key: str, top, optimizer, scheduler, gen, state: dict) -> None:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["key"] != key:
+        raise ConfigError(f"--resume: {path} was trained on other features (model, weights, size, stages or "
+                          "data differ); use another --output-dir")
+    top.load_state_dict(saved["top"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    gen.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    state.update(saved["state"], early=state["early"])
+    state["early"].load_state_dict(saved["state"]["early"])
+
+
+def _test_logits(top, feats: dict, bundle, device, batch_size: int) -> dict[bool, dict]:
+    """{tta: {"logits", "fine", "coarse"}} for the test split, flip TTA from the cached mirrored test images."""
+    labels = {"fine": bundle.test.fine, **({"coarse": bundle.test.coarse} if bundle.test.coarse is not None else {})}
+    tests = {False: {"logits": _logits(top, feats["test"], device, batch_size), **labels}}
+    if "test_flip" in feats:
+        flipped = _logits(top, feats["test_flip"], device, batch_size)
+        tests[True] = {"logits": (tests[False]["logits"] + flipped) / 2, **labels}
+    return tests

@@ -13,10 +13,9 @@ import pandas as pd
 import torch
 
 from . import plots
-from .data import DatasetBundle
-from .evaluation import confusion_matrix, reliability_bins, top_confused_pairs
+from .data import DatasetBundle, coarse_probs
 from .files import atomic_write_text
-from .inference import coarse_probs
+from .metrics import confusion_matrix, reliability_bins, top_confused_pairs
 
 GRID_IMAGES = 24
 TOP_PAIRS = 15
@@ -35,8 +34,8 @@ def headline(metrics: dict, n_worst: int = 10) -> dict:
 
 def headline_markdown(metrics: dict, tta: dict | None = None, n_worst: int = 10) -> str:
     """Markdown: the headline metrics (with a TTA column when given) and the worst classes table."""
-    rows = [("fine top-1", "top1", _pct), ("fine top-5", "top5", _pct), ("coarse top-1 (superclass)",
-            "coarse_top1", _pct), ("ECE (15 bins)", "ece", "{:.4f}".format), ("loss (cross-entropy)", "loss",
+    rows = [("fine top-1", "top1", _percent_text), ("fine top-5", "top5", _percent_text), ("coarse top-1 (superclass)",
+            "coarse_top1", _percent_text), ("ECE (15 bins)", "ece", "{:.4f}".format), ("loss (cross-entropy)", "loss",
             "{:.4f}".format), ("images", "n", str)]
     header = ["metric", "plain"] + (["flip TTA"] if tta else [])
     columns = [m for m in (metrics, tta) if m]
@@ -45,7 +44,7 @@ def headline_markdown(metrics: dict, tta: dict | None = None, n_worst: int = 10)
     worst = headline(metrics, n_worst)["worst_classes"]
     if worst:
         text += f"\n\n**Worst {len(worst)} classes** (top-1 accuracy, plain):\n\n"
-        text += _table(["class", "accuracy"], [[name, _pct(acc)] for name, acc in worst])
+        text += _table(["class", "accuracy"], [[name, _percent_text(acc)] for name, acc in worst])
     return text
 
 
@@ -60,23 +59,46 @@ def write_report(out_dir: str | Path, *, results: dict[str, dict], logits: torch
     if len(logits) != len(data):
         raise ValueError(f"{len(logits)} logits for the {len(data)} images of the {split} split")
     probs = logits.float().softmax(-1)
-    pred = probs.argmax(-1)
-    plain = results["plain"]
     for stale in PLOTS:  # an earlier report in this folder may have drawn plots this one does not
         (out / "plots" / f"{stale}.png").unlink(missing_ok=True)
-    sections: list[str] = []
-
-    def section(title: str, png: Path, caption: str) -> None:
-        sections.append(f"## {title}\n\n![{title}](plots/{png.name})\n\n{caption}\n")
-
     history = Path(history) if history else None
-    if history is not None and history.is_file() and history.stat().st_size:
-        png = plots.training_curves(pd.read_json(history, lines=True), out / "plots" / "training_curves.png",
-                                    best_epoch)
-        section("Training curves", png, (f"Loss and top-1 accuracy per epoch from `{history.name}`; the "
-                                         "dashed line marks the epoch with the lowest validation loss, whose "
-                                         "weights were kept."))
+    sections = [
+        *([_curves(out, history, best_epoch)] if history is not None and history.is_file()
+          and history.stat().st_size else []),
+        *_confusions(out, probs, data, bundle),
+        _predictions(out, probs, data, bundle, split),
+        _section("Calibration", plots.reliability(reliability_bins(probs, data.fine), results["plain"]["ece"],
+                                                  out / "plots" / "reliability.png"),
+                 "Accuracy against confidence in 15 equal-width bins: bars below the diagonal mean "
+                 "over-confidence, above it under-confidence."),
+    ]
+    header = _table(["", ""], [[k, f"`{v}`" if k in ("model", "dataset", "dataset fingerprint") else str(v)]
+                               for k, v in info.items()])
+    tta_note = ("\nFlip TTA averages the logits of each image and its horizontal mirror; the plots use plain "
+                "predictions.\n" if "tta" in results else "")
+    table = headline_markdown(results["plain"], results.get("tta"))
+    text = f"# Evaluation report\n\n{header}\n\n## Headline\n\n{table}\n{tta_note}\n" + "\n".join(sections)
+    path = out / "report.md"
+    atomic_write_text(path, text)
+    return path
 
+
+def _section(title: str, png: Path, caption: str) -> str:
+    return f"## {title}\n\n![{title}](plots/{png.name})\n\n{caption}\n"
+
+
+def _curves(out: Path, history: Path, best_epoch: int | None) -> str:
+    png = plots.training_curves(pd.read_json(history, lines=True), out / "plots" / "training_curves.png",
+                                best_epoch)
+    return _section("Training curves", png, (f"Loss and top-1 accuracy per epoch from `{history.name}`; the "
+                                             "dashed line marks the epoch with the lowest validation loss, whose "
+                                             "weights were kept."))
+
+
+def _confusions(out: Path, probs: torch.Tensor, data, bundle: DatasetBundle) -> list[str]:
+    """The superclass confusion matrix (or the fine one when it is small enough to read) and the most confused
+    fine pairs."""
+    sections = []
     fine_cm = confusion_matrix(probs, data.fine, bundle.num_classes)
     if bundle.has_coarse:
         k = len(bundle.coarse_names)
@@ -84,42 +106,32 @@ def write_report(out_dir: str | Path, *, results: dict[str, dict], logits: torch
         png = plots.confusion(confusion_matrix(cprobs, data.coarse, k), bundle.coarse_names,
                               out / "plots" / "confusion.png",
                               f"Superclass confusion ({k} superclasses, % of each true row)")
-        section("Superclass confusion", png, ("Superclass predictions come from the fine probabilities "
-                                              "summed per superclass; rows are the true superclass."))
+        sections.append(_section("Superclass confusion", png, ("Superclass predictions come from the fine "
+                                 "probabilities summed per superclass; rows are the true superclass.")))
     elif bundle.num_classes <= MAX_MATRIX_CLASSES:  # a larger matrix is unreadable: the pairs plot remains
         png = plots.confusion(fine_cm, bundle.fine_names, out / "plots" / "confusion.png",
                               f"Confusion matrix ({bundle.num_classes} classes, % of each true row)")
-        section("Confusion matrix", png, "Rows are the true class (this dataset has no superclass labels).")
+        sections.append(_section("Confusion matrix", png, "Rows are the true class (this dataset has no "
+                                 "superclass labels)."))
     pairs = top_confused_pairs(fine_cm, bundle.fine_names, TOP_PAIRS)
     if len(pairs):
         png = plots.top_confusions(pairs, out / "plots" / "top_confusions.png")
-        section("Most confused fine classes", png, "The most frequent mistakes, with their share of the true "
-                "class's images.")
+        sections.append(_section("Most confused fine classes", png, "The most frequent mistakes, with their "
+                                 "share of the true class's images."))
+    return sections
 
+
+def _predictions(out: Path, probs: torch.Tensor, data, bundle: DatasetBundle, split: str) -> str:
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:GRID_IMAGES]
+    pred = probs.argmax(-1)
     png = plots.prediction_grid(data.images[pick], [bundle.fine_names[i] for i in data.fine[pick].tolist()],
                                 [bundle.fine_names[i] for i in pred[pick].tolist()],
                                 out / "plots" / "predictions.png", split)
-    section("Sample predictions", png, (f"{len(pick)} {split} images drawn at random (seed 0): predicted and "
-                                        "true label, green when right, red when wrong."))
-
-    png = plots.reliability(reliability_bins(probs, data.fine), plain["ece"],
-                            out / "plots" / "reliability.png")
-    section("Calibration", png, ("Accuracy against confidence in 15 equal-width bins: bars below the "
-                                 "diagonal mean over-confidence, above it under-confidence."))
-
-    header = _table(["", ""], [[k, f"`{v}`" if k in ("model", "dataset", "dataset fingerprint") else str(v)]
-                               for k, v in info.items()])
-    tta_note = ("\nFlip TTA averages the logits of each image and its horizontal mirror; the plots use plain "
-                "predictions.\n" if "tta" in results else "")
-    table = headline_markdown(plain, results.get("tta"))
-    text = f"# Evaluation report\n\n{header}\n\n## Headline\n\n{table}\n{tta_note}\n" + "\n".join(sections)
-    path = out / "report.md"
-    atomic_write_text(path, text)
-    return path
+    return _section("Sample predictions", png, (f"{len(pick)} {split} images drawn at random (seed 0): "
+                                                "predicted and true label, green when right, red when wrong."))
 
 
-def _pct(value: float) -> str:
+def _percent_text(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 

@@ -118,16 +118,16 @@ def build_model_dir(arch: str, out: Path, image_size: int | None = None, seed: i
     """An untrained model folder in the export format, with the real CIFAR-100 names and mapping."""
     import torch
 
-    from cifar_tl.export import model_config, save_model_dir
+    from cifar_tl.model_folder import folder_config, write_model_folder
     from cifar_tl.models import create_model, data_config
 
     torch.manual_seed(seed)
     model = create_model(arch, pretrained=False, num_classes=100).eval()
     dc = data_config(model, image_size)
-    cfg = model_config(model, architecture=arch, image_size=dc["image_size"], mean=dc["mean"], std=dc["std"],
-                       data_size=32, fine_names=FINE_NAMES, coarse_names=COARSE_NAMES,
-                       fine_to_coarse=FINE_TO_COARSE, metrics={"top1": 0.01, "top5": 0.05, "coarse_top1": 0.05})
-    return save_model_dir(model, cfg, out)
+    cfg = folder_config(model, image_size=dc["image_size"], mean=dc["mean"], std=dc["std"], data_size=32,
+                        fine_names=FINE_NAMES, coarse_names=COARSE_NAMES,
+                        fine_to_coarse=FINE_TO_COARSE, metrics={"top1": 0.01, "top5": 0.05, "coarse_top1": 0.05})
+    return write_model_folder(out, model, cfg)
 
 
 @pytest.fixture(scope="session")

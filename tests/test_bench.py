@@ -97,15 +97,15 @@ def test_demo_latency_queries_the_app_over_http(tmp_path):
     assert row["cold_start_to_first_prediction_s"] > 0 and row["app_throughput_2_clients_img_per_s"] > 0
 
 
-def test_report_renders_every_committed_result(capsys):
+def test_tables_render_every_committed_result(capsys):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import report
+        import tables
     finally:
         sys.path.remove(str(ROOT / "bench"))
     files = sorted((ROOT / "bench" / "results").glob("*.json"))
-    renderable = [f for f in files if json.loads(f.read_text()).get("benchmark") in report.RENDER]
+    renderable = [f for f in files if json.loads(f.read_text()).get("benchmark") in tables.RENDER]
     assert len(renderable) >= 20
-    assert report.main([str(f) for f in renderable]) == 0
+    assert tables.main([str(f) for f in renderable]) == 0
     out = capsys.readouterr().out
     assert out.count("\n### ") + out.startswith("### ") == len(renderable) and "| model |" in out

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from cifar_tl import probe
+from cifar_tl.checkpoints import ResumeError
 from cifar_tl.config import parse_args
 from cifar_tl.engine import TrainingError, train
 from cifar_tl.inference import Predictor
@@ -76,7 +77,7 @@ def test_resume_with_more_epochs_continues_the_run(easy10_parquet, tmp_path):
 
 def test_mismatched_resume_is_refused(easy10_parquet, tmp_path):
     run(easy10_parquet, tmp_path, "--epochs", "1")
-    with pytest.raises(TrainingError, match="--model baseline_cnn, not test_efficientnet"):
+    with pytest.raises(ResumeError, match="--model baseline_cnn, not test_efficientnet"):
         train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path), "--model",
                           "test_efficientnet", "--no-pretrained", "--resume", "--epochs", "2"]))
 

@@ -13,17 +13,17 @@ from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
 
 from cifar_tl import evaluate
 from cifar_tl.data import DatasetBundle, Split
-from cifar_tl.evaluation import (
+from cifar_tl.evaluate import collect_logits
+from cifar_tl.inference import Predictor
+from cifar_tl.metrics import (
     EvaluationError,
     align_labels,
-    collect_logits,
     compute_metrics,
     confusion_matrix,
     load_label_map,
     reliability_bins,
     top_confused_pairs,
 )
-from cifar_tl.inference import Predictor
 from cifar_tl.report import headline, headline_markdown, write_report
 
 # Hand example: 4 images, 6 fine classes in 2 superclasses (0-2 -> 0, 3-5 -> 1).

@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 import cifar_tl
 from cifar_tl import export, hub
 from cifar_tl.config import TrainConfig
+from cifar_tl.loading import ModelLoadError
+from cifar_tl.model_folder import folder_config, load_model, read_config, write_model_folder
 
 PLACEHOLDERS = re.compile(r"\{\{|\}\}|\{%|%\}|TODO|More Information Needed|\bNone\b|\bnan\b")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -44,13 +46,12 @@ def run_dir(timm_model_dir, tmp_path) -> Path:
     per_super = {name: 0.5 + i / 100 for i, name in enumerate(COARSE_NAMES)}
     (run / "eval_details.json").write_text(json.dumps({"plain": {**METRICS, "per_superclass": per_super}}))
     Image.new("RGB", (8, 8), "red").save(run / "plots" / "confusion.png")
-    model, _ = export.load_model_dir(timm_model_dir)
+    model, _ = load_model(timm_model_dir)
     train_config = TrainConfig(model="test_efficientnet", output_dir=str(run), image_size=64).to_dict()
-    config = export.model_config(model, architecture="test_efficientnet", image_size=64, mean=IMAGENET_MEAN,
-                                 std=IMAGENET_STD, data_size=32, fine_names=FINE_NAMES,
-                                 coarse_names=COARSE_NAMES, fine_to_coarse=FINE_TO_COARSE,
-                                 train_config=train_config, metrics=METRICS, dataset_fingerprint="f00d")
-    export.save_model_dir(model, config, run / "model")
+    config = folder_config(model, image_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, data_size=32,
+                           fine_names=FINE_NAMES, coarse_names=COARSE_NAMES, fine_to_coarse=FINE_TO_COARSE,
+                           train_config=train_config, metrics=METRICS, dataset_fingerprint="f00d")
+    write_model_folder(run / "model", model, config)
     epoch = run / "checkpoints" / "epoch-0005"
     epoch.mkdir(parents=True)
     state = load_file(str(run / "model" / "model.safetensors"))
@@ -101,11 +102,11 @@ def test_export_run_dir_writes_folder_and_card(run_dir, tmp_path):
 
 def test_export_checkpoint_forms(run_dir, tmp_path):
     best = export.export_checkpoint(run_dir / "checkpoints" / "best.safetensors", tmp_path / "best")
-    assert export.read_config(best)["cifar_tl"]["metrics"]["top1"] == METRICS["top1"]
+    assert read_config(best)["cifar_tl"]["metrics"]["top1"] == METRICS["top1"]
 
     epoch = export.export_checkpoint(run_dir / "checkpoints" / "epoch-0005", tmp_path / "epoch",
                                      repo_id="me/cifar-b0")
-    assert export.read_config(epoch)["cifar_tl"]["metrics"] == {}  # epoch 5 is not the evaluated best epoch
+    assert read_config(epoch)["cifar_tl"]["metrics"] == {}  # epoch 5 is not the evaluated best epoch
     card = ModelCard.load(epoch / "README.md")
     assert not card.data.eval_results and "No test metrics are recorded" in card.text
     assert 'from_pretrained("me/cifar-b0")' in card.text and not PLACEHOLDERS.search(str(card))
@@ -319,10 +320,10 @@ def test_from_pretrained_hub_id_downloads_only_safe_files(timm_model_dir, tmp_pa
 
 
 def test_from_pretrained_offline_hub_id_is_one_clear_error(tmp_path):
-    with pytest.raises(hub.HubError, match="not in the local Hub cache"):
-        hub.from_pretrained("me/never-downloaded")
-    with pytest.raises(FileNotFoundError, match="no such model folder"):
-        hub.from_pretrained(str(tmp_path / "missing" / "deeper" / "model"))
+    with pytest.raises(ModelLoadError, match="not in the local Hub cache"):
+        cifar_tl.from_pretrained("me/never-downloaded")
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        cifar_tl.from_pretrained(str(tmp_path / "missing" / "deeper" / "model"))
 
 
 # --------------------------------------------------------------------------------------------- Space

@@ -3,6 +3,8 @@ the transformers image-classification pipeline, all offline, agreeing on the sam
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import cifar_tl
 from cifar_tl.augment import eval_transform
-from cifar_tl.export import read_config
+from cifar_tl.model_folder import read_config
 
 N_IMAGES = 8
 
@@ -76,14 +78,24 @@ def test_three_loaders_agree(sharp_timm_dir, cifar100_arrays):
     assert [out[0]["label"] for out in outputs] == [FINE_NAMES[i] for i in ours.argmax(1)]
 
 
-def test_baseline_cnn_loads_through_cifar_tl_only(cnn_model_dir, cifar100_arrays):
+def test_baseline_cnn_loads_through_cifar_tl_and_registered_timm(cnn_model_dir, cifar100_arrays):
     predictor = cifar_tl.from_pretrained(str(cnn_model_dir))
     out = predictor.predict(list(cifar100_arrays["test"][0][:2]), top_k=3)
     assert out[0]["fine"][0]["label"] in FINE_NAMES and out[0]["coarse"]["label"]
-    with pytest.raises(RuntimeError, match="baseline_cnn"):  # not a timm architecture: the card says so
-        timm.create_model(f"local-dir:{cnn_model_dir}", pretrained=True)
+    # cifar_tl.architectures (imported by cifar_tl's loading) registered baseline_cnn: timm's own loader builds it
+    model = timm.create_model(f"local-dir:{cnn_model_dir}", pretrained=True).eval()
+    batch = predictor.preprocess(list(cifar100_arrays["test"][0][:4]))
+    x = eval_transform(batch, predictor.image_size, predictor.mean, predictor.std, channels_last=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), predictor.model(x))
+    # timm alone does not know it, and the card says so: no pipeline snippet, the registering import instead
+    plain_timm = f"import timm; timm.create_model('local-dir:{cnn_model_dir}', pretrained=True)"
+    proc = subprocess.run([sys.executable, "-c", plain_timm], check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "baseline_cnn" in proc.stderr
     card = (cnn_model_dir / "README.md").read_text()
-    assert "library_name: pytorch" in card and "local-dir:" not in card and "pipeline(" not in card
+    assert "library_name: pytorch" in card and "pipeline(" not in card
+    assert "import cifar_tl.architectures" in card and f"local-dir:{cnn_model_dir}" in card
 
 
 def test_any_image_size_matches_a_32px_thumbnail(timm_model_dir):

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
+from cifar_tl.architectures import BaselineCNN, FastCNN
 from cifar_tl.models import (
-    BaselineCNN,
-    FastCNN,
     WeightsError,
     create_model,
     data_config,

@@ -5,10 +5,10 @@ import onnx
 import pytest
 import torch
 
-from cifar_tl.export_onnx import CONFIG_KEY, main
+from cifar_tl.export_onnx import main
 from cifar_tl.inference import Predictor
-from cifar_tl.onnx_backend import OnnxPredictor
-from cifar_tl.predict import load_predictor
+from cifar_tl.loading import load_predictor
+from cifar_tl.onnx_backend import CONFIG_KEY, OnnxPredictor
 
 
 @pytest.mark.parametrize("fixture", ["cnn_model_dir", "fast_cnn_model_dir", "timm_model_dir"])
@@ -55,4 +55,5 @@ def test_export_cli_writes_a_self_contained_file(cnn_model_dir, cifar100_arrays,
 
 def test_export_cli_reports_a_bad_model(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "missing"), "--output", str(tmp_path / "m.onnx")]) == 2
-    assert "cannot load model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model ") and "no such model folder" in err and err.count("\n") == 1

@@ -90,6 +90,7 @@ def test_predict_cli_writes_jsonl_and_skips_unreadable(zoo, cnn_model_dir, tmp_p
 
 def test_predict_cli_errors_are_one_line(cnn_model_dir, zoo, tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nope"), str(zoo["ok_rgb.png"]), "--no-progress"]) == 2
-    assert "cannot load model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model ") and "no such model folder" in err and err.count("\n") == 1
     assert main(["--model", str(cnn_model_dir), str(tmp_path / "empty-nothing")]) == 2
     assert main(["--model", str(cnn_model_dir), str(zoo["bad_not_an_image.png"]), "--no-progress"]) == 1

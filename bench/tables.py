@@ -1,8 +1,8 @@
 """Render bench/results/*.json as the Markdown tables used in BENCHMARKS.md.
 
-python bench/report.py                          # every result file in bench/results
-python bench/report.py bench/results/train_throughput_cpu.json
-python bench/report.py --round 2 bench/results/train_throughput_cuda_h100.json   # one round, not the median
+python bench/tables.py                          # every result file in bench/results
+python bench/tables.py bench/results/train_throughput_cpu.json
+python bench/tables.py --round 2 bench/results/train_throughput_cuda_h100.json   # one round, not the median
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Metrics over fine and coarse labels, computed with torchmetrics from gathered logits, plus the tables the
-plots and the report are drawn from (confusion pairs, calibration bins) and the model-to-dataset label
-alignment (`--label-map`)."""
+"""Metrics from logits and labels (no model, no data loading): fine and coarse accuracy, calibration and
+per-class scores computed with torchmetrics, the tables the plots and the report are drawn from (confusion
+pairs, calibration bins), and the model-to-dataset label alignment (`--label-map`)."""
 from __future__ import annotations
 
 import json
@@ -15,31 +15,13 @@ from torchmetrics.functional.classification import (
     multiclass_confusion_matrix,
 )
 
-from .inference import coarse_probs
+from .data import coarse_probs
 
 ECE_BINS = 15
 
 
 class EvaluationError(ValueError):
     """The evaluation cannot run as asked (labels do not match, empty split); the message says what to do."""
-
-
-@torch.no_grad()
-def collect_logits(model, loader, transform, accelerator, tta: bool = False) -> dict[str, torch.Tensor]:
-    """Run `model` over `loader` on every process; gather_for_metrics drops the sampler's padding, so the
-    result holds each sample exactly once, in order."""
-    model.eval()
-    outs: dict[str, list[torch.Tensor]] = {}
-    for batch in loader:
-        x = transform(batch["image"])
-        with accelerator.autocast():
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
-        tensors = {"logits": logits, **{k: batch[k] for k in ("fine", "coarse") if k in batch}}
-        for key, value in accelerator.gather_for_metrics(tensors).items():
-            outs.setdefault(key, []).append(value.cpu())
-    return {k: torch.cat(v) for k, v in outs.items()}
 
 
 def compute_metrics(logits: torch.Tensor, fine: torch.Tensor, *, fine_names: list[str],

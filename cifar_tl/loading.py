@@ -1,0 +1,91 @@
+"""The one way to load a model for inference: a model folder, a Hub id or an exported .onnx file -> a ready
+`Predictor` (preprocessing + model + label names) on the torch or the ONNX Runtime backend. The predict,
+evaluate and export_onnx CLIs, the demo and `cifar_tl.from_pretrained` all come through `load_predictor`.
+
+From the Hub only safetensors, JSON and Markdown files are downloaded (never pickles, never code); offline
+(`HF_HUB_OFFLINE=1`) a Hub id resolves from the local Hub cache."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from huggingface_hub import is_offline_mode, snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
+
+from .inference import MAX_PIXELS, Predictor
+
+DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]
+BACKENDS = ("torch", "onnx")
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message names the source and the cause."""
+
+
+def is_hub_id(text: str) -> bool:
+    """`namespace/name`, as the Hub spells a repository (a bare name would land in whichever account is logged
+    in)."""
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return text.count("/") == 1
+
+
+def model_folder(source: str | Path) -> Path:
+    """A local model folder as it is, or a Hub repo downloaded (or read from the local Hub cache)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists() or text.startswith((".", "/", "~")) or not is_hub_id(text):
+        raise ModelLoadError(f"--model {source}: no such model folder, nor a Hub id user/name")
+    try:
+        return Path(snapshot_download(text, allow_patterns=DOWNLOAD_PATTERNS))
+    except LocalEntryNotFoundError:
+        offline = " (HF_HUB_OFFLINE=1)" if is_offline_mode() else ""
+        raise ModelLoadError(f"--model {text}: no such folder, and not in the local Hub cache while the Hub is "
+                             f"unreachable{offline}; download it once online or pass a model folder") from None
+    except Exception as err:  # repository missing, gated, private without a token, or the Hub failing
+        raise ModelLoadError(f"--model {text}: cannot download from the Hub ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0]})") from None
+
+
+def load_predictor(source: str | Path, backend: str = "torch", device: str | torch.device | None = None,
+                   threads: int | None = None) -> Predictor:
+    """A model folder, a Hub id or an exported .onnx file -> a Predictor on the chosen backend (the device
+    defaults to CUDA when present; `threads` caps the CPU threads of either runtime)."""
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    onnx_file = str(source).endswith(".onnx")
+    folder = None if onnx_file else model_folder(source)
+    try:
+        if onnx_file:
+            from .onnx_backend import OnnxPredictor
+
+            return OnnxPredictor.from_file(source, threads=threads)
+        predictor = Predictor.from_dir(folder, device=device)
+        if backend == "onnx":
+            from .onnx_backend import OnnxPredictor  # onnxruntime only when asked for
+
+            return OnnxPredictor.from_predictor(predictor, threads=threads)
+        return predictor
+    except Exception as err:  # missing files, bad configs, weights that do not fit: one clear line
+        raise ModelLoadError(f"--model {source}: cannot be loaded ({type(err).__name__}: {err})") from None
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose and run a model, shared by the predict CLI and the demo."""
+    parser.add_argument("--model", required=True, help="model folder, Hugging Face Hub id or exported .onnx file")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="torch, or onnx (exported once to the cache, then run on onnxruntime)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the model (default: the runtime's, one per core); on a CPU shared "
+                             "with other busy processes 1 can be several times faster")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help="refuse images with more pixels than this (default: %(default)s)")

@@ -1,0 +1,149 @@
+"""The model folder, the one thing that goes to the Hub: this module is its only writer and its reader.
+
+    model.safetensors   the weights (safetensors only, never pickle)
+    config.json         timm's Hub config (`save_config_for_hf`): architecture, num_classes, label_names,
+                        model_args, pretrained_cfg (input_size, mean, std, interpolation=bilinear, crop_pct=1)
+                        + "cifar_tl": {format_version, data_size, coarse_names, fine_to_coarse, train_config,
+                        metrics, dataset_fingerprint, library_name, base_model}
+    README.md           the model card (`card.render_card`)
+    confusion.json      the test confusion matrix the demo shows ({"labels", "matrix"}, rows = true class)
+    plots/*.png         the run's evaluation plots, embedded in the card
+
+`num_classes` stays out of `model_args` (transformers' timm wrapper passes it twice otherwise). The same
+folder loads with `cifar_tl.from_pretrained`, `timm.create_model("local-dir:DIR", pretrained=True)` and
+`transformers.pipeline("image-classification", model=DIR)` (our own CNNs in timm once `cifar_tl.architectures`
+is imported)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models._hub import save_config_for_hf
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+from .architectures import is_own
+from .card import render_card
+from .files import atomic_path, atomic_write_text
+from .models import create_model
+
+FORMAT_VERSION = 1
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """safetensors, written atomically (tmp + rename), contiguous CPU tensors."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+
+
+def folder_config(model: torch.nn.Module, *, image_size: int, mean, std, data_size: int, fine_names: list[str],
+                  coarse_names: list[str] | None, fine_to_coarse: list[int] | None,
+                  train_config: dict | None = None, metrics: dict | None = None,
+                  dataset_fingerprint: str | None = None) -> dict:
+    """config.json for `model` as trained: timm's own Hub config with the preprocessing training used
+    (bilinear resize of the whole image, no crop) and our extras under "cifar_tl"."""
+    architecture = model.pretrained_cfg["architecture"]
+    extras = {
+        "format_version": FORMAT_VERSION, "data_size": data_size, "coarse_names": coarse_names,
+        "fine_to_coarse": fine_to_coarse, "dataset_fingerprint": dataset_fingerprint,
+        "train_config": train_config or {}, "metrics": metrics or {},
+        "library_name": "pytorch" if is_own(architecture) else "timm",
+        "base_model": base_model(architecture, train_config or {}),
+    }
+    data_config = {"input_size": (3, image_size, image_size), "mean": tuple(mean), "std": tuple(std),
+                   "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_config_for_hf(model, f"{tmp}/config.json", model_args=getattr(model, "model_args", None),
+                           model_config={"label_names": list(fine_names), "cifar_tl": extras},
+                           data_config=data_config)
+        config = json.loads(Path(tmp, "config.json").read_text())
+    config.setdefault("model_args", {}).pop("num_classes", None)
+    return config
+
+
+def base_model(architecture: str, train_config: dict) -> str | None:
+    """The Hub id of the ImageNet weights a run started from: timm's default tag for the architecture, which
+    is what `create_model(pretrained=True)` loads (the offline Lite0 package ports the same TF weights)."""
+    if not timm.is_model(architecture) or not train_config.get("pretrained") or train_config.get("weights"):
+        return None
+    cfg = timm.models.get_pretrained_cfg(architecture)
+    return cfg.hf_hub_id if cfg is not None else None
+
+
+def write_model_folder(out_dir: str | os.PathLike, model: torch.nn.Module, config: dict, *,
+                       confusion: dict | None = None, run_dir: Path | None = None,
+                       repo_id: str | None = None) -> Path:
+    """Weights, config.json, confusion.json (when given), the run's plots and the model card."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / "model.safetensors")
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    if confusion is not None:
+        atomic_write_text(out / "confusion.json", json.dumps(confusion) + "\n")
+    write_card(out, config, repo_id=repo_id, run_dir=run_dir)
+    return out
+
+
+def write_card(model_dir: str | Path, config: dict, *, repo_id: str | None = None,
+               run_dir: Path | None = None) -> Path:
+    """Copy the run's evaluation plots (PNG) into the folder and write README.md. `repo_id` names the Hub repo
+    in the loading snippets; without it they load the folder by its path. `run_dir` defaults to the folder's
+    parent when that is a training run."""
+    model_dir = Path(model_dir)
+    run_dir = run_dir if run_dir is not None else run_dir_of(model_dir)
+    if run_dir is not None and run_dir.resolve() != model_dir.resolve():
+        for png in sorted([*run_dir.glob("*.png"), *run_dir.glob("plots/*.png")]):  # report.py writes plots/
+            (model_dir / "plots").mkdir(exist_ok=True)
+            shutil.copyfile(png, model_dir / "plots" / png.name)
+    card = render_card(config, model_dir=model_dir, repo_id=repo_id, run_dir=run_dir)
+    path = model_dir / "README.md"
+    with atomic_path(path) as tmp:
+        card.save(tmp)
+    return path
+
+
+def run_dir_of(model_dir: Path) -> Path | None:
+    """The training run a model folder sits in (engine layout: RUN/model next to RUN/metrics.json), if any."""
+    parent = model_dir.resolve().parent
+    return parent if (parent / "metrics.json").is_file() else None
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json (not a cifar-tl model folder)")
+    config = json.loads(path.read_text())
+    for key in ("architecture", "label_names", "pretrained_cfg"):
+        if key not in config:
+            raise ValueError(f"{path}: missing '{key}'")
+    return config
+
+
+def load_model(model_dir: str | os.PathLike, weights: Path | None = None) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model from config.json and load model.safetensors, or another safetensors file of the same
+    model (never pickle)."""
+    config = read_config(model_dir)
+    weights = weights or Path(model_dir) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights.parent}: no {weights.name}")
+    model = create_model(config["architecture"], pretrained=False, num_classes=len(config["label_names"]),
+                         **config.get("model_args", {}))
+    state = load_file(str(weights))
+    for prefix in ("module.", "_orig_mod."):  # DDP- and torch.compile-wrapped checkpoints
+        consume_prefix_in_state_dict_if_present(state, prefix)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:])[:300]
+        raise ValueError(f"{weights} does not fit the {config['architecture']} described by "
+                         f"{Path(model_dir) / 'config.json'}: {detail}") from None
+    return model.eval(), config
