@@ -1,4 +1,5 @@
-"""Shared helpers for the bench/ scripts: machine description, result files, timing, benchmark data.
+"""Shared helpers for the bench/ scripts: machine description, result files, timing, benchmark data, and the
+demo server (start app.py, query it the way the page does, read its CPU time and memory from /proc).
 
 The benchmark data is the Hub-style parquet CIFAR-10 (JPEG bytes) in `../shared/datasets/cifar10-jpeg`, or
 any folder given with `--dataset`. Each pipeline reads it the way it would in real use: ours through the
@@ -13,11 +14,13 @@ import io
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -26,6 +29,17 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "cifar10-jpeg"
 BENCH_CACHE = Path(os.environ.get("CIFAR_TL_CACHE", Path.home() / ".cache" / "cifar_tl")) / "bench"
+EXAMPLES = sorted((REPO / "cifar_tl" / "examples" / "cifar100").glob("*.png"))  # the demo's gallery: 20 real 32 px images
+# no outbound calls from the demo, gradio_client or the Hub libraries
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+               "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def offline() -> None:
+    """Set OFFLINE_ENV (where not set already) for this process and the ones it starts; call it before
+    importing gradio."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def default_dataset() -> str:
@@ -95,12 +109,18 @@ def write_result(name: str, payload: dict, out_dir: str | None = None, quiet: bo
     folder.mkdir(parents=True, exist_ok=True)
     payload["machine"]["load_average_end"] = list(os.getloadavg())
     path = folder / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, payload, indent=1)
     if not quiet:
         print(f"wrote {path}")
     return path
+
+
+def write_json(path: Path, payload: dict, indent: int = 1) -> None:
+    """Atomically: a reader (or a run killed mid-write) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=indent) + "\n")
+    os.replace(tmp, path)
 
 
 def sync(device: torch.device) -> None:
@@ -218,3 +238,201 @@ def image_folder(dataset: str, n: int) -> Path:
         raise SystemExit(f"--dataset {dataset}: only {written} training images, {n} asked for")
     done.write_text(str(n))
     return root
+
+
+# --------------------------------------------------------------------------------------------- demo server
+
+def demo_model_dir(arch: str, out: Path) -> Path:
+    """An untrained model folder (100 classes, 20 superclasses) at the model's own input size (32 px for our
+    CNNs) for the demo: latency and memory do not depend on the weights."""
+    from cifar_tl.model_folder import folder_config, write_model_folder
+    from cifar_tl.models import create_model, data_config
+
+    model = create_model(arch, pretrained=False, num_classes=100).eval()
+    dc = data_config(model)
+    names = [f"class_{i}" for i in range(100)]
+    cfg = folder_config(model, image_size=dc["image_size"], mean=dc["mean"], std=dc["std"], data_size=32,
+                        fine_names=names, coarse_names=[f"super_{i}" for i in range(20)],
+                        fine_to_coarse=[i % 20 for i in range(100)])
+    return write_model_folder(out, model, cfg)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentiles(seconds: list[float]) -> dict:
+    """p50/p95/max in ms of a list of seconds (None for an empty list)."""
+    if not seconds:
+        return {"p50_ms": None, "p95_ms": None, "max_ms": None, "n": 0}
+    ms = sorted(s * 1000 for s in seconds)
+    return {"p50_ms": round(statistics.median(ms), 1), "p95_ms": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 1),
+            "max_ms": round(ms[-1], 1), "n": len(ms)}
+
+
+def start_app(model: str, log: Path, *, backend: str = "torch", threads: int | None = None,
+              extra_args: list[str] | tuple = (), env: dict | None = None,
+              timeout: float = 300) -> tuple[subprocess.Popen, str, float]:
+    """Spawn `app.py --model MODEL` on a free 127.0.0.1 port (cwd: the log's folder, where gradio puts its
+    `.gradio/`); wait until it answers a prediction through gradio_client. Returns (process, url, seconds from
+    spawn to the first prediction received). The process is killed if it never answers."""
+    import httpx
+    from gradio_client import Client, handle_file
+
+    port = free_port()
+    start = time.perf_counter()
+    command = [sys.executable, str(REPO / "app.py"), "--model", model, "--backend", backend, "--host",
+               "127.0.0.1", "--port", str(port), *(["--threads", str(threads)] if threads else []), *extra_args]
+    proc = subprocess.Popen(command, cwd=log.parent, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while proc.poll() is None and time.perf_counter() - start < timeout:
+            try:
+                client = Client(url, verbose=False)
+                client.predict(handle_file(str(EXAMPLES[0])), api_name="/classify")
+                client.close()
+                return proc, url, time.perf_counter() - start
+            except (httpx.HTTPError, ValueError):  # not listening, or not serving its config, yet
+                time.sleep(0.25)
+        raise RuntimeError(f"app.py did not answer (exit code {proc.poll()}); see {log}")
+    except BaseException:
+        proc.kill()  # never leave a server behind
+        raise
+
+
+def stop_app(proc: subprocess.Popen, timeout: float = 30) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _stat_fields(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux): what a request costs, whatever else loads the box."""
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its live descendants (Linux, from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                children.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(int(entry.name))
+            except (OSError, IndexError, ValueError):  # exited meanwhile
+                continue
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def process_stats(pid: int) -> dict:
+    """Resident memory (MB) of a process and its descendants, and the main process's thread and open-file
+    counts: what a leak shows up in."""
+    rss_kb, procs = 0, 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss_kb += int(line.split()[1])
+                    procs += 1
+        except OSError:
+            continue
+    threads = int(_stat_fields(pid)[17])
+    try:
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        fds = None
+    return {"rss_mb": round(rss_kb / 1024, 1), "processes": procs, "threads": threads, "open_files": fds}
+
+
+def folder_mb(path: Path) -> float:
+    """Bytes of the files under `path`, in MB (files vanishing meanwhile are skipped)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return round(total / 2**20, 2)
+
+
+class UploadRefused(Exception):
+    """The server refused the upload itself (HTTP 4xx/5xx from /upload): `.status`, `.detail`."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"upload refused: HTTP {status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+class AppError(RuntimeError):
+    """The event failed on the server (gradio's `success: false`) or its stream ended without a result."""
+
+
+class HttpClient:
+    """The browser's protocol: POST the file to /upload, POST /queue/join, read /queue/data (server-sent
+    events) until the event completes. One keep-alive connection per client; each request opens a new gradio
+    session (a new visitor) unless `one_session` (one page that sends request after request)."""
+
+    def __init__(self, url: str, timeout: float = 60, one_session: bool = False):
+        import httpx
+
+        self.session = uuid.uuid4().hex if one_session else None
+        self.http = httpx.Client(timeout=timeout)
+        self.url, self.api = url, url + "gradio_api/"
+        config = self.http.get(url + "config").json()
+        self.fn_index = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "classify")
+
+    def call(self, path: Path, deadline: float | None = None, data: bytes | None = None) -> list:
+        """The event's output data ([fine, coarse, preview, message] for the demo) for the file at `path`, or
+        for `data` uploaded under path's name. Raises UploadRefused, AppError, TimeoutError (no result by
+        `deadline`, a perf_counter time) or httpx errors."""
+        if data is None:
+            data = path.read_bytes()
+        response = self.http.post(self.api + "upload", files={"files": (path.name, data)})
+        if response.status_code >= 400:
+            raise UploadRefused(response.status_code, response.text[:300])
+        uploaded = response.json()[0]
+        session = self.session or uuid.uuid4().hex
+        self.http.post(self.api + "queue/join", json={
+            "data": [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}], "fn_index": self.fn_index,
+            "session_hash": session, "event_data": None, "trigger_id": None}).raise_for_status()
+        with self.http.stream("GET", self.api + "queue/data", params={"session_hash": session}) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:") and '"process_completed"' in line:
+                    event = json.loads(line[5:])
+                    if not event.get("success", True):
+                        raise AppError(f"app error: {event.get('output') or event}")
+                    return event["output"]["data"]
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise TimeoutError("no result before the deadline")
+        raise AppError("event stream ended without a result")
+
+    def classify(self, path: Path) -> dict:
+        """The top-k label of one image (asserts that a real top-k came back)."""
+        label = self.call(path)[0]
+        assert label and label["confidences"], label
+        return label
+
+    def download(self, file_data: dict) -> bytes:
+        """An output file (e.g. the preview image), as the page fetches it."""
+        response = self.http.get(file_data["url"])
+        response.raise_for_status()
+        return response.content
+
+    def close(self) -> None:
+        self.http.close()
