@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +28,14 @@ from .loading import ModelLoadError, add_model_args, load_predictor
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples" / "cifar100"  # package data
 PREVIEW_SIDE = 128  # the thumbnail preview is upscaled with nearest neighbour so its pixels stay visible
+# gradio copies each returned preview into its own cache (swept by delete_cache) as the batch ends, so ours are
+# needed for seconds: files not written or reused for this long are deleted, checked at most once a minute
+PREVIEW_MAX_AGE_S = 600
 NO_IMAGE = "Upload an image, take a webcam photo or paste one from the clipboard."
+# gradio keeps a copy of the page's component config per visitor session (~25 KB of Python objects for this page),
+# dropping the oldest only past this many: at its default of 10000 a server with steady traffic grows by ~0.25 GB
+# before it levels off. The page holds no gr.State, so a dropped session loses nothing.
+MAX_SESSIONS = 1000
 
 
 # --------------------------------------------------------------------------------------------- page text
@@ -104,6 +112,9 @@ def example_label(path: Path) -> str:
 # --------------------------------------------------------------------------------------------- app
 
 
+_previews_lock = threading.Lock()  # a sweep never deletes a preview being handed over
+
+
 def save_preview(thumb: np.ndarray, folder: Path) -> str:
     """Write a preview PNG once per distinct content, atomically, and return its path. Gradio rewrites array
     outputs in place, so a concurrent download of an identical preview could read a truncated file; files
@@ -112,11 +123,29 @@ def save_preview(thumb: np.ndarray, folder: Path) -> str:
     Image.fromarray(thumb).save(buf, format="PNG")
     data = buf.getvalue()
     path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
-    if not path.exists():
-        tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+    with _previews_lock:
+        if path.exists():
+            os.utime(path)  # in use again: out of the next sweep's reach
+        else:
+            tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
     return str(path)
+
+
+def sweep_previews(folder: Path, max_age: float = PREVIEW_MAX_AGE_S) -> int:
+    """Delete the previews in `folder` not written or reused for `max_age` seconds; return how many. Without
+    this a long-running demo keeps one file per distinct image it ever saw."""
+    cutoff, removed = time.time() - max_age, 0
+    with _previews_lock:
+        for path in folder.glob("*.png"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+    return removed
 
 
 def make_classifier(predictor: Predictor, top_k: int = 5,
@@ -125,8 +154,12 @@ def make_classifier(predictor: Predictor, top_k: int = 5,
     output: top-k fine classes, superclass, thumbnail preview (a PNG path), message."""
     scale = max(1, PREVIEW_SIDE // predictor.data_size)
     previews_dir = tempfile.TemporaryDirectory(prefix="cifar_tl_previews_")  # removed when the app exits
+    next_sweep = [time.monotonic() + 60]
 
     def classify(image: list[dict | None]) -> tuple[list, list, list, list]:
+        if time.monotonic() >= next_sweep[0]:
+            next_sweep[0] = time.monotonic() + 60
+            sweep_previews(Path(previews_dir.name))
         thumbs: dict[int, np.ndarray] = {}
         messages = [""] * len(image)
         for i, upload in enumerate(image):
@@ -197,6 +230,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--concurrency-limit", type=int, default=1, help="batches run at once")
     parser.add_argument("--queue-size", type=int, default=256, help="requests waiting before new ones are refused")
+    parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS,
+                        help="visitor sessions gradio keeps in memory, oldest dropped first (default: %(default)s; "
+                             "gradio's own 10000 hold ~0.25 GB for this page)")
     return parser.parse_args(argv)
 
 
@@ -210,5 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_demo(predictor, examples_dir=args.examples, max_pixels=args.max_pixels,
                       max_batch_size=args.max_batch_size, concurrency_limit=args.concurrency_limit)
     demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port,
-                                                max_file_size=args.max_file_size)
+                                                max_file_size=args.max_file_size,
+                                                state_session_capacity=args.max_sessions)
     return 0

@@ -11,20 +11,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 from test_predict import write_image_zoo
 
+from cifar_tl import demo as demo_module
 from cifar_tl.demo import (
     EXAMPLES_DIR,
+    MAX_SESSIONS,
     NO_IMAGE,
     build_demo,
     confusion_highlights,
     make_classifier,
     model_card,
     parse_args,
+    save_preview,
+    sweep_previews,
 )
 from cifar_tl.inference import Predictor, open_image
 
@@ -84,6 +89,29 @@ def test_model_card_and_confusion_highlights(cnn_model_dir, tmp_path):
 def test_cli_defaults_leave_host_and_port_to_gradio():
     args = parse_args(["--model", "some/model"])
     assert args.host is None and args.port is None and args.backend == "torch"
+    assert args.max_sessions == MAX_SESSIONS < 10000  # gradio's own default holds ~0.25 GB of session copies
+
+
+def test_main_bounds_the_sessions_gradio_keeps(cnn_model_dir, monkeypatch):
+    """Every visitor session holds a copy of the page's config until gradio drops the oldest (bench/demo_soak.py
+    measured the growth): main passes the bound on."""
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
+    assert demo_module.main(["--model", str(cnn_model_dir), "--max-sessions", "7"]) == 0
+    assert launched["state_session_capacity"] == 7 and launched["max_file_size"] == "20mb"
+
+
+def test_stale_previews_are_swept_and_reused_ones_kept(tmp_path):
+    """One preview file per distinct thumbnail: a long-running demo must not keep them forever."""
+    thumbs = [np.full((128, 128, 3), v, np.uint8) for v in (10, 20, 30)]
+    old, reused, fresh = (Path(save_preview(t, tmp_path)) for t in thumbs)
+    hour_ago = time.time() - 3600
+    for path in (old, reused):
+        os.utime(path, (hour_ago, hour_ago))
+    assert save_preview(thumbs[1], tmp_path) == str(reused)  # the same content again: same file, refreshed
+    assert sweep_previews(tmp_path, max_age=600) == 1
+    assert not old.exists() and reused.exists() and fresh.exists()
+    assert Image.open(save_preview(thumbs[0], tmp_path)).size == (128, 128)  # swept content is written anew
 
 
 # --------------------------------------------------------------------------------------------- live server
