@@ -168,12 +168,61 @@ def precision_table(d: dict) -> list[str]:
     return lines
 
 
+def soak_table(d: dict) -> list[str]:
+    st, req, mem, lat, server = d["settings"], d["requests"], d["memory"], d["latency"], d["server"]
+    errors = ", ".join(f"{k} {v}" for k, v in req["errors_by_kind"].items() if v) or "none"
+    slope, late = mem["rss_slope_mb"], mem.get("rss_slope_mb_second_half") or {}
+    refusals = "; ".join(f"{name}: {a['outcome']}" + (f" ({a['detail'][:70]})" if a["detail"] else "")
+                         for name, a in d["first_pass"].items() if a["kind"] != "photo")
+    def ms(p: dict) -> str:
+        return f"{p['p50_ms']} / {p['p95_ms']} ms" if p["n"] else "–"
+
+    summary = (
+        f"{st['model']} ({st['backend']}), {st['clients']} clients for "
+        f"{st['duration_s']:.0f} s, a new session per {st['sessions']}: {req['total']:,} requests "
+        f"({req['requests_per_s']:.1f}/s), {req['correct']:,} answered as expected, errors: {errors}. "
+        f"Latency (upload to result) p50 / p95: photos {ms(lat['photos'])}, huge files {ms(lat['huge'])}, broken "
+        f"files {ms(lat['broken'])}. Cold start {server['cold_start_s']:.1f} s; {server['log_tracebacks']} "
+        "tracebacks in the server log."
+    )
+    memory = (
+        f"Server RSS (with children): {mem['rss_mb_start']:.0f} MB idle after start, "
+        f"{mem['rss_mb_after_warmup']:.0f} MB after {mem['warmup_s']:.0f} s of warm-up "
+        f"({mem['warmup_requests']:,} requests), {mem['rss_mb_end']:.0f} MB at the end (max "
+        f"{mem['rss_mb_max']:.0f}); slope after warm-up **{slope['per_1000_requests']} MB per 1,000 requests** "
+        f"(r² {slope['r2']}), {late.get('per_1000_requests')} in its second half. Threads "
+        f"{mem['threads']['start']} → {mem['threads']['end']}, open files {mem['open_files']['start']} → "
+        f"{mem['open_files']['end']}; temp files {mem['uploads_mb']['start']:.0f} → {mem['uploads_mb']['end']:.0f} MB "
+        f"(gradio's uploads and cache: {mem['uploads_slope_mb']['per_1000_requests']} MB per 1,000 requests), "
+        f"{mem['tmp_mb']['start']:.1f} → {mem['tmp_mb']['end']:.1f} MB (other)."
+    )
+    lines = [
+        machine_line(d["machine"]),
+        "",
+        summary,
+        "",
+        memory,
+        "",
+        *([f"First pass, the inputs that must be refused: {refusals}.", ""] if refusals else []),
+        "| window s | requests | req/s | errors | p50 / p95 ms | photos p50 / p95 ms | RSS MB | load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {w['start_s']:.0f}–{w['end_s']:.0f} | {w['requests']:,} | {w['requests_per_s'] or 0:.1f} | {w['errors']} | "
+        f"{w['p50_ms']} / {w['p95_ms']} | {w['photo_p50_ms']} / {w['photo_p95_ms']} | {w['rss_mb']} | "
+        f"{w['load_1min']} |"
+        for w in d["windows"]
+    ]
+    return lines
+
+
 RENDER = {
     "cpu_precision": precision_table,
     "train_throughput": train_table,
     "inference": inference_table,
     "scaling": scaling_table,
     "profile_step": profile_table,
+    "demo_soak": soak_table,
 }
 
 

@@ -97,6 +97,36 @@ def test_demo_latency_queries_the_app_over_http(tmp_path):
     assert row["cold_start_to_first_prediction_s"] > 0 and row["app_throughput_2_clients_img_per_s"] > 0
 
 
+def test_demo_soak_answers_every_kind_of_input_and_tracks_memory(cnn_model_dir, tmp_path):
+    """A few seconds of the soak: app.py on 127.0.0.1 under 3 clients sending photos, huge and broken files."""
+    res = run_bench("demo_soak.py", "--model", str(cnn_model_dir), "--clients", "3", "--duration", "6",
+                    "--window", "2", "--warmup", "2", "--sample-seconds", "0.5", "--settle", "0.5",
+                    "--max-file-size", "1mb", out=tmp_path)
+    assert res["benchmark"] == "demo_soak" and len(res["machine"]["load_average"]) == 3
+    # every input once: photos predicted; broken files and over-limit headers get the app's message; the
+    # over-size upload is refused by gradio with its own
+    first = res["first_pass"]
+    assert {v["kind"] for v in first.values()} == {"photo", "huge", "broken"}
+    for name, answer in first.items():
+        assert answer["outcome"] == answer["expect"], (name, answer)
+        if answer["expect"] == "message":
+            assert answer["detail"].startswith("⚠️ Could not use this file"), (name, answer)
+    assert "megapixel limit" in first["header_10000x10000.png"]["detail"]
+    assert "HTTP 413" in next(v["detail"] for v in first.values() if v["expect"] == "upload_refused")
+    # the soak itself: answers counted per input, no errors, latency per window, memory sampled
+    req = res["requests"]
+    assert req["total"] > 0 and req["errors"] == 0 and req["correct"] == req["total"], res["error_examples"]
+    assert set(req["errors_by_kind"]) >= {"server_error", "timeout", "unexpected_answer"}
+    for name, row in req["by_input"].items():
+        assert row["n"] == row.get(row["expect"], 0), (name, row)
+    assert len(res["windows"]) >= 2 and sum(w["requests"] for w in res["windows"]) == req["total"]
+    assert all({"p50_ms", "p95_ms", "photo_p95_ms", "rss_mb", "errors"} <= set(w) for w in res["windows"])
+    mem = res["memory"]
+    assert mem["rss_mb_start"] > 0 and mem["rss_mb_end"] > 0 and len(mem["samples"]) >= 5
+    assert {"per_1000_requests", "r2"} <= set(mem["rss_slope_mb"]) and mem["open_files"]["end"] > 0
+    assert res["server"]["alive_at_end"] and res["server"]["log_tracebacks"] == 0
+
+
 def test_tables_render_every_committed_result(capsys):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
