@@ -200,7 +200,7 @@ def columns(dataset: str) -> tuple[str, str]:
     `label`; CIFAR-100: `img`, `fine_label`)."""
     import pyarrow.parquet as pq
 
-    from cifar_tl.data import IMAGE_COLUMNS, LABEL_COLUMNS
+    from cifar_tl.sources import IMAGE_COLUMNS, LABEL_COLUMNS
 
     names = pq.ParquetFile(train_parquet(dataset)[0]).schema_arrow.names
     image = next((c for c in IMAGE_COLUMNS if c in names), None)

@@ -236,7 +236,7 @@ def case_precision(requested: str, device, model_name: str) -> str:
     pays)."""
     if requested != "auto":
         return requested
-    from cifar_tl.engine import mixed_precision
+    from cifar_tl.precision import mixed_precision
 
     # the bench has no fp16 (GradScaler) step: a GPU without bf16 runs fp32
     return "bf16" if mixed_precision("auto", model_name, cuda=device.type == "cuda") == "bf16" else "fp32"

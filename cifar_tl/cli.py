@@ -7,9 +7,9 @@ import sys
 from .checkpoints import ResumeError
 from .config import ConfigError, parse_args
 from .console import one_line_errors, setup_logging
-from .data import DataError
 from .hub import HubError
 from .models import WeightsError
+from .sources import DataError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,23 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Model-aware defaults. A network that starts from ImageNet weights gets the reference transfer recipe (the
+# study's); one trained from scratch gets a recipe that learns fast from scratch: on 5,000 real CIFAR-10 images,
+# 2 epochs of baseline_cnn reach 48 % test top-1 with it against 41 % with the transfer recipe.
+# The optimiser options are one recipe: set none of them and the model's recipe applies; set any and the
+# others take the transfer values (the classic defaults). The other options fall back one by one.
+OPTIMISER_OPTIONS = ("optimizer", "lr", "momentum", "weight_decay", "scheduler", "warmup_epochs", "min_lr",
+                     "label_smoothing", "bias_lr_scale")
+RECIPES: dict[str, dict] = {
+    "transfer": {"optimizer": "adam", "lr": 1e-4, "momentum": 0.9, "weight_decay": 0.0, "scheduler": "plateau",
+                 "warmup_epochs": 0.0, "min_lr": 1e-6, "label_smoothing": 0.0, "bias_lr_scale": 1.0,
+                 "batch_size": 64, "augment": "basic", "shift": 0.125, "early_stopping_patience": 10},
+    "scratch": {"optimizer": "adamw", "lr": 3e-3, "momentum": 0.9, "weight_decay": 0.05, "scheduler": "cosine",
+                "warmup_epochs": 0.3, "min_lr": 1e-6, "label_smoothing": 0.1, "bias_lr_scale": 1.0,
+                "batch_size": 64, "augment": "crop", "shift": 0.0625, "early_stopping_patience": 0},
+}
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -38,36 +55,42 @@ class TrainConfig:
     val_fraction: float = field(default=0.1, metadata={"help": "stratified validation share of the train split"})
     max_train_samples: int | None = field(default=None, metadata={"help": "stratified subsample of train"})
     data_cache: bool = field(default=True, metadata={"help": "cache the decoded uint8 tensor store on disk"})
+    store_size: int | None = field(default=None, metadata={"help": "decode every image to SIZE x SIZE (short side "
+                                   "resized, centre crop); default: the source's own size when all its images "
+                                   "share one square size, else the model's input size capped at 256"})
     # model
     model: str = field(default="efficientnet_b0", metadata={"help": "baseline_cnn[_small|_wide], "
                        "fast_cnn[_wide] or any timm model name"})
-    pretrained: bool = True
+    pretrained: bool | None = field(default=None, metadata={"help": "start from ImageNet weights; default auto: "
+                                    "yes where the model has them (timm models), from scratch where it has none "
+                                    "(our CNNs); --pretrained on a model without weights is an error"})
     weights: str | None = field(default=None, metadata={"help": "initial weights file (.safetensors or .pth)"})
     image_size: int | None = field(default=None, metadata={"help": "model input size (default: the model's own)"})
     drop_rate: float = 0.2
-    # optimisation
-    batch_size: int = 64
+    # optimisation (None: a model-aware default, see RECIPES)
+    batch_size: int | None = None
     eval_batch_size: int = 256
     epochs: int = 15
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    optimizer: str = "adam"
-    scheduler: str = "plateau"
-    warmup_epochs: float = 0.0
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    optimizer: str | None = None
+    scheduler: str | None = None
+    warmup_epochs: float | None = None
     plateau_factor: float = 0.5
     plateau_patience: int = 5
-    min_lr: float = 1e-6
-    early_stopping_patience: int = field(default=10, metadata={"help": "epochs without val-loss improvement "
-                                         "before stopping (0 disables); best weights are restored"})
-    bias_lr_scale: float = field(default=1.0, metadata={"help": "LR multiplier for biases and norm parameters "
-                                 "(airbench trains BatchNorm biases 64x faster)"})
+    min_lr: float | None = None
+    early_stopping_patience: int | None = field(default=None, metadata={"help": "epochs without val-loss "
+                                                "improvement before stopping (0 disables); best weights are "
+                                                "restored"})
+    bias_lr_scale: float | None = field(default=None, metadata={"help": "LR multiplier for biases and norm "
+                                        "parameters (airbench trains BatchNorm biases 64x faster)"})
     lookahead: bool = field(default=False, metadata={"help": "airbench's lookahead: every 5 steps pull the "
                             "weights to their moving average, which tightens as training ends"})
-    label_smoothing: float = 0.0
-    augment: str = field(default="basic", metadata={"help": "basic = random shift/zoom/flip resampled to the "
-                         "input size; crop = whole-pixel shifts of a reflect-padded image + flip"})
-    shift: float = field(default=0.125, metadata={"help": "max random translation, fraction of the image"})
+    label_smoothing: float | None = None
+    augment: str | None = field(default=None, metadata={"help": "basic = random shift/zoom/flip resampled to "
+                                "the input size; crop = whole-pixel shifts of a reflect-padded image + flip"})
+    shift: float | None = field(default=None, metadata={"help": "max random translation, fraction of the image"})
     zoom: float = field(default=0.1, metadata={"help": "max random zoom in/out, fraction"})
     mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 disables)"})
     cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 disables)"})
@@ -102,7 +125,36 @@ class TrainConfig:
     hub_model_id: str | None = None
     hub_private: bool = False
 
+    def resolve(self, explicit: set[str] | None = None) -> TrainConfig:
+        """Fill the model-aware defaults (`pretrained` auto, the recipe) for the options not in `explicit` (what
+        the user set; by default the options that differ from their dataclass default). `self.origin` records
+        where the choices came from, for the log and metrics.json. Idempotent."""
+        if getattr(self, "origin", None) is not None:
+            return self
+        if explicit is None:
+            explicit = {f.name for f in fields(self) if getattr(self, f.name) != f.default}
+        from .models import has_pretrained_weights  # timm's registry: only once a config is resolved
+
+        origin = {"pretrained": "--pretrained" if self.pretrained else "--no-pretrained"}
+        if self.pretrained is None:
+            self.pretrained = has_pretrained_weights(self.model)
+            origin["pretrained"] = "auto: " + ("the model has ImageNet weights" if self.pretrained
+                                               else "the model has no pretrained weights")
+        recipe = "transfer" if self.pretrained or self.weights else "scratch"
+        optimiser_set = sorted(explicit & set(OPTIMISER_OPTIONS))
+        origin["recipe"] = (f"{recipe} defaults" if not optimiser_set else "your settings"
+                            if len(optimiser_set) == len(OPTIMISER_OPTIONS) else
+                            f"your {', '.join('--' + _flag(n) for n in optimiser_set)}; the other optimiser "
+                            "options from the transfer defaults")
+        for name, value in RECIPES[recipe].items():
+            if getattr(self, name) is None:
+                own = name in OPTIMISER_OPTIONS and optimiser_set
+                setattr(self, name, RECIPES["transfer"][name] if own else value)
+        self.origin, self.explicit = origin, frozenset(explicit)
+        return self
+
     def validate(self) -> TrainConfig:
+        self.resolve()
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -117,8 +169,9 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive; got {self.lr}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ConfigError(f"--max-train-samples must be >= 1; got {self.max_train_samples}")
-        if self.image_size is not None and self.image_size < 8:
-            raise ConfigError(f"--image-size must be >= 8 pixels; got {self.image_size}")
+        for name in ("image_size", "store_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 8:
+                raise ConfigError(f"--{_flag(name)} must be >= 8 pixels; got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing must be in [0, 1); got {self.label_smoothing}")
         if self.push_to_hub and not self.hub_model_id:
@@ -152,6 +205,12 @@ def _optional(text: str, convert):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train an image classifier (baseline CNN or timm transfer learning) with Accelerate.",
+        epilog="Model-aware defaults: --pretrained is auto (ImageNet weights where the model has them), and with "
+               "no --config file and none of the optimiser options (--optimizer, --lr, --momentum, "
+               "--weight-decay, --scheduler, --warmup-epochs, --min-lr, --label-smoothing, --bias-lr-scale) a "
+               "model trained from scratch gets the from-scratch recipe, a pretrained one the transfer recipe "
+               "(each option's help names both values). The resolved configuration is written to "
+               "OUTPUT_DIR/config.yaml; --config OUTPUT_DIR/config.yaml reproduces the run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file of TrainConfig fields; flags given here override it")
@@ -160,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
         tp = hints[f.name]
         base = _base_type(tp)
         kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", " ")}
+        if f.name in RECIPES["scratch"]:
+            transfer, scratch = RECIPES["transfer"][f.name], RECIPES["scratch"][f.name]
+            kwargs["help"] = (f"{kwargs['help'].strip()} (model-aware default: {transfer} with pretrained weights, "
+                              f"{scratch} from scratch)").lstrip()
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -210,4 +273,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         cfg = TrainConfig(**values)
     except TypeError as err:
         raise ConfigError(f"bad configuration: {err}") from None
-    return cfg.validate()
+    return cfg.resolve(explicit=set(values)).validate()
+
+
+def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    """The fully resolved configuration, as `--config` reads it: `--config PATH` reproduces the run."""
+    from .files import atomic_write_text
+
+    values = {k: v for k, v in cfg.to_dict().items() if k != "resume"}
+    atomic_write_text(path, "# written by cifar-tl: the resolved configuration of this run; reproduce it with\n"
+                      f"# python train.py --config {path}\n" + yaml.safe_dump(values, sort_keys=False))

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .inference import MAX_PIXELS, ImageError, Predictor, open_image
-from .loading import ModelLoadError, add_model_args, load_predictor
+from .loading import ModelLoadError, add_model_args, default_model, load_predictor
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples" / "cifar100"  # package data
 PREVIEW_SIDE = 128  # the thumbnail preview is upscaled with nearest neighbour so its pixels stay visible
@@ -184,12 +184,14 @@ def make_classifier(predictor: Predictor, top_k: int = 5,
 
 
 def build_demo(predictor: Predictor, *, examples_dir: Path = EXAMPLES_DIR, top_k: int = 5,
-               max_pixels: int = MAX_PIXELS, max_batch_size: int = 16, concurrency_limit: int = 1) -> gr.Blocks:
+               max_pixels: int = MAX_PIXELS, max_batch_size: int = 16, concurrency_limit: int = 1,
+               serving: str | None = None) -> gr.Blocks:
     size = f"{predictor.data_size}×{predictor.data_size}"
     classify = make_classifier(predictor, top_k, max_pixels)
     # delete_cache: a public demo must not keep every upload forever (hourly sweep of files over a day old)
     with gr.Blocks(title="CIFAR-100 classifier", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
-        gr.Markdown("# CIFAR-100 image classifier\n" + model_card(predictor))
+        gr.Markdown("# CIFAR-100 image classifier\n" + model_card(predictor)
+                    + (f"  \n**Serving**: {serving}." if serving else ""), elem_id="model-card")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Your image", type="filepath", image_mode=None, height=300,
@@ -222,7 +224,7 @@ def build_demo(predictor: Predictor, *, examples_dir: Path = EXAMPLES_DIR, top_k
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="app.py", description="Gradio demo of a cifar-tl model.")
-    add_model_args(parser)
+    add_model_args(parser, required=False)
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     parser.add_argument("--examples", type=Path, default=EXAMPLES_DIR, help="folder of example PNGs")
@@ -238,13 +240,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    source, why = (args.model, "--model") if args.model else default_model()
+    if source is None:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    print(f"serving {source} ({why})", flush=True)
     try:
-        predictor = load_predictor(args.model, args.backend, args.device, args.threads)
+        predictor = load_predictor(source, args.backend, args.device, args.threads)
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     demo = build_demo(predictor, examples_dir=args.examples, max_pixels=args.max_pixels,
-                      max_batch_size=args.max_batch_size, concurrency_limit=args.concurrency_limit)
+                      max_batch_size=args.max_batch_size, concurrency_limit=args.concurrency_limit,
+                      serving=f"`{source}` ({why})")
     demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port,
                                                 max_file_size=args.max_file_size,
                                                 state_session_capacity=args.max_sessions)

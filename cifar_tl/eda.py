@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import DataError, RawDataset, load_raw
+from .data import load_raw
+from .sources import DataError, RawDataset
 
 
 def class_balance(raw: RawDataset) -> pd.DataFrame:

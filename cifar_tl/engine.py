@@ -26,33 +26,28 @@ from tqdm.auto import tqdm
 from . import cuda_graphs, probe, tracking
 from .augment import TrainTransform, eval_transform
 from .checkpoints import Checkpoints, TrainState
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, save_yaml
 from .data import DatasetBundle, load_bundle, make_loader, on_device
 from .evaluate import collect_logits, evaluate_split
 from .files import atomic_write_text
 from .lookahead import Lookahead
 from .metrics import confusion_matrix
 from .model_folder import folder_config, save_weights, write_model_folder
-from .models import cpu_bf16_pays, create_model, data_config, set_backbone_trainable
+from .models import create_model, data_config, default_input_size, set_backbone_trainable
 from .optim import EarlyStopping, build_optimizer, build_scheduler
+from .precision import choose as choose_precision
+from .sources import MAX_STORE_SIZE, Sizing
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (diverged, out of memory); the message says what to do."""
 
 
-def mixed_precision(requested: str, model: str, cuda: bool | None = None) -> str:
-    """Accelerate's `mixed_precision` for a run; `auto`: bf16 (fp16 without bf16) on a GPU, and on a CPU bf16
-    only where it pays for this model (`models.cpu_bf16_pays`)."""
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available() if cuda is None else cuda:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_bf16_pays(model) else "no"
-
-
 def train(cfg: TrainConfig) -> dict:
+    cfg.validate()  # resolves the model-aware defaults of a config built in code
     out = Path(cfg.output_dir)
+    cfg.mixed_precision, cfg.origin["mixed_precision"] = choose_precision(
+        cfg.mixed_precision, "mixed_precision" in cfg.explicit, cfg.model)
     accelerator = make_accelerator(cfg, out)
     if cfg.batch_size % accelerator.num_processes:
         raise ConfigError(f"--batch-size {cfg.batch_size} (global) must divide by the {accelerator.num_processes}"
@@ -62,9 +57,13 @@ def train(cfg: TrainConfig) -> dict:
         check_push_access(cfg.hub_model_id)  # fail now, not after hours of training
     set_seed(cfg.seed)
     torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
-    out.mkdir(parents=True, exist_ok=True)
     bundle = load_data(cfg, accelerator)
     model, (size, mean, std) = build_model(cfg, bundle)
+    # only now does the run exist: a run that fails on its data or model leaves no folder behind
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+    accelerator.print("choices: " + "; ".join(f"{k}: {v}" for k, v in choice_summary(cfg).items()))
     eval_tf = partial(eval_transform, size=size, mean=mean, std=std, channels_last=cfg.channels_last)
     if cfg.linear_probe:  # the probe already has the test logits, from its cached features
         summary, precomputed = probe.run(cfg, accelerator, model, bundle, eval_tf, out)
@@ -78,7 +77,8 @@ def train(cfg: TrainConfig) -> dict:
     metrics = {**{k: v for k, v in results["plain"].items() if not isinstance(v, dict)}, **summary,
                "model": cfg.model, "image_size": size, "dataset": cfg.dataset,
                "dataset_fingerprint": bundle.fingerprint, "num_processes": accelerator.num_processes,
-               "mixed_precision": accelerator.mixed_precision}
+               "mixed_precision": accelerator.mixed_precision, "pretrained": cfg.pretrained,
+               "choices": choice_summary(cfg)}
     if cfg.tta:
         metrics["tta"] = {k: v for k, v in results["tta"].items() if not isinstance(v, dict)}
     if accelerator.is_main_process:
@@ -97,13 +97,21 @@ def train(cfg: TrainConfig) -> dict:
     return metrics
 
 
+def choice_summary(cfg: TrainConfig) -> dict[str, str]:
+    """What the run resolved and who chose it: initial weights, optimiser recipe, precision."""
+    weights = (f"file {cfg.weights}" if cfg.weights else "ImageNet" if cfg.pretrained else "from scratch")
+    return {"weights": f"{weights} ({cfg.origin['pretrained']})",
+            "recipe": f"{cfg.optimizer} lr {cfg.lr:g}, {cfg.scheduler} ({cfg.origin['recipe']})",
+            "mixed_precision": f"{cfg.mixed_precision} ({cfg.origin['mixed_precision']})"}
+
+
 def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
     # Accelerate fixes the precision process-wide; a later train() in the same process may need another one
     # (auto picks per model on CPUs). The process group (PartialState) is left alone. Private API: skipped if
     # a future Accelerate drops it (only a second train() with another precision would then fail).
     getattr(AcceleratorState, "_reset_state", lambda: None)()
     return Accelerator(
-        mixed_precision=mixed_precision(cfg.mixed_precision, cfg.model),
+        mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with=tracking.trackers(cfg),
         project_dir=str(out),
@@ -125,7 +133,9 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator) -> DatasetBundle:
         bundle = load_bundle(cfg.dataset, image_column=cfg.image_column, label_column=cfg.label_column,
                              coarse_label_column=cfg.coarse_label_column, train_split=cfg.train_split,
                              test_split=cfg.test_split, val_fraction=cfg.val_fraction,
-                             max_train_samples=cfg.max_train_samples, seed=cfg.seed, cache=cfg.data_cache)
+                             max_train_samples=cfg.max_train_samples, seed=cfg.seed, cache=cfg.data_cache,
+                             sizing=Sizing(cfg.store_size, min(cfg.image_size or default_input_size(cfg.model),
+                                                               MAX_STORE_SIZE)))
     accelerator.print(f"data: {bundle.source} train {len(bundle.train)} / val {len(bundle.val)} / test "
                       f"{len(bundle.test)}, {bundle.num_classes} classes"
                       f"{f', {len(bundle.coarse_names)} superclasses' if bundle.has_coarse else ''}, "

@@ -16,11 +16,12 @@ import torch
 
 from .augment import eval_transform
 from .console import one_line_errors, setup_logging
-from .data import DataError, DatasetBundle, Split, load_bundle, make_loader
+from .data import DatasetBundle, load_bundle, make_loader
 from .files import atomic_write_text
 from .loading import ModelLoadError, load_predictor
 from .metrics import EvaluationError, align_labels, compute_metrics, load_label_map
 from .report import write_report
+from .sources import DataError, Sizing, Split
 
 
 @torch.no_grad()
@@ -99,14 +100,16 @@ def find_history(args: argparse.Namespace) -> Path | None:
     return next((p for p in (model / "history.jsonl", model.parent / "history.jsonl") if p.is_file()), None)
 
 
-def load_split(args: argparse.Namespace, trained: dict, accelerator) -> tuple[DatasetBundle, Split]:
-    """The dataset split as the model's training run split it (same validation share and seed by default)."""
+def load_split(args: argparse.Namespace, trained: dict, data_size: int, accelerator) -> tuple[DatasetBundle, Split]:
+    """The dataset split as the model's training run split it (same validation share and seed by default), its
+    images stored at the model's data size when their sizes vary."""
     val_fraction = args.val_fraction if args.val_fraction is not None else trained.get("val_fraction", 0.1)
     seed = args.seed if args.seed is not None else trained.get("seed", 42)
     with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
         bundle = load_bundle(args.dataset, image_column=args.image_column, label_column=args.label_column,
                              coarse_label_column=args.coarse_label_column, train_split=args.train_split,
-                             test_split=args.test_split, val_fraction=val_fraction, seed=seed)
+                             test_split=args.test_split, val_fraction=val_fraction, seed=seed,
+                             sizing=Sizing(trained.get("store_size"), data_size))
     data = getattr(bundle, args.split)
     if len(data) == 0:
         hint = " (val comes from --val-fraction of the train split)" if args.split == "val" else ""
@@ -124,7 +127,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     accelerator = Accelerator()
     predictor = load_predictor(args.model, device=accelerator.device)
     extra = predictor.config.get("cifar_tl", {})
-    bundle, data = load_split(args, extra.get("train_config") or {}, accelerator)
+    bundle, data = load_split(args, extra.get("train_config") or {}, predictor.data_size, accelerator)
     columns = align_labels(predictor.fine_names, bundle.fine_names, label_map)
     transform = partial(eval_transform, size=predictor.image_size, mean=predictor.mean, std=predictor.std,
                         channels_last=predictor.channels_last)

@@ -3,7 +3,7 @@
 card's PNG plots) ever travel, and nothing runs remote code.
 
     python -m cifar_tl.hub push MODEL_DIR user/name [--private] [--message TEXT]
-    python -m cifar_tl.hub space SPACE_DIR --model user/name|MODEL_DIR
+    python -m cifar_tl.hub space [SPACE_DIR] --model user/name|MODEL_DIR [--space user/space --push]
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi, SpaceCard, SpaceCardData, get_token, is_offline_mode
@@ -39,10 +40,10 @@ def check_repo_id(repo_id: str | None, what: str) -> str:
 # --------------------------------------------------------------------------------------------- pushing
 
 
-def check_push_access(repo_id: str | None) -> str:
+def check_push_access(repo_id: str | None, flag: str = "--hub-model-id") -> str:
     """Fail fast, before any training, unless `repo_id` is a valid user/name the token may write to. Returns
     the Hub user name."""
-    repo_id = check_repo_id(repo_id, "--hub-model-id")
+    repo_id = check_repo_id(repo_id, flag)
     if is_offline_mode():
         raise HubError("cannot push to the Hub with HF_HUB_OFFLINE=1: unset it, or drop --push-to-hub and "
                        "push later with `python -m cifar_tl.hub push OUTPUT/model user/name`")
@@ -60,7 +61,7 @@ def check_push_access(repo_id: str | None) -> str:
         raise HubError(f"the Hugging Face token of {me['name']} is read-only: create one with write access")
     namespaces = {me["name"], *(org["name"] for org in me.get("orgs", []))}
     if repo_id.split("/")[0] not in namespaces:
-        raise HubError(f"--hub-model-id {repo_id}: the token belongs to {me['name']}, who can write to "
+        raise HubError(f"{flag} {repo_id}: the token belongs to {me['name']}, who can write to "
                        f"{', '.join(sorted(namespaces))} only")
     return me["name"]
 
@@ -110,7 +111,9 @@ from cifar_tl.demo import main
 MODEL = {model}
 
 if __name__ == "__main__":
-    sys.exit(main(["--model", MODEL]))
+    # ONNX Runtime: the fastest CPU backend measured for this demo (BENCHMARKS.md, demo latency); the graph is
+    # exported into the cache on the first start
+    sys.exit(main(["--model", MODEL, "--backend", "onnx"]))
 '''
 SPACE_README = """---
 {{ card_data }}
@@ -129,7 +132,7 @@ Run it locally: `pip install -r requirements.txt gradio=={{ gradio_version }} &&
 def build_space(space_dir: str | Path, model: str) -> Path:
     """Write a self-contained Gradio Space: README.md (Space metadata), app.py, requirements.txt, a copy of
     the cifar_tl package (with its example images). `model` is a Hub id, or a local model folder copied into the
-    Space. app.py calls `cifar_tl.demo.main(["--model", MODEL])`."""
+    Space. app.py calls `cifar_tl.demo.main(["--model", MODEL, "--backend", "onnx"])`."""
     space = Path(space_dir)
     local = Path(model).is_dir()
     if not local:
@@ -157,6 +160,21 @@ def build_space(space_dir: str | Path, model: str) -> Path:
     return space
 
 
+def push_space(space_dir: str | Path, space_id: str, *, private: bool = False) -> str:
+    """Create the Gradio Space `space_id` (if needed) and upload a Space folder as one commit; returns its URL."""
+    check_push_access(space_id, "--space")
+    api = HfApi()
+    try:
+        api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private or None, exist_ok=True)
+        api.upload_folder(repo_id=space_id, repo_type="space", folder_path=space_dir,
+                          ignore_patterns=["__pycache__", "*.pyc"], commit_message="cifar-tl demo Space")
+    except Exception as err:
+        raise HubError(f"push of the Space {space_id} failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                       f"the folder {space_dir} is intact: retry with `python -m cifar_tl.hub space {space_dir} "
+                       f"--model ... --space {space_id} --push`") from None
+    return f"{api.endpoint}/spaces/{space_id}"
+
+
 def space_requirements() -> list[str]:
     """cifar-tl's runtime dependencies pinned to the versions installed here (the ones tested), minus gradio,
     which the Space's `sdk_version` provides."""
@@ -175,23 +193,33 @@ def space_requirements() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cifar_tl.hub", description="Push a model folder to the "
-                                     "Hugging Face Hub, or write a Gradio Space folder for it.")
+                                     "Hugging Face Hub, or build (and push) a Gradio Space that serves it.")
     sub = parser.add_subparsers(dest="command", required=True)
     push = sub.add_parser("push", help="upload a model folder as one commit")
     push.add_argument("model_dir")
     push.add_argument("repo_id", help="user/name")
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--message", help="commit message (default: names the run and its test top-1)")
-    space = sub.add_parser("space", help="write a Gradio Space folder")
-    space.add_argument("space_dir")
+    space = sub.add_parser("space", help="build a Gradio Space folder for a model, and with --push upload it")
+    space.add_argument("space_dir", nargs="?", help="folder to write (default with --push: a temporary one)")
     space.add_argument("--model", required=True, help="Hub id user/name, or a model folder to bundle")
+    space.add_argument("--space", help="the Space's Hub id user/name (with --push)")
+    space.add_argument("--push", action="store_true", help="create the Space and upload the folder in one commit")
+    space.add_argument("--private", action="store_true", help="create the Space private")
     args = parser.parse_args(argv)
+    if args.command == "space" and (args.push and not args.space or not args.push and not args.space_dir):
+        parser.error("space: --push needs --space USER/SPACE; without --push give the SPACE_DIR to write")
 
     def run() -> None:
         if args.command == "push":
             print(push_model_dir(args.model_dir, args.repo_id, private=args.private, message=args.message))
-        else:
+        elif not args.push:
             print(f"wrote {build_space(args.space_dir, args.model)}; run it with `python app.py` there")
+        else:
+            check_push_access(args.space, "--space")  # before building anything
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = build_space(args.space_dir or tmp, args.model)
+                print(push_space(folder, args.space, private=args.private))
 
     return one_line_errors(run, HubError, FileNotFoundError, ValueError)
 

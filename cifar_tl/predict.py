@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import IMAGE_SUFFIXES
 from .inference import MAX_PIXELS, ImageError, Predictor, open_image
 from .loading import ModelLoadError, add_model_args, load_predictor
+from .sources import IMAGE_SUFFIXES
 
 
 def collect_files(inputs: list[str]) -> tuple[list[Path], list[str]]:

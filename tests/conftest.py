@@ -146,3 +146,34 @@ def fast_cnn_model_dir(tmp_path_factory) -> Path:
 def timm_model_dir(tmp_path_factory) -> Path:
     """A tiny timm EfficientNet (timm's `test_efficientnet`) model folder at 64 px input."""
     return build_model_dir("test_efficientnet", tmp_path_factory.mktemp("timm_model"), image_size=64)
+
+
+def make_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], revision: str = "0" * 40) -> Path:
+    """A Hugging Face Hub cache folder laid out as huggingface_hub lays it out (models--org--name/refs/main ->
+    snapshots/<commit>/<files>), as a login node leaves it for compute nodes that run with HF_HUB_OFFLINE=1."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def timm_weights_cache(tmp_path_factory) -> Path:
+    """A local Hub cache holding timm's `test_efficientnet` ImageNet weights (random here: what matters is the
+    path they are loaded through), for HF_HUB_CACHE."""
+    import json
+
+    import timm
+    import torch
+    from safetensors.torch import save
+
+    torch.manual_seed(1)
+    model = timm.create_model("test_efficientnet", num_classes=1000)
+    hub_id = timm.models.get_pretrained_cfg("test_efficientnet").hf_hub_id
+    files = {"model.safetensors": save({k: v.contiguous() for k, v in model.state_dict().items()}),
+             "config.json": json.dumps({"architecture": "test_efficientnet", "num_classes": 1000}).encode()}
+    return make_hub_cache(tmp_path_factory.mktemp("hub_cache"), hub_id, files)

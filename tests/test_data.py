@@ -9,7 +9,8 @@ from PIL import Image
 
 from cifar_tl import data as data_mod
 from cifar_tl.augment import TrainTransform, eval_transform, random_crop_flip
-from cifar_tl.data import DataError, decode_image, load_bundle, load_raw, make_loader, stratified_split
+from cifar_tl.data import load_bundle, load_raw, make_loader, stratified_split
+from cifar_tl.sources import DataError, decode_image
 
 
 def _same(a, b):
@@ -79,7 +80,7 @@ def test_bundle_split_and_subsample(cifar100_parquet):
 
 def test_second_load_comes_from_the_tensor_store(cifar100_parquet, monkeypatch):
     first = load_raw(str(cifar100_parquet))
-    monkeypatch.setattr(data_mod, "_load_source", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(data_mod, "read_source", lambda *a, **k: pytest.fail("decoded again"))
     second = load_raw(str(cifar100_parquet))
     _same(first, second)
 

@@ -1,25 +1,21 @@
 """Model card, export CLI, push (against a fake Hub on loopback), Hub-id loading and the Space folder."""
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import gradio
 import numpy as np
 import pytest
 from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
+from fakehub import SHA, FakeHub, hub_env, run_python
 from huggingface_hub import ModelCard, SpaceCard
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -47,7 +43,7 @@ def run_dir(timm_model_dir, tmp_path) -> Path:
     (run / "eval_details.json").write_text(json.dumps({"plain": {**METRICS, "per_superclass": per_super}}))
     Image.new("RGB", (8, 8), "red").save(run / "plots" / "confusion.png")
     model, _ = load_model(timm_model_dir)
-    train_config = TrainConfig(model="test_efficientnet", output_dir=str(run), image_size=64).to_dict()
+    train_config = TrainConfig(model="test_efficientnet", output_dir=str(run), image_size=64).validate().to_dict()
     config = folder_config(model, image_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, data_size=32,
                            fine_names=FINE_NAMES, coarse_names=COARSE_NAMES, fine_to_coarse=FINE_TO_COARSE,
                            train_config=train_config, metrics=METRICS, dataset_fingerprint="f00d")
@@ -159,116 +155,6 @@ def test_train_with_push_fails_before_any_training(cifar100_parquet, tmp_path):
     assert not out.exists()
 
 
-# --------------------------------------------------------------------------------------------- fake Hub
-
-SHA = "0123456789abcdef0123456789abcdef01234567"
-
-
-class FakeHub(ThreadingHTTPServer):
-    """The few Hub endpoints huggingface_hub uses to push (whoami, validate-yaml, create repo, preupload,
-    commit) and to download (revision info, tree, resolve), on 127.0.0.1; every request is recorded."""
-
-    def __init__(self, repos: dict[str, dict[str, bytes]] | None = None):
-        super().__init__(("127.0.0.1", 0), _FakeHubHandler)
-        self.repos = repos or {}
-        self.requests: list[tuple[str, str, bytes]] = []
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
-
-    def paths(self, method: str) -> list[str]:
-        return [path for m, path, _ in self.requests if m == method]
-
-
-class _FakeHubHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: FakeHub
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        self._route()
-
-    def do_HEAD(self):
-        self._route()
-
-    def do_POST(self):
-        self._route()
-
-    def _send(self, body, status: int = 200, headers: dict | None = None):
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.send_response(status)
-        for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),
-                           **(headers or {})}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _route(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        path = urlsplit(self.path).path
-        self.server.requests.append((self.command, path, body))
-        repos = self.server.repos
-        if path == "/api/whoami-v2":
-            if self.headers.get("Authorization") != "Bearer hf_fake_token":
-                return self._send({"error": "Invalid credentials"}, 401)
-            return self._send({"type": "user", "name": "me", "orgs": [{"name": "lab"}],
-                               "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
-        if path == "/api/validate-yaml":
-            return self._send({"errors": [], "warnings": []})
-        if path == "/api/repos/create":
-            request = json.loads(body)
-            repo = f"{request['organization']}/{request['name']}"
-            repos.setdefault(repo, {})
-            return self._send({"url": f"{self.server.url}/{repo}", "name": repo})
-        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/main", path):
-            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                     for f in json.loads(body)["files"]]
-            return self._send({"files": files})
-        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/main", path):
-            for line in body.splitlines():
-                item = json.loads(line)
-                if item["key"] == "file":
-                    repos[m[1]][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            return self._send({"commitUrl": f"{self.server.url}/{m[1]}/commit/{SHA}", "commitOid": SHA})
-        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/main", path):
-            return self._send({"id": m[1], "sha": SHA, "private": False,
-                               "siblings": [{"rfilename": name} for name in repos[m[1]]]})
-        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/[^/]+", path):
-            return self._send([{"type": "file", "path": name, "size": len(data),
-                                "oid": hashlib.sha1(data).hexdigest()} for name, data in repos[m[1]].items()])
-        if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path):
-            data = repos[m[1]][m[2]]
-            return self._send(data, headers={"Content-Type": "application/octet-stream", "X-Repo-Commit": SHA,
-                                             "ETag": f'"{hashlib.sha1(data).hexdigest()}"'})
-        return self._send({"error": f"fake Hub: no route for {self.command} {path}"}, 404)
-
-
-def hub_env(server: FakeHub, home: Path) -> dict:
-    """A child process that talks to the fake Hub (and nothing else): online, with a token, fresh cache."""
-    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_fake_token",
-           "HF_HOME": str(home), "NO_PROXY": "127.0.0.1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    env.pop("HF_HUB_CACHE", None)
-    return env
-
-
-def run_python(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
-
-
 def test_push_uploads_the_folder_as_one_commit(run_dir, tmp_path):
     model = run_dir / "model"
     (model / "optimizer.bin").write_bytes(b"pickle")  # never uploaded: not in the allow-list
@@ -337,10 +223,38 @@ def test_space_folder_for_a_hub_model(tmp_path):
     assert card.data.title and not PLACEHOLDERS.search(str(card))
     app = (space / "app.py").read_text()
     compile(app, "app.py", "exec")
-    assert 'MODEL = "me/cifar-b0"' in app and 'main(["--model", MODEL])' in app
+    assert 'MODEL = "me/cifar-b0"' in app and 'main(["--model", MODEL, "--backend", "onnx"])' in app
     requirements = (space / "requirements.txt").read_text().split()
     assert any(r.startswith("torch==") for r in requirements) and not any("gradio" in r for r in requirements)
     assert (space / "cifar_tl" / "demo.py").is_file() and not list(space.rglob("__pycache__"))
+
+
+def test_space_push_creates_the_space_in_one_commit(tmp_path):
+    with FakeHub() as server:
+        proc = run_python("-m", "cifar_tl.hub", "space", "--model", "lab/cifar-b0", "--space", "me/cifar-demo",
+                          "--push", env=hub_env(server, tmp_path / "hf"))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == f"{server.url}/spaces/me/cifar-demo"
+        commits = [p for p in server.paths("POST") if p.endswith("/commit/main")]
+    assert commits == ["/api/spaces/me/cifar-demo/commit/main"]  # one commit, to a Space repo
+    (created,) = server.created
+    assert created["type"] == "space" and created["sdk"] == "gradio" and created["name"] == "cifar-demo"
+    files = server.spaces["me/cifar-demo"]
+    assert {"README.md", "app.py", "requirements.txt", "cifar_tl/demo.py",
+            "cifar_tl/examples/cifar100/00_mountain.png"} <= set(files)
+    assert b'MODEL = "lab/cifar-b0"' in files["app.py"] and b'"--backend", "onnx"' in files["app.py"]
+    assert not any("__pycache__" in name for name in files)
+    assert SpaceCard(files["README.md"].decode()).data.models == ["lab/cifar-b0"]
+
+
+def test_space_push_checks_access_before_building(tmp_path):
+    with FakeHub() as server:
+        proc = run_python("-m", "cifar_tl.hub", "space", "--model", "lab/cifar-b0", "--space", "other/demo",
+                          "--push", env=hub_env(server, tmp_path / "hf"))
+        assert proc.returncode == 2 and proc.stderr.startswith("error: --space other/demo: the token")
+        assert server.paths("POST") == []
+    bad = run_python("-m", "cifar_tl.hub", "space", "--model", "lab/cifar-b0", "--push", env=dict(os.environ))
+    assert bad.returncode == 2 and "--push needs --space" in bad.stderr
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 from cifar100_meta import FINE_NAMES
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 import cifar_tl
@@ -102,5 +102,5 @@ def test_any_image_size_matches_a_32px_thumbnail(timm_model_dir):
     """Larger inputs go through the same 32x32 thumbnail the card tells timm/transformers users to make."""
     predictor = cifar_tl.from_pretrained(str(timm_model_dir))
     big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 80, 3), dtype=np.uint8))
-    small = big.resize((32, 32), Image.BICUBIC)
+    small = ImageOps.fit(big, (32, 32), Image.BICUBIC)  # short side to 32, centre crop: as the store
     torch.testing.assert_close(predictor.predict_proba([big])[0], predictor.predict_proba([small])[0])

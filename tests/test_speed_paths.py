@@ -108,8 +108,8 @@ def test_engine_trains_with_graphs_and_device_data(easy10_parquet, tmp_path, mon
 
 
 def test_auto_precision_on_cpu_follows_the_hardware_and_the_model(monkeypatch):
-    from cifar_tl.engine import mixed_precision
     from cifar_tl.models import cpu_bf16_pays
+    from cifar_tl.precision import mixed_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for native in (False, True):
