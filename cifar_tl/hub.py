@@ -17,6 +17,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, SpaceCard, SpaceCardData, get_token, is_offline_mode
 
 from .console import one_line_errors
+from .files import WriteError
 from .loading import DOWNLOAD_PATTERNS, is_hub_id
 from .model_folder import write_card
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"wrote {build_space(args.space_dir, args.model)}; run it with `python app.py` there")
 
-    return one_line_errors(run, HubError, FileNotFoundError, ValueError)
+    return one_line_errors(run, HubError, FileNotFoundError, ValueError, WriteError)
 
 
 if __name__ == "__main__":
