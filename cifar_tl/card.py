@@ -55,7 +55,9 @@ CITATIONS = {
 
 
 def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
-                run_dir: Path | None = None) -> ModelCard:
+                run_dir: Path | None = None, location: Path | None = None) -> ModelCard:
+    """The card of the folder `model_dir` (read for its weights and plots); without `repo_id` the loading
+    snippets name the folder by `location` (default: `model_dir`)."""
     extra = config.get("cifar_tl", {})
     train, metrics = extra.get("train_config") or {}, extra.get("metrics") or {}
     architecture, names = config["architecture"], config["label_names"]
@@ -81,7 +83,8 @@ def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
         eval_results=_eval_results(metrics, dataset_id or dataset_name, dataset_name) or None,
     )
     cfg = config["pretrained_cfg"]
-    location = repo_id or str(model_dir)
+    folder = location or model_dir
+    location = repo_id or str(folder)
     context = dict(
         title=title, architecture=architecture, is_timm=is_timm, origin=_origin(train, base_model),
         num_classes=len(names), num_coarse=len(coarse_names) if coarse_names else 0,
@@ -94,7 +97,7 @@ def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
         results=_results(metrics), test_images=f"{metrics['n']:,}" if "n" in metrics else None,
         top1=pct.get("top1"), coarse_top1=pct.get("coarse_top1"),
         weakest=_weakest_superclasses(run_dir), plots=_plots(model_dir),
-        model_id=location, timm_id=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{model_dir}",
+        model_id=location, timm_id=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{folder}",
         citations=[CITATIONS[k] for k, used in (("cifar", dataset_id in DATASETS),
                                                 ("efficientnet", "efficientnet" in architecture),
                                                 ("timm", is_timm)) if used],

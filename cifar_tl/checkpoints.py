@@ -1,17 +1,39 @@
-"""Resumable training state: `RUN/checkpoints/epoch-NNNN/` folders (Accelerate's full state + trainer_state.json)
-behind a `latest` pointer that is replaced atomically only after the folder is complete, so a kill -9 at any
-moment leaves a usable checkpoint. The best epoch's weights live in `checkpoints/best.safetensors`."""
+"""Resumable training state: the last `keep` epochs as `RUN/checkpoints/epoch-NNNN/` folders behind a `latest`
+pointer, each able to carry the run on alone, and `checkpoints/best.safetensors`, the best epoch's weights.
+
+An epoch folder holds Accelerate's full state (model.safetensors, optimizer.bin, scheduler.bin,
+random_states_N.pkl, ...), its own copy of best.safetensors as of that epoch and, written last, trainer_state.json: the epoch, the early-stopping state and the manifest
+`files: {name: {size, sha256}}` of everything else, plus the `checksum` of its own content.
+
+Saving: every process writes its part into `.epoch-NNNN.partial/`; the main process adds the rest, renames
+the folder into place, replaces the pointer atomically and removes all but the newest `keep` folders. A
+kill -9 at any moment leaves the earlier folders and the pointer as they were; a write that fails (disk full,
+permission, quota) removes the partial folder and raises WriteError, one line naming the path and the reason.
+
+Resuming walks the folders newest -> oldest and loads the first whose files match its manifest; each damaged
+one is named in one line and skipped. The best weights and early-stopping state come from the loaded epoch,
+so a fallback from epoch k to j forgets everything after j."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
-from .files import atomic_write_text
+from .files import WRITE_ERRORS, WriteError, atomic_copy, atomic_write_text, relocated, write_failure
+from .integrity import manifest, manifest_problems, sha256_json
+from .model_folder import save_weights
 from .optim import EarlyStopping
+
+BEST = "best.safetensors"
+STATE = "trainer_state.json"
+FOLDER = re.compile(r"epoch-(\d+)")
 
 
 class ResumeError(RuntimeError):
@@ -52,42 +74,173 @@ class TrainState:
 
 
 class Checkpoints:
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, keep: int = 2):
+        self.root, self.keep = root, keep
         self.pointer = root / "latest"
-        self.best = root / "best.safetensors"
+        self.best = root / BEST
+
+    def folders(self) -> list[Path]:
+        """The epoch folders, newest first."""
+        found = [p for p in self.root.glob("epoch-*") if p.is_dir() and FOLDER.fullmatch(p.name)]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
 
     def latest(self) -> Path | None:
+        """The folder the pointer names (the newest one saved), if it is there."""
         if not self.pointer.is_file():
             return None
         path = self.root / self.pointer.read_text().strip()
-        return path if (path / "trainer_state.json").is_file() else None
+        return path if (path / STATE).is_file() else None
 
-    def save(self, accelerator: Accelerator, state: TrainState) -> Path:
-        path = self.root / f"epoch-{state.epoch:04d}"
-        accelerator.save_state(str(path))
+    # ------------------------------------------------------------------------------------------ saving
+
+    def save(self, accelerator: Accelerator, state: TrainState, best: torch.nn.Module | None = None,
+             first: Callable[[], None] | None = None) -> Path:
+        """Write epoch `state.epoch`'s folder (and `best`'s weights as best.safetensors when the epoch improved;
+        `first` is the main process's own write before that) and publish it. Every process must call it: two
+        small collectives make them agree on a failure, so none waits forever for one that stopped."""
+        final = self.root / f"epoch-{state.epoch:04d}"
+        partial = self.root / f".{final.name}.partial"
         if accelerator.is_main_process:
-            atomic_write_text(path / "trainer_state.json", json.dumps(state.to_json(), indent=1))
-            atomic_write_text(self.pointer, path.name)
-            for old in self.root.glob("epoch-*"):  # keep only the last complete one
-                if old != path:
-                    shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
         accelerator.wait_for_everyone()
-        return path
+        error = _attempt(lambda: self._write(accelerator, partial, best, first), partial, self._size_hint())
+        if not _any_process(accelerator, error is not None) and accelerator.is_main_process:
+            error = _attempt(lambda: self._publish(partial, final, state), partial)
+        if _any_process(accelerator, error is not None):
+            if accelerator.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            last = self.latest()
+            advice = (f"{last} is intact" if last else "no earlier checkpoint") + (
+                ": make room (or fix the permission) and rerun with --resume")
+            if error is None:
+                raise WriteError(final, "a write failed on another process (its message names it)", advice)
+            raise relocated(error, partial, final, advice)
+        return final
+
+    def _write(self, accelerator: Accelerator, partial: Path, best: torch.nn.Module | None,
+               first: Callable[[], None] | None) -> None:
+        if first is not None and accelerator.is_main_process:
+            first()
+        accelerator.save_state(str(partial))
+        if best is not None and accelerator.is_main_process:
+            save_weights(best, self.best)
+
+    def _publish(self, partial: Path, final: Path, state: TrainState) -> None:
+        """Main process: best weights, manifest and trainer_state.json into the complete partial folder, then
+        rename, pointer, and pruning to the newest `keep`."""
+        if self.best.is_file():  # a copy of its own: damage to one file never reaches two checkpoints
+            shutil.copyfile(self.best, partial / BEST)
+        saved = {**state.to_json(), "files": manifest(partial)}
+        atomic_write_text(partial / STATE, json.dumps({**saved, "checksum": sha256_json(saved)}, indent=1))
+        for stale in self.folders():  # damaged or abandoned folders of this epoch or later (after a fallback)
+            if int(stale.name.split("-")[1]) >= state.epoch:
+                shutil.rmtree(stale)
+        partial.rename(final)
+        try:
+            atomic_write_text(self.pointer, final.name)
+        except WriteError:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        for old in [*self.folders()[self.keep:], *self.root.glob(".epoch-*.partial")]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _size_hint(self) -> int:
+        """Bytes the newest checkpoint takes: about what the next one needs."""
+        newest = self.folders()[:1]
+        return sum(p.stat().st_size for folder in newest for p in folder.rglob("*") if p.is_file())
+
+    # ------------------------------------------------------------------------------------------ resuming
+
+    def verify(self, folder: Path) -> tuple[dict | None, list[str]]:
+        """trainer_state.json of `folder` and what is wrong with the folder (empty: nothing found). Folders
+        written before manifests existed have nothing to check against."""
+        path = folder / STATE
+        if not path.is_file():
+            return None, [f"{STATE} is missing"]
+        try:
+            saved = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return None, [f"{STATE} is unreadable"]
+        if not isinstance(saved, dict) or ("checksum" in saved and sha256_json(
+                {k: v for k, v in saved.items() if k != "checksum"}) != saved["checksum"]):
+            return None, [f"{STATE} is altered (its checksum does not match its content)"]
+        return saved, manifest_problems(folder, saved.get("files") or {})
 
     def resume(self, accelerator: Accelerator, state: TrainState) -> Path | None:
-        """Load the newest checkpoint into the prepared objects and `state`; None when there is none."""
-        last = self.latest()
-        if last is None:
+        """Load the newest usable checkpoint into the prepared objects and `state`; None when there is none.
+        The main process chooses, every process loads the same folder."""
+        choice = [self._choose(state) if accelerator.is_main_process else None]
+        name, saved, notes, error = broadcast_object_list(choice)[0]
+        for note in notes:
+            accelerator.print(note)
+        if error:
+            raise ResumeError(error)
+        if name is None:
             return None
-        saved = json.loads((last / "trainer_state.json").read_text())
-        if saved["model"] != state.model:
-            raise ResumeError(f"--resume: {last} was trained with --model {saved['model']}, not {state.model}; "
-                              "use another --output-dir to start a new run")
-        if saved["fine_names"] != state.fine_names:
-            raise ResumeError(f"--resume: {last} has {len(saved['fine_names'])} classes that differ from this "
-                              f"dataset's {len(state.fine_names)}; use another --output-dir")
-        accelerator.load_state(str(last))
+        folder = self.root / name
+        try:
+            accelerator.load_state(str(folder))
+        except Exception as err:  # verified files that still do not load: another optimiser, schedule, ...
+            raise ResumeError(f"--resume: {folder} cannot be loaded into this run ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); use another --output-dir") from None
+        if accelerator.is_main_process:
+            self._restore_best(folder, saved)
+        accelerator.wait_for_everyone()
         state.load_json(saved)
-        return last
+        return folder
 
+    def _choose(self, state: TrainState) -> tuple[str | None, dict | None, list[str], str | None]:
+        """(folder name, its trainer state, lines to print, error): the newest folder that verifies."""
+        damaged = []
+        for folder in self.folders():
+            saved, problems = self.verify(folder)
+            if problems:
+                damaged.append((folder, "; ".join(problems)))
+                continue
+            notes = [f"--resume: {bad} is damaged ({why}); falling back to the previous checkpoint"
+                     for bad, why in damaged]
+            if "files" not in saved:
+                notes.append(f"--resume: {folder} has no checksums (written by an older cifar-tl): not verified")
+            return folder.name, saved, notes, mismatch(folder, saved, state)
+        if not damaged:
+            return None, None, [], None
+        what = " | ".join(f"{folder.name}: {why}" for folder, why in damaged)
+        return None, None, [], (f"--resume: no usable checkpoint in {self.root} ({what}); start again without "
+                                "--resume, or with another --output-dir")
+
+    def _restore_best(self, folder: Path, saved: dict) -> None:
+        """The best weights as of the resumed epoch: a fallback must not keep those of a later, lost epoch."""
+        if (folder / BEST).is_file():
+            atomic_copy(folder / BEST, self.best)
+        elif "files" in saved:  # no epoch had improved yet by then
+            self.best.unlink(missing_ok=True)
+
+
+def mismatch(folder: Path, saved: dict, state: TrainState) -> str | None:
+    """Why this run may not continue `folder` (another model or class list), or None."""
+    if saved["model"] != state.model:
+        return (f"--resume: {folder} was trained with --model {saved['model']}, not {state.model}; "
+                "use another --output-dir to start a new run")
+    if saved["fine_names"] != state.fine_names:
+        return (f"--resume: {folder} has {len(saved['fine_names'])} classes that differ from this "
+                f"dataset's {len(state.fine_names)}; use another --output-dir")
+    return None
+
+
+def _attempt(write, path: Path, needed: int = 0) -> WriteError | None:
+    """Run `write`; its write error (torch.save reports a full disk as a RuntimeError) as a WriteError."""
+    try:
+        write()
+    except WriteError as err:
+        return err
+    except (*WRITE_ERRORS, RuntimeError) as err:
+        return write_failure(path, err, needed)
+    return None
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` is set on any process (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    flags = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(flags, "sum").item())

@@ -7,6 +7,7 @@ import sys
 from .checkpoints import ResumeError
 from .config import ConfigError, parse_args
 from .console import one_line_errors, setup_logging
+from .files import WriteError
 from .hub import HubError
 from .models import WeightsError
 from .sources import DataError
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         train(parse_args(argv))
 
     try:
-        return one_line_errors(run, ConfigError, DataError, WeightsError, TrainingError, ResumeError, HubError)
+        return one_line_errors(run, ConfigError, DataError, WeightsError, TrainingError, ResumeError, HubError,
+                               WriteError)
     except KeyboardInterrupt:
         print("interrupted: rerun with --resume to continue from the last completed epoch", file=sys.stderr)
         return 130

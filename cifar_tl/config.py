@@ -118,7 +118,10 @@ class TrainConfig:
     # run
     seed: int = 42
     output_dir: str = "runs/latest"
-    resume: bool = field(default=False, metadata={"help": "continue from OUTPUT_DIR/checkpoints"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUTPUT_DIR/checkpoints (the newest "
+                         "checkpoint that verifies)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept; --resume falls back to "
+                                  "an older one when the newest is damaged"})
     report_to: str = "none"
     project_name: str = "cifar-tl"
     push_to_hub: bool = False
@@ -160,7 +163,7 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1); got {self.val_fraction}")
-        for name in ("batch_size", "eval_batch_size", "epochs", "grad_accum_steps"):
+        for name in ("batch_size", "eval_batch_size", "epochs", "grad_accum_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1; got {getattr(self, name)}")
         if self.bias_lr_scale <= 0:

@@ -29,10 +29,10 @@ from .checkpoints import Checkpoints, TrainState
 from .config import ConfigError, TrainConfig, save_yaml
 from .data import DatasetBundle, load_bundle, make_loader, on_device
 from .evaluate import collect_logits, evaluate_split
-from .files import atomic_write_text
+from .files import atomic_write_text, write_errors
 from .lookahead import Lookahead
 from .metrics import confusion_matrix
-from .model_folder import folder_config, save_weights, write_model_folder
+from .model_folder import folder_config, write_model_folder
 from .models import create_model, data_config, default_input_size, set_backbone_trainable
 from .optim import EarlyStopping, build_optimizer, build_scheduler
 from .precision import choose as choose_precision
@@ -279,7 +279,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
                        channels_last=cfg.channels_last), eval_tf,
         torch.nn.CrossEntropyLoss(label_smoothing=0.0 if mixup else cfg.label_smoothing),
         mixup, Lookahead(accelerator.unwrap_model(model)) if cfg.lookahead else None,
-        budget, steps_per_epoch, Checkpoints(out / "checkpoints"),
+        budget, steps_per_epoch, Checkpoints(out / "checkpoints", cfg.keep_checkpoints),
         TrainState(cfg.model, bundle.fine_names, EarlyStopping(cfg.early_stopping_patience)),
         out / "history.jsonl", len(bundle.val) > 0)
     resume(run)
@@ -308,11 +308,19 @@ def resume(run: Training) -> None:
     elif run.cfg.resume:
         run.accelerator.print(f"--resume: no checkpoint in {run.checkpoints.root}; starting from scratch")
     history = []
-    if run.history_path.is_file() and run.state.epoch > 0:
-        history = [json.loads(line) for line in run.history_path.read_text().splitlines() if line.strip()]
-        history = [h for h in history if h["epoch"] <= run.state.epoch]
+    if run.history_path.is_file() and run.state.epoch > 0:  # the checkpoint's epochs (a fallback cuts later ones)
+        history = [h for h in map(json_or_none, run.history_path.read_text().splitlines())
+                   if h and h["epoch"] <= run.state.epoch]
     if run.accelerator.is_main_process:
         atomic_write_text(run.history_path, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def json_or_none(line: str) -> dict | None:
+    """A history.jsonl line, or None for a blank or torn one (a write cut short by a full disk)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
 
 
 def capture_graphs(run: Training, batch_size: int, size: int) -> None:
@@ -431,20 +439,22 @@ def end_of_epoch(run: Training, epoch: int, stats: EpochStats, val_loss: float, 
     if cfg.scheduler == "plateau":
         run.scheduler.step(val_loss)
     improved = state.early.update(epoch, val_loss)
-    if improved and accelerator.is_main_process:
-        save_weights(run.unwrapped, run.checkpoints.best)
     if state.early.should_stop:
         state.stopped = f"early stopping: no val-loss improvement for {state.early.bad_epochs} epochs"
     state.epoch = epoch
-    run.checkpoints.save(accelerator, state)
-    if accelerator.is_main_process:
-        with run.history_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    # the history line goes first: a resume cuts it when the checkpoint never came
+    run.checkpoints.save(accelerator, state, best=run.unwrapped if improved else None,
+                         first=partial(append_line, run.history_path, json.dumps(record)))
     accelerator.log({f"train/{k}": v for k, v in record.items()}, step=epoch)
     tracking.log_model_artifact(accelerator, cfg, run.checkpoints.best if improved else None, record)
     accelerator.print(f"epoch {epoch}: train loss {stats.loss:.4f} acc {stats.top1:.4f} | val loss "
                       f"{val_loss:.4f} acc {val_top1:.4f} | {record['images_per_second']:.0f} img/s"
                       f"{' *' if improved else ''}")
+
+
+def append_line(path: Path, line: str) -> None:
+    with write_errors(path), path.open("a") as f:
+        f.write(line + "\n")
 
 
 def set_bn_eval(model: torch.nn.Module, backbone_only_frozen: bool) -> None:

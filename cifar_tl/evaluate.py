@@ -17,7 +17,7 @@ import torch
 from .augment import eval_transform
 from .console import one_line_errors, setup_logging
 from .data import DatasetBundle, load_bundle, make_loader
-from .files import atomic_write_text
+from .files import WriteError, atomic_write_text
 from .loading import ModelLoadError, load_predictor
 from .metrics import EvaluationError, align_labels, compute_metrics, load_label_map
 from .report import write_report
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         evaluate(args)
 
-    return one_line_errors(run, EvaluationError, DataError, ModelLoadError)
+    return one_line_errors(run, EvaluationError, DataError, ModelLoadError, WriteError)
 
 
 if __name__ == "__main__":

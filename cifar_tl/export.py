@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .console import one_line_errors
+from .files import WriteError
+from .integrity import DamagedFileError, manifest_problems
 from .model_folder import load_model, write_model_folder
 
 
@@ -41,6 +43,9 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> Checkpoint:
         return Checkpoint(path, run / "model", run)
     if (path / "trainer_state.json").is_file():
         state = json.loads((path / "trainer_state.json").read_text())
+        problems = manifest_problems(path, state.get("files") or {})  # checkpoints written with a manifest
+        if problems:
+            raise DamagedFileError(f"--checkpoint {path}: {'; '.join(problems)}; export another epoch")
         return Checkpoint(path / "model.safetensors", run / "model", run, epoch=int(state["epoch"]))
     raise FileNotFoundError(f"--checkpoint {path}: expected a run's output dir, a model folder, "
                             "RUN/checkpoints/best.safetensors or RUN/checkpoints/epoch-NNNN")
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         print(f"exported {export_checkpoint(args.checkpoint, args.output_dir, args.hub_model_id)}")
 
-    return one_line_errors(run, FileNotFoundError, ValueError)
+    return one_line_errors(run, FileNotFoundError, ValueError, WriteError)
 
 
 if __name__ == "__main__":

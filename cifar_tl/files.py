@@ -1,21 +1,80 @@
-"""Atomic file writes: a crash or a concurrent reader never sees half a checkpoint, store or report."""
+"""Atomic writes: a crash or a concurrent reader never sees half a checkpoint, store, report or model folder; a
+write that fails (disk full, no permission, quota, read-only) leaves what was there before and raises
+`WriteError`, one line naming the path and the reason."""
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+# what writers raise when the disk says no: Python's OSError, safetensors' Rust I/O error ("os error 28")
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+class WriteError(RuntimeError):
+    """A file or folder could not be written; the message names the path and the reason (`os.strerror`)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, advice: str = ""):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"cannot write {path}: {reason}{f'; {advice}' if advice else ''}")
+
+
+def write_failure(path: str | os.PathLike, err: BaseException, needed: int = 0) -> WriteError:
+    """`err`, raised while writing `path`, as a WriteError. The reason is `os.strerror` of the error number
+    when there is one (OSError, or safetensors' "os error N"); writers that hide it (torch.save reports a full
+    disk as "unexpected pos ...") are diagnosed from the filesystem: read-only, not writable, or less free space
+    than `needed` bytes."""
+    if isinstance(err, WriteError):
+        return err
+    code = getattr(err, "errno", None)
+    found = re.search(r"os error (\d+)|\[Errno (\d+)\]", str(err))
+    code = code or (int(found.group(1) or found.group(2)) if found else None)
+    if code:
+        name = getattr(err, "filename", None)
+        return WriteError(name if name and Path(name) != Path(path) else path, os.strerror(code))
+    return WriteError(path, _diagnose(Path(path), needed) or f"{type(err).__name__}: {str(err).splitlines()[0]}")
+
+
+def _diagnose(path: Path, needed: int) -> str | None:
+    folder = next((p for p in (path, *path.parents) if p.is_dir()), None)
+    if folder is None:
+        return None
+    stat = os.statvfs(folder)
+    if stat.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if not os.access(folder, os.W_OK):
+        return os.strerror(errno.EACCES)
+    free = stat.f_bavail * stat.f_frsize
+    if needed and free < needed:
+        return f"{os.strerror(errno.ENOSPC)} ({free / 1e6:.1f} MB free, about {needed / 1e6:.1f} MB needed)"
+    return None
+
+
+@contextmanager
+def write_errors(path: str | os.PathLike, needed: int = 0):
+    """Turn write errors raised in the block into a WriteError naming `path`."""
+    try:
+        yield
+    except WRITE_ERRORS as err:
+        raise write_failure(path, err, needed) from None
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary sibling of `path` to write; it replaces `path` only once the block finished (and is
-    removed if it did not)."""
+    removed if it did not). Write errors become a WriteError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -23,3 +82,47 @@ def atomic_path(path: str | os.PathLike):
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike):
+    """Yield an empty sibling folder of `path` to fill; once the block finished it takes `path`'s place: a new
+    `path` appears whole (one rename), an existing one gets the new entries moved in (entries the block did
+    not write stay). If the block fails the sibling is removed and `path` is left as it was; write errors
+    become a WriteError naming the file as it would have been under `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            with write_errors(path):
+                tmp.mkdir(parents=True)
+                yield tmp
+        except WriteError as err:
+            raise relocated(err, tmp, path, f"{path} is unchanged") from None
+        with write_errors(path):
+            _move_into(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def relocated(err: WriteError, tmp: Path, path: Path, advice: str) -> WriteError:
+    """`err`, raised while writing into the temporary folder `tmp`, as it reads for the folder `path`."""
+    inside = err.path == tmp or err.path.is_relative_to(tmp)
+    return WriteError(path / err.path.relative_to(tmp) if inside else err.path, err.reason, advice)
+
+
+def _move_into(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    for entry in tmp.iterdir():  # renames within one filesystem: no data is written
+        dest = path / entry.name
+        if entry.is_dir() and dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(entry, dest)

@@ -18,6 +18,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, SpaceCard, SpaceCardData, get_token, is_offline_mode
 
 from .console import one_line_errors
+from .files import WriteError
 from .loading import DOWNLOAD_PATTERNS, is_hub_id
 from .model_folder import write_card
 
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 folder = build_space(args.space_dir or tmp, args.model)
                 print(push_space(folder, args.space, private=args.private))
 
-    return one_line_errors(run, HubError, FileNotFoundError, ValueError)
+    return one_line_errors(run, HubError, FileNotFoundError, ValueError, WriteError)
 
 
 if __name__ == "__main__":

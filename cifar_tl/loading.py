@@ -16,6 +16,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
 from .inference import MAX_PIXELS, Predictor
+from .integrity import DamagedFileError
 
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]
 BACKENDS = ("torch", "onnx")
@@ -76,6 +77,8 @@ def load_predictor(source: str | Path, backend: str = "torch", device: str | tor
 
             return OnnxPredictor.from_predictor(predictor, threads=threads)
         return predictor
+    except DamagedFileError as err:  # truncated, altered: the message names the file and what is wrong
+        raise ModelLoadError(f"--model {source}: {err}") from None
     except Exception as err:  # missing files, bad configs, weights that do not fit: one clear line
         raise ModelLoadError(f"--model {source}: cannot be loaded ({type(err).__name__}: {err})") from None
 

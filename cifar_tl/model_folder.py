@@ -4,10 +4,15 @@
     config.json         timm's Hub config (`save_config_for_hf`): architecture, num_classes, label_names,
                         model_args, pretrained_cfg (input_size, mean, std, interpolation=bilinear, crop_pct=1)
                         + "cifar_tl": {format_version, data_size, coarse_names, fine_to_coarse, train_config,
-                        metrics, dataset_fingerprint, library_name, base_model}
+                        metrics, dataset_fingerprint, library_name, base_model,
+                        files: {"model.safetensors": {size, sha256}}}
     README.md           the model card (`card.render_card`)
     confusion.json      the test confusion matrix the demo shows ({"labels", "matrix"}, rows = true class)
     plots/*.png         the run's evaluation plots, embedded in the card
+
+The folder is written whole into a temporary sibling and then moved into place (`files.atomic_folder`): a
+write that fails leaves the previous folder as it was. Loading checks model.safetensors against the size and
+sha256 config.json records (and, for folders without them, its own header) before torch reads it.
 
 `num_classes` stays out of `model_args` (transformers' timm wrapper passes it twice otherwise). The same
 folder loads with `cifar_tl.from_pretrained`, `timm.create_model("local-dir:DIR", pretrained=True)` and
@@ -29,10 +34,12 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .architectures import is_own
 from .card import render_card
-from .files import atomic_path, atomic_write_text
+from .files import atomic_folder, atomic_path, atomic_write_text
+from .integrity import DamagedFileError, manifest, manifest_problems, safetensors_problem
 from .models import create_model
 
 FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -79,29 +86,33 @@ def base_model(architecture: str, train_config: dict) -> str | None:
 def write_model_folder(out_dir: str | os.PathLike, model: torch.nn.Module, config: dict, *,
                        confusion: dict | None = None, run_dir: Path | None = None,
                        repo_id: str | None = None) -> Path:
-    """Weights, config.json, confusion.json (when given), the run's plots and the model card."""
+    """Weights, config.json (recording the weights' size and sha256), confusion.json (when given), the run's
+    plots and the model card; all or nothing (a write that fails raises `files.WriteError`)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out / "model.safetensors")
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
-    if confusion is not None:
-        atomic_write_text(out / "confusion.json", json.dumps(confusion) + "\n")
-    write_card(out, config, repo_id=repo_id, run_dir=run_dir)
+    run_dir = run_dir if run_dir is not None else run_dir_of(out)
+    with atomic_folder(out) as tmp:
+        save_weights(model, tmp / WEIGHTS)
+        files = manifest(tmp)  # the weights: all there is yet
+        config = {**config, "cifar_tl": {**config.get("cifar_tl", {}), "files": files}}
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        if confusion is not None:
+            atomic_write_text(tmp / "confusion.json", json.dumps(confusion) + "\n")
+        write_card(tmp, config, repo_id=repo_id, run_dir=run_dir, location=out)
     return out
 
 
 def write_card(model_dir: str | Path, config: dict, *, repo_id: str | None = None,
-               run_dir: Path | None = None) -> Path:
+               run_dir: Path | None = None, location: Path | None = None) -> Path:
     """Copy the run's evaluation plots (PNG) into the folder and write README.md. `repo_id` names the Hub repo
-    in the loading snippets; without it they load the folder by its path. `run_dir` defaults to the folder's
-    parent when that is a training run."""
+    in the loading snippets; without it they load the folder by its path (`location`, when the folder is
+    written elsewhere first). `run_dir` defaults to the folder's parent when that is a training run."""
     model_dir = Path(model_dir)
     run_dir = run_dir if run_dir is not None else run_dir_of(model_dir)
     if run_dir is not None and run_dir.resolve() != model_dir.resolve():
         for png in sorted([*run_dir.glob("*.png"), *run_dir.glob("plots/*.png")]):  # report.py writes plots/
             (model_dir / "plots").mkdir(exist_ok=True)
             shutil.copyfile(png, model_dir / "plots" / png.name)
-    card = render_card(config, model_dir=model_dir, repo_id=repo_id, run_dir=run_dir)
+    card = render_card(config, model_dir=model_dir, repo_id=repo_id, run_dir=run_dir, location=location)
     path = model_dir / "README.md"
     with atomic_path(path) as tmp:
         card.save(tmp)
@@ -132,9 +143,12 @@ def load_model(model_dir: str | os.PathLike, weights: Path | None = None) -> tup
     """Rebuild the model from config.json and load model.safetensors, or another safetensors file of the same
     model (never pickle)."""
     config = read_config(model_dir)
-    weights = weights or Path(model_dir) / "model.safetensors"
+    own = Path(model_dir) / WEIGHTS
+    weights = weights or own
     if not weights.is_file():
         raise FileNotFoundError(f"{weights.parent}: no {weights.name}")
+    recorded = ((config.get("cifar_tl") or {}).get("files") or {}).get(WEIGHTS)
+    check_weights(weights, recorded if weights.resolve() == own.resolve() else None)
     model = create_model(config["architecture"], pretrained=False, num_classes=len(config["label_names"]),
                          **config.get("model_args", {}))
     state = load_file(str(weights))
@@ -147,3 +161,17 @@ def load_model(model_dir: str | os.PathLike, weights: Path | None = None) -> tup
         raise ValueError(f"{weights} does not fit the {config['architecture']} described by "
                          f"{Path(model_dir) / 'config.json'}: {detail}") from None
     return model.eval(), config
+
+
+def check_weights(weights: Path, recorded: dict | None = None) -> None:
+    """DamagedFileError when `weights` is not what was written: checked against the {size, sha256} recorded
+    when it was written, or without that against its own header."""
+    if recorded:
+        problems = manifest_problems(weights.parent, {weights.name: recorded})
+        advice = ("copy or export the folder again (if the weights were replaced on purpose, delete \"files\" "
+                  "under \"cifar_tl\" in config.json)")
+    else:
+        problems = [p for p in [safetensors_problem(weights)] if p]
+        advice = "copy or export it again"
+    if problems:
+        raise DamagedFileError(f"{weights.parent}: {'; '.join(problems)}; {advice}")

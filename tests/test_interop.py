@@ -12,11 +12,10 @@ import timm
 import torch
 from cifar100_meta import FINE_NAMES
 from PIL import Image, ImageOps
-from safetensors.torch import load_file, save_file
 
 import cifar_tl
 from cifar_tl.augment import eval_transform
-from cifar_tl.model_folder import read_config
+from cifar_tl.model_folder import read_config, write_model_folder
 
 N_IMAGES = 8
 
@@ -29,10 +28,11 @@ def sharp_timm_dir(timm_model_dir, cifar100_arrays, tmp_path_factory):
     shutil.copytree(timm_model_dir, out, dirs_exist_ok=True)
     predictor = cifar_tl.from_pretrained(str(out))
     spread = predictor.logits(predictor.preprocess(list(cifar100_arrays["test"][0][:32]))).std()
-    state = load_file(str(out / "model.safetensors"))
-    state["classifier.weight"] *= 4.0 / spread
-    state["classifier.bias"].zero_()
-    save_file(state, str(out / "model.safetensors"))
+    model = predictor.model.cpu()
+    with torch.no_grad():
+        model.classifier.weight *= 4.0 / spread
+        model.classifier.bias.zero_()
+    write_model_folder(out, model, predictor.config)  # the writer records the new weights' checksum
     return out
 
 

@@ -1,0 +1,374 @@
+"""Damage after the write and failures during it: checkpoints verified against their manifest on --resume (a
+damaged newest one falls back to the previous), the best weights of the epoch actually resumed, writes that
+fail partway (monkeypatched, and a real full tmpfs where the machine allows a mount), and damaged model
+folders refused in one line by every loader."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifar_tl import cli
+from cifar_tl.checkpoints import Checkpoints, ResumeError, TrainState
+from cifar_tl.config import parse_args
+from cifar_tl.engine import train
+from cifar_tl.files import WriteError, write_failure
+from cifar_tl.integrity import safetensors_problem
+from cifar_tl.loading import ModelLoadError, load_predictor
+from cifar_tl.model_folder import load_model, write_model_folder
+from cifar_tl.optim import EarlyStopping
+
+CNN = ["--model", "baseline_cnn_small", "--no-pretrained", "--batch-size", "32", "--eval-batch-size", "64",
+       "--lr", "3e-3", "--early-stopping-patience", "0", "--mixed-precision", "no", "--max-train-samples", "100"]
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def remove(path: Path) -> None:
+    path.unlink()
+
+
+# --------------------------------------------------------------------------------------------- Checkpoints alone
+
+
+class Tiny:
+    """A prepared model, optimiser and registered schedule, trained a step per epoch and checkpointed as the
+    engine does; `weights[epoch]` is what the model held when that epoch's checkpoint was written."""
+
+    def __init__(self, root: Path, keep: int = 2):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        getattr(AcceleratorState, "_reset_state", lambda: None)()
+        self.accelerator = Accelerator(cpu=True, mixed_precision="no")
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 3)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 0.5 ** step)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.checkpoints = Checkpoints(root, keep)
+        self.state = self.new_state()
+        self.weights: dict[int, dict] = {}
+
+    @staticmethod
+    def new_state() -> TrainState:
+        return TrainState("tiny", ["a", "b", "c"], EarlyStopping(0))
+
+    def train(self, val_losses: list[float]) -> None:
+        for loss in val_losses:
+            epoch = self.state.epoch + 1
+            self.model(torch.randn(4, 8)).square().mean().backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+            improved = self.state.early.update(epoch, loss)
+            self.state.epoch = epoch
+            self.checkpoints.save(self.accelerator, self.state, best=self.model if improved else None)
+            self.weights[epoch] = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def resume(self) -> Path | None:
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.zero_()
+        self.state = self.new_state()
+        return self.checkpoints.resume(self.accelerator, self.state)
+
+    def folder(self, epoch: int) -> Path:
+        return self.checkpoints.root / f"epoch-{epoch:04d}"
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("name", "damage", "says"), [
+    ("model.safetensors", truncate, "model.safetensors is truncated"),
+    ("optimizer.bin", truncate, "optimizer.bin is truncated"),
+    ("model.safetensors", flip_byte, "model.safetensors is altered"),
+    ("random_states_0.pkl", remove, "random_states_0.pkl is missing"),
+    ("trainer_state.json", flip_byte, "trainer_state.json is"),
+])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys, name, damage, says):
+    run = Tiny(tmp_path)
+    run.train([3.0, 2.0, 1.0])
+    assert [p.name for p in run.checkpoints.folders()] == ["epoch-0003", "epoch-0002"]  # keep 2
+    damage(run.folder(3) / name)
+    assert run.resume() == run.folder(2)
+    assert run.state.epoch == 2 and run.state.early.best_epoch == 2 and run.state.early.best_loss == 2.0
+    assert same(run.model.state_dict(), run.weights[2])
+    assert run.scheduler.last_epoch == 2  # the schedule of epoch 2, not 3
+    line = [x for x in capsys.readouterr().out.splitlines() if "damaged" in x]
+    assert len(line) == 1 and "epoch-0003 is damaged" in line[0] and says in line[0], line
+
+
+def test_best_weights_are_those_of_the_epoch_resumed(tmp_path):
+    """best.safetensors at the top belongs to epoch 3 here; resuming epoch 2 must bring back epoch 2's best
+    (the epoch itself, or an earlier one when it did not improve)."""
+    run = Tiny(tmp_path / "improving", keep=3)
+    run.train([3.0, 2.0, 1.0])
+    assert same(load_file(str(run.checkpoints.best)), run.weights[3])
+    truncate(run.folder(3) / "optimizer.bin")
+    run.resume()
+    assert same(load_file(str(run.checkpoints.best)), run.weights[2])
+
+    run = Tiny(tmp_path / "stalled", keep=3)
+    run.train([1.0, 2.0, 3.0, 0.5])  # epoch 1 is the best until epoch 4
+    truncate(run.folder(4) / "model.safetensors")
+    run.resume()
+    assert run.state.epoch == 3 and run.state.early.best_epoch == 1 and run.state.early.bad_epochs == 2
+    assert same(load_file(str(run.checkpoints.best)), run.weights[1])
+    run.train([0.9])  # epoch 4 again: it improves, its folder replaces the damaged one
+    assert [p.name for p in run.checkpoints.folders()] == ["epoch-0004", "epoch-0003", "epoch-0002"]
+    assert run.checkpoints.verify(run.folder(4))[1] == []
+
+
+def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
+    run = Tiny(tmp_path)
+    run.train([3.0, 2.0])
+    truncate(run.folder(2) / "model.safetensors")
+    remove(run.folder(1) / "optimizer.bin")
+    with pytest.raises(ResumeError) as err:
+        run.resume()
+    message = str(err.value)
+    assert "\n" not in message and f"no usable checkpoint in {run.checkpoints.root}" in message
+    assert "epoch-0002: model.safetensors is truncated" in message and "epoch-0001: optimizer.bin is missing" in message
+
+
+def failing_writer(fail_on: str):
+    """Accelerate's file writer, except that `fail_on` gets a first part of its bytes and then a full disk."""
+    import accelerate.checkpointing
+
+    real = accelerate.checkpointing.save
+
+    def save(obj, f, *args, **kwargs):
+        if Path(f).name == fail_on:
+            Path(f).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real(obj, f, *args, **kwargs)
+
+    return save
+
+
+def test_a_write_failing_partway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import accelerate.checkpointing
+
+    run = Tiny(tmp_path)
+    run.train([3.0, 2.0])
+    before = {p.name: p.read_bytes() for p in run.folder(2).iterdir()}
+    monkeypatch.setattr(accelerate.checkpointing, "save", failing_writer("optimizer.bin"))
+    with pytest.raises(WriteError) as err:
+        run.train([1.0])
+    assert str(err.value) == (f"cannot write {run.folder(3)}/optimizer.bin: No space left on device; "
+                              f"{run.folder(2)} is intact: make room (or fix the permission) and rerun with --resume")
+    assert sorted(p.name for p in run.checkpoints.root.iterdir()) == ["best.safetensors", "epoch-0001",
+                                                                       "epoch-0002", "latest"]  # no partial folder
+    assert run.checkpoints.latest() == run.folder(2)
+    assert {p.name: p.read_bytes() for p in run.folder(2).iterdir()} == before
+    monkeypatch.undo()
+    assert run.resume() == run.folder(2) and same(run.model.state_dict(), run.weights[2])
+    assert same(load_file(str(run.checkpoints.best)), run.weights[2])
+    run.train([1.0])
+    assert run.checkpoints.latest() == run.folder(3)
+
+
+def test_write_errors_name_the_reason():
+    from safetensors import SafetensorError
+
+    assert str(write_failure("/x/m.safetensors", SafetensorError("I/O error: No space left on device (os error 28)"))
+               ) == "cannot write /x/m.safetensors: No space left on device"
+    assert str(write_failure("/x", PermissionError(errno.EACCES, "denied", "/x/y"))) == \
+        "cannot write /x/y: Permission denied"
+    assert str(write_failure("/x", OSError(errno.EDQUOT, "quota"))) == f"cannot write /x: {os.strerror(errno.EDQUOT)}"
+
+
+# --------------------------------------------------------------------------------------------- the engine
+
+
+def run_args(dataset, out, *extra) -> list[str]:
+    return ["--dataset", str(dataset), "--output-dir", str(out), *CNN, *extra]
+
+
+def history_epochs(out: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(easy10_parquet, tmp_path_factory) -> Path:
+    """A finished 2-epoch run (checkpoints epoch-0001 and epoch-0002), copied by each test that damages it."""
+    out = tmp_path_factory.mktemp("two_epochs") / "run"
+    train(parse_args(run_args(easy10_parquet, out, "--epochs", "2")))
+    return out
+
+
+def test_resume_after_truncated_weights_continues_from_the_previous_epoch(two_epochs, easy10_parquet, tmp_path,
+                                                                          capsys):
+    out = shutil.copytree(two_epochs, tmp_path / "run")
+    truncate(out / "checkpoints" / "epoch-0002" / "model.safetensors")
+    metrics = train(parse_args(run_args(easy10_parquet, out, "--epochs", "3", "--resume")))
+    printed = capsys.readouterr().out
+    assert "epoch-0002 is damaged (model.safetensors is truncated" in printed
+    assert "resumed from" in printed and "epoch-0001 (epoch 1" in printed
+    assert history_epochs(out) == [1, 2, 3] and metrics["epochs_run"] == 3  # epoch 2 retrained, not kept twice
+    checkpoints = Checkpoints(out / "checkpoints")
+    assert [p.name for p in checkpoints.folders()] == ["epoch-0003", "epoch-0002"]
+    assert all(checkpoints.verify(p)[1] == [] for p in checkpoints.folders())
+
+
+def test_resume_with_every_checkpoint_damaged_exits_2_in_one_line(two_epochs, easy10_parquet, tmp_path, capsys):
+    out = shutil.copytree(two_epochs, tmp_path / "run")
+    flip_byte(out / "checkpoints" / "epoch-0002" / "optimizer.bin")
+    remove(out / "checkpoints" / "epoch-0001" / "model.safetensors")
+    assert cli.main(run_args(easy10_parquet, out, "--epochs", "3", "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --resume: no usable checkpoint in {out / 'checkpoints'} (epoch-0002: "
+                              "optimizer.bin is altered"), err
+    assert "epoch-0001: model.safetensors is missing" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_failed_checkpoint_write_stops_in_one_line_and_resume_continues(two_epochs, easy10_parquet, tmp_path,
+                                                                         capsys, monkeypatch):
+    import accelerate.checkpointing
+
+    out = shutil.copytree(two_epochs, tmp_path / "run")
+    monkeypatch.setattr(accelerate.checkpointing, "save", failing_writer("model.safetensors"))
+    assert cli.main(run_args(easy10_parquet, out, "--epochs", "3", "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: cannot write {out}/checkpoints/epoch-0003/model.safetensors: No space left on device; "
+                   f"{out}/checkpoints/epoch-0002 is intact: make room (or fix the permission) and rerun with --resume")
+    assert (out / "checkpoints" / "latest").read_text() == "epoch-0002"
+    assert not list((out / "checkpoints").glob(".*"))
+    monkeypatch.undo()
+    metrics = train(parse_args(run_args(easy10_parquet, out, "--epochs", "3", "--resume")))
+    assert history_epochs(out) == [1, 2, 3] and metrics["epochs_run"] == 3
+
+
+def test_export_refuses_a_damaged_checkpoint(two_epochs, tmp_path, capsys):
+    from cifar_tl import export
+
+    out = shutil.copytree(two_epochs, tmp_path / "run")
+    truncate(out / "checkpoints" / "epoch-0002" / "model.safetensors")
+    assert export.main(["--checkpoint", str(out / "checkpoints" / "epoch-0002"), "--output-dir",
+                        str(tmp_path / "exported")]) == 2
+    assert "epoch-0002: model.safetensors is truncated" in capsys.readouterr().err
+    assert export.main(["--checkpoint", str(out / "checkpoints" / "epoch-0001"), "--output-dir",
+                        str(tmp_path / "exported")]) == 0
+    load_model(tmp_path / "exported")
+
+
+def _mount_tmpfs(folder: Path, size: int) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=False,
+                          capture_output=True).returncode == 0
+
+
+def test_real_full_disk_during_a_checkpoint(two_epochs, easy10_parquet, tmp_path):
+    """The run's folder on a tmpfs with room for what it holds plus a little: epoch 3's checkpoint does not fit.
+    Needs root and mount (skipped elsewhere; the monkeypatched tests above always run)."""
+    used = sum(p.stat().st_size for p in two_epochs.rglob("*") if p.is_file())
+    disk = tmp_path / "disk"
+    if os.geteuid() != 0 or not _mount_tmpfs(disk, used + 1_500_000):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        out = shutil.copytree(two_epochs, disk / "run")
+        with pytest.raises(WriteError, match=f"cannot write {out}/checkpoints/epoch-0003.*No space left on device"):
+            train(parse_args(run_args(easy10_parquet, out, "--epochs", "3", "--resume")))
+        assert (out / "checkpoints" / "latest").read_text() == "epoch-0002"
+        assert not list((out / "checkpoints").glob(".*"))
+        subprocess.run(["mount", "-o", f"remount,size={used * 3}", str(disk)], check=True)  # space freed
+        assert train(parse_args(run_args(easy10_parquet, out, "--epochs", "3", "--resume")))["epochs_run"] == 3
+        assert history_epochs(out) == [1, 2, 3]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+# --------------------------------------------------------------------------------------------- model folders
+
+
+@pytest.fixture
+def model_copy(cnn_model_dir, tmp_path) -> Path:
+    return shutil.copytree(cnn_model_dir, tmp_path / "model")
+
+
+@pytest.mark.parametrize(("damage", "says"), [(truncate, "model.safetensors is truncated"),
+                                              (flip_byte, "model.safetensors is altered")])
+def test_damaged_model_folder_is_one_line_for_every_loader(model_copy, tmp_path, capsys, damage, says,
+                                                           easy10_parquet):
+    from cifar_tl import evaluate, predict
+
+    damage(model_copy / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=f"--model {model_copy}: {model_copy}: {says}"):
+        load_predictor(model_copy)
+    image = tmp_path / "x.png"
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(image)
+    assert predict.main(["--model", str(model_copy), str(image), "--no-progress"]) == 2
+    assert evaluate.main(["--model", str(model_copy), "--dataset", str(easy10_parquet),
+                          "--output-dir", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 2 and all(says in x for x in lines) and "Traceback" not in err
+
+
+def test_demo_refuses_a_damaged_model_in_one_line(model_copy, capsys):
+    from cifar_tl import demo
+
+    truncate(model_copy / "model.safetensors")
+    assert demo.main(["--model", str(model_copy)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --model {model_copy}: {model_copy}: model.safetensors is "
+                                              "truncated")
+
+
+def test_folder_without_checksum_is_checked_by_its_header(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    del config["cifar_tl"]["files"]  # as written before checksums were recorded
+    (model_copy / "config.json").write_text(json.dumps(config))
+    load_model(model_copy)
+    flip_byte(model_copy / "model.safetensors")  # undetectable without a checksum: loads
+    truncate(model_copy / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.safetensors is truncated \(\d+"):
+        load_model(model_copy)
+    (model_copy / "short.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{}")
+    assert safetensors_problem(model_copy / "short.safetensors") == "short.safetensors is truncated (10 bytes, not " \
+        "even its header)"
+
+
+def test_model_folder_write_failing_partway_leaves_the_old_folder(model_copy, monkeypatch):
+    from cifar_tl import model_folder
+
+    model, config = load_model(model_copy)
+    before = {p.relative_to(model_copy): p.read_bytes() for p in model_copy.rglob("*") if p.is_file()}
+
+    def full_disk(state, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(model_folder, "save_file", full_disk)
+    with torch.no_grad():
+        model.get_classifier().weight.mul_(2)
+    with pytest.raises(WriteError, match=f"cannot write {model_copy}/model.safetensors: No space left on device; "
+                                         f"{model_copy} is unchanged"):
+        write_model_folder(model_copy, model, config)
+    assert {p.relative_to(model_copy): p.read_bytes() for p in model_copy.rglob("*") if p.is_file()} == before
+    assert [p.name for p in model_copy.parent.iterdir()] == ["model"]  # no partial sibling left
+    monkeypatch.undo()
+    write_model_folder(model_copy, model, config)  # re-export records the new weights' checksum
+    reloaded, saved = load_model(model_copy)
+    assert torch.equal(reloaded.get_classifier().weight, model.get_classifier().weight)
+    assert saved["cifar_tl"]["files"]["model.safetensors"]["sha256"] != config["cifar_tl"]["files"][
+        "model.safetensors"]["sha256"]
