@@ -206,10 +206,12 @@ def _rows(items: list, bad: list[int]) -> str:
 def walk_files(root: Path) -> Iterator[Path]:
     """Every file under `root`, sorted, following linked folders (datasets on another disk are usually linked
     in), each real folder once."""
+    top = os.path.realpath(root)
     seen = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:  # a link loop, or a folder linked twice
+        # a folder linked twice, or a link back to the walk's own root or above it (a loop)
+        if real in seen or (folder != str(root) and (top == real or top.startswith(real + os.sep))):
             dirs[:] = []
             continue
         seen.add(real)

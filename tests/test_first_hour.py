@@ -1,0 +1,225 @@
+"""What a new user types first works and says what it did: model-aware defaults (`--pretrained` auto, the
+from-scratch recipe), a resolved config.yaml that reproduces the run, ImageNet weights from the local Hub cache
+offline, Accelerate's precision honoured, `app.py` without --model, nothing left behind by a failed run, photo
+folders of mixed sizes and linked folders."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from cifar_tl import precision
+from cifar_tl.config import RECIPES, build_parser, parse_args
+from cifar_tl.data import load_bundle, load_raw
+from cifar_tl.engine import train
+from cifar_tl.loading import default_model
+from cifar_tl.models import WeightsError, create_model
+from cifar_tl.sources import Sizing, fit_square
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model", "baseline_cnn_small", "--epochs", "1", "--max-train-samples", "200", "--eval-batch-size", "64"]
+
+
+# --------------------------------------------------------------------------------------------- defaults
+
+
+def test_pretrained_is_auto_and_picks_the_recipe():
+    cnn = parse_args(["--model", "baseline_cnn"])  # no --no-pretrained needed any more
+    assert cnn.pretrained is False and cnn.origin["pretrained"].startswith("auto")
+    assert {k: getattr(cnn, k) for k in RECIPES["scratch"]} == RECIPES["scratch"]
+    assert cnn.origin["recipe"] == "scratch defaults"
+    b0 = parse_args(["--model", "test_efficientnet"])
+    assert b0.pretrained is True and {k: getattr(b0, k) for k in RECIPES["transfer"]} == RECIPES["transfer"]
+    mixed = parse_args(["--model", "baseline_cnn", "--lr", "0.01", "--batch-size", "32"])
+    assert (mixed.lr, mixed.optimizer, mixed.scheduler) == (0.01, "adam", "plateau")  # the recipe is set as one
+    assert mixed.batch_size == 32 and mixed.augment == "crop" and "--lr" in mixed.origin["recipe"]
+    with pytest.raises(WeightsError, match="--pretrained: baseline_cnn has no pretrained weights"):
+        create_model("baseline_cnn", pretrained=True)  # asked for explicitly: still an error
+    assert parse_args(["--model", "baseline_cnn", "--weights", "w.safetensors"]).optimizer == "adam"  # fine-tune
+
+
+def test_help_says_which_defaults_depend_on_the_model():
+    text = " ".join(build_parser().format_help().split())
+    assert "Model-aware defaults" in text and "default auto" in text
+    assert "model-aware default: 0.0001 with pretrained weights, 0.003 from scratch" in text
+
+
+def test_resolved_config_reproduces_the_run(easy10_parquet, tmp_path):
+    first = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "a"), *TINY]))
+    saved = tmp_path / "a" / "config.yaml"
+    assert "python train.py --config" in saved.read_text()
+    again = train(parse_args(["--config", str(saved), "--output-dir", str(tmp_path / "b")]))
+    assert again["top1"] == first["top1"] and again["loss"] == pytest.approx(first["loss"], rel=1e-6)
+    assert first["pretrained"] is False and "auto" in first["choices"]["weights"]
+    assert first["choices"]["recipe"].startswith("adamw lr 0.003, cosine (scratch defaults)")
+    assert "--mixed-precision" in again["choices"]["mixed_precision"]  # the saved file names it: explicit now
+
+
+def test_a_run_that_fails_on_its_data_leaves_nothing(tmp_path, cifar100_arrays):
+    from conftest import write_parquet
+
+    images, fine, coarse = cifar100_arrays["train"]
+    bad = write_parquet({"train": (images[:20], fine[:20], coarse[:20])}, tmp_path / "no_test_split")
+    out = tmp_path / "runs" / "latest"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--dataset", str(bad), "--output-dir", str(out),
+                           *TINY], capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 2 and "has no split 'test'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+def test_imagenet_weights_from_the_local_hub_cache_offline(timm_weights_cache, tmp_path):
+    """HF_HUB_OFFLINE=1 with a filled Hub cache (a cluster's compute node): timm reads the weights from it."""
+    script = ("from cifar_tl.models import create_model; from safetensors.torch import save_file; "
+              "m = create_model('test_efficientnet', pretrained=True, num_classes=10); "
+              f"save_file(m.state_dict(), {str(tmp_path / 'got.safetensors')!r})")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(timm_weights_cache)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from safetensors.torch import load_file
+
+    got = load_file(str(tmp_path / "got.safetensors"))
+    (cached,) = timm_weights_cache.rglob("model.safetensors")
+    source = load_file(str(cached))
+    assert got["conv_stem.weight"].equal(source["conv_stem.weight"])
+    assert got["classifier.weight"].shape == (10, source["classifier.weight"].shape[1])  # a new head
+
+
+def test_no_weights_anywhere_names_every_source():
+    with pytest.raises(WeightsError) as err:
+        create_model("efficientnet_b0", pretrained=True)  # offline, empty Hub cache, no package ships B0
+    text = str(err.value)
+    assert "--weights FILE (not given)" in text and "not in the local Hub cache" in text
+    assert "offline packages: none ships efficientnet_b0" in text and "--no-pretrained" in text
+
+
+# --------------------------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("env, explicit, expected", [
+    ({}, None, ("AUTO", "auto")),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, None, ("fp16", "ACCELERATE_MIXED_PRECISION=fp16")),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_DYNAMO_BACKEND": "NO"}, None,
+     ("bf16", "accelerate launch (--mixed_precision or accelerate config)")),
+    ({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}, None, ("AUTO", "auto")),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "no", ("no", "--mixed-precision no")),
+])
+def test_precision_accelerate_wins_over_auto_and_the_flag_over_both(monkeypatch, env, explicit, expected):
+    for key in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(precision, "_config_file_precision", lambda: None)
+    auto = precision.mixed_precision("auto", "baseline_cnn")
+    value, origin = precision.choose(explicit or "auto", explicit is not None, "baseline_cnn")
+    assert (value, origin) == ((auto if expected[0] == "AUTO" else expected[0]), expected[1])
+
+
+def test_accelerate_config_saying_no_is_a_choice(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    monkeypatch.setattr(precision, "_config_file_precision", lambda: "no")
+    assert precision.choose("auto", False, "baseline_cnn") == ("no", "accelerate config")
+
+
+def test_the_run_records_accelerates_precision(easy10_parquet, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # set by hand: a choice even without launch
+    metrics = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path), *TINY]))
+    assert metrics["mixed_precision"] == "no"
+    assert metrics["choices"]["mixed_precision"] == "no (ACCELERATE_MIXED_PRECISION=no)"
+
+
+# --------------------------------------------------------------------------------------------- the demo
+
+
+def test_app_serves_the_newest_finished_run(cnn_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CIFAR_TL_MODEL", raising=False)
+    source, why = default_model()
+    assert source is None and "python train.py" in why and "--model" in why
+    for name, age in (("old", 100), ("new", 10), ("unfinished", 0)):
+        shutil.copytree(cnn_model_dir, tmp_path / "runs" / name / "model")
+        if name != "unfinished":  # a run that has not finished has no metrics.json
+            (tmp_path / "runs" / name / "metrics.json").write_text("{}")
+            os.utime(tmp_path / "runs" / name / "metrics.json", (1e9 - age, 1e9 - age))
+    assert default_model() == (str(Path("runs") / "new" / "model"), "the newest finished run under runs/")
+    monkeypatch.setenv("CIFAR_TL_MODEL", "me/cifar")
+    assert default_model() == ("me/cifar", "$CIFAR_TL_MODEL")
+
+
+def test_app_without_model_says_what_to_do(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CIFAR_TL_MODEL"}
+    proc = subprocess.run([sys.executable, str(ROOT / "app.py")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, check=False, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "python train.py" in proc.stderr
+
+
+def test_page_says_what_it_serves(cnn_model_dir):
+    from cifar_tl.demo import build_demo
+    from cifar_tl.loading import load_predictor
+
+    demo = build_demo(load_predictor(str(cnn_model_dir), device="cpu"), serving="`runs/new/model` (newest)")
+    texts = [c.get("props", {}).get("value") for c in demo.config["components"]]
+    assert any(isinstance(t, str) and "**Serving**: `runs/new/model` (newest)" in t for t in texts)
+
+
+# --------------------------------------------------------------------------------------------- photo folders
+
+
+def _photo(rng, width: int, height: int) -> Image.Image:
+    """Noise with a red band on the left and right tenth: a centre crop of a wide photo must drop them."""
+    arr = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    arr[:, : width // 10] = arr[:, -(width // 10):] = (255, 0, 0)
+    return Image.fromarray(arr)
+
+
+@pytest.fixture
+def linked_photo_folder(tmp_path) -> Path:
+    """train/ is a link to a folder elsewhere, test/'s class folders are links: photos of many sizes."""
+    rng = np.random.default_rng(0)
+    real = tmp_path / "elsewhere"
+    for split, n in (("train", 8), ("test", 3)):
+        for cls in ("cat", "dog"):
+            folder = real / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                _photo(rng, int(rng.integers(60, 200)), int(rng.integers(40, 120))).save(folder / f"{i}.jpg")
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "train").symlink_to(real / "train")
+    (root / "test").mkdir()
+    for cls in ("cat", "dog"):
+        (root / "test" / cls).symlink_to(real / "test" / cls)
+    (real / "train" / "cat" / "loop").symlink_to(real / "train")  # a link loop is read once, not forever
+    return root
+
+
+def test_mixed_size_linked_photo_folder_trains(linked_photo_folder, tmp_path, caplog):
+    raw = load_raw(str(linked_photo_folder), cache=False, sizing=Sizing(mixed=48))
+    assert raw.fine_names == ["cat", "dog"] and raw.fitted
+    assert {len(s) for s in raw.splits.values()} == {16, 6}
+    assert all(s.images.shape[1:] == (3, 48, 48) for s in raw.splits.values())
+    assert "centre-cropped" in caplog.text and "48 px" in caplog.text
+    wide = raw.splits["train"].images.float()
+    assert (wide[:, 0] - wide[:, 1]).mean() < 60  # the red side bands were cropped away, not squeezed in
+    forced = load_bundle(str(linked_photo_folder), cache=False, sizing=Sizing(forced=24), val_fraction=0.25)
+    assert forced.image_size == 24
+    metrics = train(parse_args(["--dataset", str(linked_photo_folder), "--output-dir", str(tmp_path / "run"),
+                                "--model", "baseline_cnn_small", "--epochs", "1", "--batch-size", "8"]))
+    assert metrics["n"] == 6 and metrics["image_size"] == 32  # stored at the model's 32 px
+
+
+def test_the_predictor_sees_what_the_store_holds():
+    img = _photo(np.random.default_rng(1), 160, 90)
+    stored = fit_square(np.asarray(img), 32)
+    assert np.array_equal(stored, np.asarray(ImageOps.fit(img, (32, 32), Image.BICUBIC)))
+    assert stored[..., 0].astype(float).mean() < 200  # the bands are gone
