@@ -21,6 +21,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment": ("none", "basic", "crop", "randaugment"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "report_to": ("none", "wandb", "tensorboard", "all"),
+    "wandb_log_model": ("all", "best", "end", "none"),
 }
 
 
@@ -97,6 +98,10 @@ class TrainConfig:
     output_dir: str = "runs/latest"
     resume: bool = field(default=False, metadata={"help": "continue from OUTPUT_DIR/checkpoints"})
     report_to: str = "none"
+    wandb_log_model: str = field(default="best", metadata={"help": "W&B model artifacts (model-<run id>, with "
+                                 "the epoch's metrics, the run config and the dataset fingerprint): all = every "
+                                 "epoch's weights (the reference study's run), best = each improving epoch's, "
+                                 "end = the best weights once after training, none. Default: best"})
     project_name: str = "cifar-tl"
     push_to_hub: bool = False
     hub_model_id: str | None = None
