@@ -182,22 +182,22 @@ def _data_used(data: dict, dataset_id: str | None, name: str, train: dict) -> st
         what = f"This run read {what}{source} from the Hugging Face Hub"
     elif dataset_id:
         what = (f"This run read {what}a local copy of {name} ({SOURCE_KINDS.get(kind, 'local files')} {source}, "
-                "with its published split sizes and class lists)")
+                "with the published split sizes and class lists)")
     else:
         what = (f"This run read {SOURCE_KINDS.get(kind, 'the dataset')} {source}, not a dataset published on the "
                 f"Hub{', and used a subset of it' if subset else ''}")
-    what += f" (dataset fingerprint `{data['fingerprint']}`)" if data.get("fingerprint") else ""
+    fingerprint = f" Dataset fingerprint: `{data['fingerprint']}`." if data.get("fingerprint") else ""
     share = f"{100 * train.get('val_fraction', 0):g} %"
     if "train" not in data:  # format 1: the split sizes were not recorded
         sample = (f", took a stratified subsample of {train['max_train_samples']:,} training images"
                   if train.get("max_train_samples") else "")
         return (f"{what}{sample}, held out a stratified {share} of the training split for validation and "
-                "early stopping, and reports results on the untouched test split.")
+                f"early stopping, and reports results on the untouched test split.{fingerprint}")
     sample = f" (a stratified subsample: `--max-train-samples {train.get('max_train_samples')}`)" if subset else ""
     val = (f"{data['val']:,} validation images (a stratified {share} of its {source_train:,} "
            "training images, for early stopping)" if data["val"] else "no validation images")
     return (f"{what}: {data['train']:,} training images{sample}, {val} and {data['test']:,} test images, on "
-            "which the results below are reported.")
+            f"which the results below are reported.{fingerprint}")
 
 
 def _origin(train: dict, base_model: str | None) -> str:
