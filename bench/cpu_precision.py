@@ -7,7 +7,7 @@ Each case builds the model once (channels_last, as the engine trains it), then a
 fused SGD step on random input, and reports the median images/s of each and the ratios to fp32.
 
   python bench/cpu_precision.py                                   # the default cases, ~3 min on 2 cores
-  python bench/cpu_precision.py --cases fast_cnn@32:512 baseline_cnn@64:32 --compile --name cpu_compile
+  python bench/cpu_precision.py --cases fast_cnn@32:512 baseline_cnn_bn@64:32 --compile --name cpu_compile
   python bench/cpu_precision.py --cases fast_cnn@32:256 --steps 2 --repeats 1   # smoke
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import benchlib
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CASES = ["fast_cnn@32:256", "baseline_cnn_small@32:128", "baseline_cnn@32:64", "baseline_cnn@64:32",
+DEFAULT_CASES = ["fast_cnn@32:256", "baseline_cnn_bn_small@32:128", "baseline_cnn_bn@32:64", "baseline_cnn_bn@64:32",
                  "efficientnet_b0@32:64", "efficientnet_b0@128:32", "tf_efficientnet_lite0@128:32"]
 
 

@@ -1,7 +1,7 @@
 """Demo latency: cold start to first prediction, single-image latency (p50/p95) and throughput with concurrent
 clients, PyTorch vs ONNX, for the baseline CNN (32 px) and an EfficientNet at its own input size.
 
-    python bench/demo_latency.py [--models baseline_cnn efficientnet_b0] [--requests 40] [--clients 16]
+    python bench/demo_latency.py [--models baseline_cnn_bn efficientnet_b0] [--requests 40] [--clients 16]
 
 Untrained model folders (random weights: latency does not depend on them) are built in a temp dir; each
 configuration runs `app.py` as a fresh process on 127.0.0.1 and is queried over HTTP (below). The server's CPU
@@ -100,7 +100,7 @@ def model_latency(model: str, backend: str, threads: int | None, n: int) -> list
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["baseline_cnn", "efficientnet_b0"])
+    parser.add_argument("--models", nargs="+", default=["baseline_cnn_bn", "efficientnet_b0"])
     parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
     parser.add_argument("--threads", nargs="+", default=["default"],
                         help="model CPU threads to compare: 'default' (one per core) and/or numbers")

@@ -401,7 +401,7 @@ def soak(url: str, proc: subprocess.Popen, inputs: list[Input], args, folders: d
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder, Hub id or .onnx (default: an untrained --arch)")
-    p.add_argument("--arch", default="baseline_cnn", help="the untrained model built when --model is not given")
+    p.add_argument("--arch", default="baseline_cnn_bn", help="the untrained model built when --model is not given")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     p.add_argument("--threads", type=int, default=None, help="the app's --threads (default: its own)")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (default: 16)")

@@ -68,5 +68,5 @@ part profile "${STEP_TIMEOUT:-40}" $PY bench/profile_step.py --device cuda --siz
 part scaling "${STEP_TIMEOUT:-75}" $PY bench/scaling.py --device cuda --processes 1 --batch-size 256
 part inference "${STEP_TIMEOUT:-75}" $PY bench/inference.py --device cuda --repeats 3 --min-seconds 0.3 \
   --backends eager channels_last compile onnxruntime --compile-cases efficientnet_b0@224 \
-  --cases baseline_cnn@32 efficientnet_b0@224
+  --cases baseline_cnn_bn@32 efficientnet_b0@224
 exit $failed

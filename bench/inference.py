@@ -8,7 +8,7 @@ with a dynamic batch axis, on CPUExecutionProvider with `--threads` intra-op thr
 when the device is cuda and onnxruntime-gpu is installed; otherwise it is skipped on cuda).
 
   python bench/inference.py      # CPU defaults (15+ min: compiling each EfficientNet takes minutes)
-  python bench/inference.py --cases baseline_cnn@32 --backends eager onnxruntime --repeats 1   # < 30 s
+  python bench/inference.py --cases baseline_cnn_bn@32 --backends eager onnxruntime --repeats 1   # < 30 s
   python bench/inference.py --device cuda --compile-cases efficientnet_b0@224
 """
 
@@ -27,7 +27,7 @@ import torch
 
 BACKENDS = ("eager", "channels_last", "compile", "onnxruntime")
 DEFAULT_CASES = [
-    "baseline_cnn@32",
+    "baseline_cnn_bn@32",
     "efficientnet_b0@32",
     "efficientnet_b0@224",
     "tf_efficientnet_lite0@32",

@@ -2,7 +2,7 @@
 torch.profiler: the share of each phase and the operators that dominate.
 
   python bench/profile_step.py                                    # efficientnet_b0 at 32 and 224 px
-  python bench/profile_step.py --model baseline_cnn --sizes 32 --steps 1   # quick (< 30 s)
+  python bench/profile_step.py --model baseline_cnn_bn --sizes 32 --steps 1   # quick (< 30 s)
   python bench/profile_step.py --device cuda --batch-size 256 --steps 10
 
 For a whole-process view (Python included), py-spy works too:

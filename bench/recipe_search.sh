@@ -16,10 +16,10 @@ cnn=(--no-pretrained --optimizer sgd --momentum 0.9 --weight-decay 5e-4 --schedu
      --label-smoothing 0.1 --augment basic --shift 0.125 --zoom 0 --batch-size 256)
 run() { local name=$1; shift; echo "== $name"; timeout 120 $PY train.py "${common[@]}" "$@" --output-dir "$RUNS/$name" 2>&1 \
         | grep -aE "(epoch [0-9]+:|test:|error)" ; }
-run cnn_e3 --model baseline_cnn "${cnn[@]}" --lr 0.1 --epochs 3
-run cnn_e5 --model baseline_cnn "${cnn[@]}" --lr 0.1 --epochs 5
-run cnn_small_e8 --model baseline_cnn_small "${cnn[@]}" --lr 0.1 --epochs 8
-run cnn_small_e12 --model baseline_cnn_small "${cnn[@]}" --lr 0.1 --epochs 12
+run cnn_e3 --model baseline_cnn_bn "${cnn[@]}" --lr 0.1 --epochs 3
+run cnn_e5 --model baseline_cnn_bn "${cnn[@]}" --lr 0.1 --epochs 5
+run cnn_small_e8 --model baseline_cnn_bn_small "${cnn[@]}" --lr 0.1 --epochs 8
+run cnn_small_e12 --model baseline_cnn_bn_small "${cnn[@]}" --lr 0.1 --epochs 12
 if [ -n "$LITE0" ]; then
   ft=(--model tf_efficientnet_lite0 --weights "$LITE0" --scheduler cosine --warmup-epochs 0.2 --label-smoothing 0.1
       --augment basic --shift 0.125 --zoom 0 --drop-rate 0.2)

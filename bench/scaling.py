@@ -1,6 +1,6 @@
 """Scaling: how one epoch of train.py grows with the training-set size and with 1 vs 2 processes.
 
-Runs `train.py --model MODEL --no-pretrained --epochs 1 --max-train-samples N` (`--model`, default baseline_cnn)
+Runs `train.py --model MODEL --no-pretrained --epochs 1 --max-train-samples N` (`--model`, default baseline_cnn_bn)
 for each fraction of `--full` images, with 1 process (`python train.py`) and with 2 CPU processes
 (`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_cpu_threads_per_process T`),
 and reads the epoch's `seconds` (the training loop alone, no evaluation) from history.jsonl. The thread budget
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0,
         help="images that count as 100 %% (0: the whole train split after the validation split)",
     )
-    p.add_argument("--model", default="baseline_cnn")
+    p.add_argument("--model", default="baseline_cnn_bn")
     p.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.5, 1.0])
     p.add_argument("--processes", nargs="+", type=int, default=[1, 2])
     p.add_argument("--threads", type=int, default=2, help="CPU threads in total, split between processes")

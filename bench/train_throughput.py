@@ -21,8 +21,8 @@ median of the rounds is reported, and ratios of ours to each reference. `--data-
 without training. `--epoch-images N` also times one full epoch of N images per pipeline (the GPU "time per
 CIFAR epoch at 224 px" figure; `--repeats 0` runs it alone).
 
-  python bench/train_throughput.py --skip baseline_cnn@128 baseline_cnn@224   # CPU matrix (~10 CPU-min)
-  python bench/train_throughput.py --models baseline_cnn --sizes 32 --steps 1 --repeats 1   # smoke, < 1 min
+  python bench/train_throughput.py --skip baseline_cnn_bn@128 baseline_cnn_bn@224   # CPU matrix (~10 CPU-min)
+  python bench/train_throughput.py --models baseline_cnn_bn --sizes 32 --steps 1 --repeats 1   # smoke, < 1 min
   python bench/train_throughput.py --device cuda --workers 14 --batch-sizes 32:256,64:256,128:256,224:128 \
       --steps 8 --warmup 2 --repeats 2                                   # GPU (see bench/gpu_suite.sh)
 """
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dataset", default=benchlib.default_dataset(), help="Hub-style parquet folder (train-*.parquet)"
     )
     p.add_argument(
-        "--models", nargs="+", default=["baseline_cnn", "efficientnet_b0", "tf_efficientnet_lite0"]
+        "--models", nargs="+", default=["baseline_cnn_bn", "efficientnet_b0", "tf_efficientnet_lite0"]
     )
     p.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 128, 224], help="model input sizes (px)")
     p.add_argument(
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="MODEL@SIZE",
-        help="model/size pairs to leave out, e.g. baseline_cnn@224",
+        help="model/size pairs to leave out, e.g. baseline_cnn_bn@224",
     )
     p.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=None,
                    help="default: all; ours_eager only on a GPU")

@@ -2,11 +2,17 @@
 (and `timm.create_model("local-dir:DIR")` / `"hf-hub:..."` on one of our exported folders) work like any timm
 architecture, with a `pretrained_cfg` that carries CIFAR's input size and normalisation.
 
-* `baseline_cnn` (`_small`, `_wide`): the reference study's Keras CNN with BatchNorm.
+* `baseline_cnn`: the reference study's Keras CNN as it was built: 3 stacks of Conv-Conv-MaxPool-Dropout, no
+  BatchNorm, Flatten + two hidden Dense layers + the 100-way Dense softmax (the study's "9-layer" network; a fixed
+  32x32 input).
+* `baseline_cnn_bn` (`_small`, `_wide`): our modernised relative: BatchNorm after every conv, global average
+  pooling and one linear layer (folders written before format 2 call it `baseline_cnn`).
 * `fast_cnn` (`_wide`): airbench94's network (Jordan, 2024), the CPU time-to-accuracy pick.
 
 None of them has pretrained weights (`pretrained_cfg` has no source): they train from scratch."""
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -50,9 +56,10 @@ class _CifarCNN(nn.Module):
 
 
 class BaselineCNN(_CifarCNN):
-    """The reference study's Keras CNN: 3 stacks of Conv-Conv-MaxPool(2, stride 2)-Dropout(drop_rate) with same
-    padding and ReLU, filters doubling with depth, then global pooling and a linear classifier. BatchNorm
-    after each conv (a modern addition, on by default) lets it train at a high learning rate."""
+    """Our relative of the study's CNN (`baseline_cnn_bn*`): 3 stacks of Conv-Conv-MaxPool(2, stride 2)-
+    Dropout(drop_rate) with same padding and ReLU, filters doubling with depth, then global average pooling and
+    a linear classifier. BatchNorm after each conv lets it train at a high learning rate; `batchnorm=False` is
+    kept for folders that recorded it."""
 
     def __init__(self, num_classes: int = 100, widths: tuple[int, ...] = (64, 128, 256),
                  drop_rate: float = 0.25, batchnorm: bool = True, in_chans: int = 3):
@@ -68,6 +75,83 @@ class BaselineCNN(_CifarCNN):
             c_in = w
         self._init_head(nn.Sequential(*layers), c_in, num_classes, nn.AdaptiveAvgPool2d(1), nn.Identity())
         self.model_args = {"widths": list(widths), "drop_rate": drop_rate, "batchnorm": batchnorm}
+
+
+class _Conv2D(nn.Conv2d):
+    """Keras `Conv2D(filters, 3, padding="same", activation="relu")`: the activation is part of the layer, so a
+    model summary lists the layers Keras lists."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(c_in, c_out, 3, padding=1)  # "same" for a 3x3 kernel at stride 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+class _Dense(nn.Linear):
+    """Keras `Dense(units, activation="relu")`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+class _Flatten(nn.Module):
+    """Keras `Flatten` of a channels-last feature map: (h, w, c) order, so the first Dense kernel of a Keras model
+    ports by a transpose alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).flatten(1)
+
+
+class StudyCNN(_CifarCNN):
+    """The reference study's "9-layer Fully Connected CNN" (Keras), layer for layer (`baseline_cnn`): 3 stacks of
+    Conv2D-Conv2D-MaxPool2D(2, stride 2)-Dropout with same padding and ReLU, then Flatten, two hidden Dense
+    layers with Dropout and the Dense output (its softmax is in the loss and in the predictors). No BatchNorm.
+    The modules carry Keras' default layer names (features.conv2d, conv2d_1, max_pooling2d, dropout, ...;
+    flatten; head.dense, dropout_3, dense_1, dropout_4; the output layer, Keras' dense_2, is `classifier` as in
+    timm). The Flatten fixes the input size.
+
+    Where the study is silent (it gives the layer types and counts, not their sizes), the defaults are: filters
+    32-64-128 (doubling per stack), hidden Dense 512 and 256, Dropout 0.2 / 0.3 / 0.4 after the stacks and
+    `drop_rate` (0.5 in the preset) after each hidden Dense: 1,493,124 parameters for 100 classes."""
+
+    def __init__(self, num_classes: int = 100, widths: tuple[int, ...] = (32, 64, 128),
+                 dense: tuple[int, ...] = (512, 256), conv_drop_rates: tuple[float, ...] = (0.2, 0.3, 0.4),
+                 drop_rate: float = 0.5, in_chans: int = 3, img_size: int | tuple[int, int] = 32,
+                 batchnorm: bool = False):
+        if batchnorm:  # a folder written before format 2, when baseline_cnn was today's baseline_cnn_bn
+            raise ValueError("baseline_cnn is the study's CNN without BatchNorm since cifar-tl model-folder format "
+                             "2; batchnorm: true describes what is now baseline_cnn_bn: load the folder with "
+                             "cifar_tl (model_folder.load_model maps the old name)")
+        super().__init__()
+        count: dict[str, int] = {}
+
+        def keras_name(kind: str) -> str:  # Keras' default names: conv2d, conv2d_1, ...
+            count[kind] = count.get(kind, -1) + 1
+            return kind if count[kind] == 0 else f"{kind}_{count[kind]}"
+
+        layers, c_in = OrderedDict(), in_chans
+        for width, rate in zip(widths, conv_drop_rates, strict=True):
+            layers[keras_name("conv2d")] = _Conv2D(c_in, width)
+            layers[keras_name("conv2d")] = _Conv2D(width, width)
+            layers[keras_name("max_pooling2d")] = nn.MaxPool2d(2, stride=2)
+            layers[keras_name("dropout")] = nn.Dropout(rate)
+            c_in = width
+        height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+        n_in, head = c_in * (height >> len(widths)) * (width >> len(widths)), OrderedDict()
+        for units in dense:
+            head[keras_name("dense")] = _Dense(n_in, units)
+            head[keras_name("dropout")] = nn.Dropout(drop_rate)
+            n_in = units
+        self.features, self.flatten, self.head = nn.Sequential(layers), _Flatten(), nn.Sequential(head)
+        self.num_features, self.num_classes = n_in, num_classes
+        self.classifier = self._new_classifier(num_classes)
+        self.model_args = {"widths": list(widths), "dense": list(dense), "conv_drop_rates": list(conv_drop_rates),
+                           "drop_rate": drop_rate}
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head(self.flatten(x))
+        return x if pre_logits else self.classifier(x)
 
 
 class _DiracConv(nn.Conv2d):
@@ -138,22 +222,25 @@ class FastCNN(_CifarCNN):
 
 # name -> (class, default constructor arguments); the names are timm model names once registered below
 VARIANTS: dict[str, tuple[type[_CifarCNN], dict]] = {
-    "baseline_cnn": (BaselineCNN, {"widths": (64, 128, 256)}),
-    "baseline_cnn_small": (BaselineCNN, {"widths": (32, 64, 128)}),  # 4x cheaper, for CPU time budgets
-    "baseline_cnn_wide": (BaselineCNN, {"widths": (128, 256, 512)}),
+    "baseline_cnn": (StudyCNN, {}),  # the study's network: configs/baseline_cnn.yaml
+    "baseline_cnn_bn": (BaselineCNN, {"widths": (64, 128, 256)}),  # ours: BatchNorm + global pooling
+    "baseline_cnn_bn_small": (BaselineCNN, {"widths": (32, 64, 128)}),  # 4x cheaper, for CPU time budgets
+    "baseline_cnn_bn_wide": (BaselineCNN, {"widths": (128, 256, 512)}),
     "fast_cnn": (FastCNN, {"widths": (32, 128, 128)}),  # airbench94 at half width: the 2-core CPU pick
     "fast_cnn_wide": (FastCNN, {"widths": (64, 256, 256)}),  # airbench94's own widths
 }
 
 
-def _cfg() -> dict:
+def _cfg(cls: type[_CifarCNN]) -> dict:
     # no `hf_hub_id` / `url`: these architectures have no pretrained weights
+    fixed = cls is StudyCNN  # Flatten + Dense: the input size is part of the architecture
     return {"num_classes": 100, "input_size": (3, 32, 32), "pool_size": None, "crop_pct": 1.0,
             "crop_mode": "center", "interpolation": "bilinear", "mean": CIFAR_MEAN, "std": CIFAR_STD,
-            "first_conv": "features.0", "classifier": "classifier", "license": "apache-2.0"}
+            "first_conv": "features.conv2d" if fixed else "features.0", "classifier": "classifier",
+            "fixed_input_size": fixed, "license": "apache-2.0"}
 
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANTS})
+default_cfgs = generate_default_cfgs({name: _cfg(cls) for name, (cls, _) in VARIANTS.items()})
 
 
 def _entrypoint(name: str):

@@ -15,6 +15,26 @@ from safetensors import safe_open
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"  # ./model_card.md links here
 LICENSE = "apache-2.0"
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR100_SUPERCLASSES = {  # the published CIFAR-100 classes; label ids are the alphabetical order of each list
+    "aquatic_mammals": "beaver dolphin otter seal whale", "fish": "aquarium_fish flatfish ray shark trout",
+    "flowers": "orchid poppy rose sunflower tulip", "food_containers": "bottle bowl can cup plate",
+    "fruit_and_vegetables": "apple mushroom orange pear sweet_pepper",
+    "household_electrical_devices": "clock keyboard lamp telephone television",
+    "household_furniture": "bed chair couch table wardrobe",
+    "insects": "bee beetle butterfly caterpillar cockroach", "large_carnivores": "bear leopard lion tiger wolf",
+    "large_man-made_outdoor_things": "bridge castle house road skyscraper",
+    "large_natural_outdoor_scenes": "cloud forest mountain plain sea",
+    "large_omnivores_and_herbivores": "camel cattle chimpanzee elephant kangaroo",
+    "medium_mammals": "fox porcupine possum raccoon skunk", "non-insect_invertebrates": "crab lobster snail spider worm",
+    "people": "baby boy girl man woman", "reptiles": "crocodile dinosaur lizard snake turtle",
+    "small_mammals": "hamster mouse rabbit shrew squirrel",
+    "trees": "maple_tree oak_tree palm_tree pine_tree willow_tree",
+    "vehicles_1": "bicycle bus motorcycle pickup_truck train", "vehicles_2": "lawn_mower rocket streetcar tank tractor",
+}
+CIFAR100_FINE = sorted(f for fines in CIFAR100_SUPERCLASSES.values() for f in fines.split())
+CIFAR100_COARSE = sorted(CIFAR100_SUPERCLASSES)
+CIFAR100_FINE_TO_COARSE = [next(i for i, c in enumerate(CIFAR100_COARSE) if f in CIFAR100_SUPERCLASSES[c].split())
+                           for f in CIFAR100_FINE]
 CIFAR_SIZES = "(Krizhevsky, 2009): 50,000 training and 10,000 test colour images of 32×32 pixels"
 HUB_DATASETS = "https://huggingface.co/datasets"
 DATASETS = {  # Hub id -> (name, description)
@@ -24,10 +44,17 @@ DATASETS = {  # Hub id -> (name, description)
     "uoft-cs/cifar10": ("CIFAR-10", (f"[CIFAR-10]({HUB_DATASETS}/uoft-cs/cifar10) {CIFAR_SIZES}, 10 classes "
                                      "of 5,000 training and 1,000 test images each.")),
 }
+# What a local copy must match to be named as the Hub dataset: split sizes, class lists (and superclasses)
+PUBLISHED = {"uoft-cs/cifar100": ({"train": 50_000, "test": 10_000}, CIFAR100_FINE, CIFAR100_COARSE,
+                                  CIFAR100_FINE_TO_COARSE),
+             "uoft-cs/cifar10": ({"train": 50_000, "test": 10_000}, CIFAR10_NAMES, None, None)}
+SOURCE_KINDS = {"parquet": "a local folder of parquet files", "save-to-disk": "a local `save_to_disk` folder",
+                "cifar-pickle": "a local cifar-100-python folder", "cifar-tar": "a local cifar-100-python archive",
+                "imagefolder": "a local image folder"}
 # Run settings that say where and how a run was logged, not how the model was trained.
-NOT_HYPERPARAMETERS = {"output_dir", "resume", "report_to", "project_name", "push_to_hub", "hub_model_id",
-                       "hub_private", "data_cache", "eval_batch_size", "image_column", "label_column",
-                       "coarse_label_column", "train_split", "test_split", "dataset"}
+NOT_HYPERPARAMETERS = {"output_dir", "resume", "report_to", "wandb_log_model", "project_name", "push_to_hub",
+                       "hub_model_id", "hub_private", "data_cache", "eval_batch_size", "image_column",
+                       "label_column", "coarse_label_column", "train_split", "test_split", "dataset"}
 METRICS = (("top1", "accuracy", "Top-1 accuracy"), ("top5", "top_5_accuracy", "Top-5 accuracy"),
            ("coarse_top1", "superclass_accuracy", "Superclass top-1 accuracy"))
 CITATIONS = {
@@ -63,9 +90,8 @@ def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
     architecture, names = config["architecture"], config["label_names"]
     coarse_names = extra.get("coarse_names")
     is_timm = extra.get("library_name", "timm") == "timm"  # export records which library builds it
-    dataset_id = _dataset_id(train, names, coarse_names)
-    source = f"`{train['dataset']}`" if train.get("dataset") else "its dataset"
-    dataset_name, dataset_description = DATASETS.get(dataset_id, (source, f"{source}: {len(names)} classes."))
+    dataset = data_context(extra, train, names)
+    dataset_id, dataset_name = dataset["dataset_id"], dataset["dataset_name"]
     base_model = extra.get("base_model")
     title = repo_id.split("/")[-1] if repo_id else f"{architecture} on {dataset_name}"
     pct = {k: f"{percent(metrics[k]):.2f} %" for k in ("top1", "coarse_top1") if k in metrics}
@@ -88,11 +114,10 @@ def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
     context = dict(
         title=title, architecture=architecture, is_timm=is_timm, origin=_origin(train, base_model),
         num_classes=len(names), num_coarse=len(coarse_names) if coarse_names else 0,
-        params=_parameter_count(model_dir / "model.safetensors"),
+        params=_parameters(extra.get("parameters"), model_dir / "model.safetensors"),
         data_size=extra.get("data_size") or cfg["input_size"][-1], image_size=cfg["input_size"][-1],
         interpolation=cfg["interpolation"], mean=_floats(cfg["mean"]), std=_floats(cfg["std"]),
-        dataset_name=dataset_name, dataset_description=dataset_description,
-        fingerprint=extra.get("dataset_fingerprint"), train=train,
+        **dataset, train=train,
         summary=_summary(metrics), hyperparameters=_hyperparameters(train),
         results=_results(metrics), test_images=f"{metrics['n']:,}" if "n" in metrics else None,
         top1=pct.get("top1"), coarse_top1=pct.get("coarse_top1"),
@@ -107,16 +132,75 @@ def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
     return ModelCard(text)  # parses YAML and model-index back: malformed metadata fails here, not on the Hub
 
 
-def _dataset_id(train: dict, names: list[str], coarse_names: list[str] | None) -> str | None:
-    """The Hub dataset this model was trained on: the configured Hub id, or CIFAR recognised from its classes
-    when the run read a local copy (parquet, pickle, image folder)."""
-    if train.get("dataset") in DATASETS:
-        return train["dataset"]
-    if len(names) == 100 and coarse_names and len(coarse_names) == 20:
-        return "uoft-cs/cifar100"
-    if names == CIFAR10_NAMES:
-        return "uoft-cs/cifar10"
+def data_context(extra: dict, train: dict, names: list[str]) -> dict:
+    """What the card says about the data: `dataset_id` (the Hub dataset named in the metadata, or None),
+    `dataset_name`, `dataset_description` (the dataset), `data_used` (what this run used: source, split sizes,
+    subset or not, fingerprint) and `is_cifar`."""
+    data = extra.get("data") or _format1_data(extra, train)
+    dataset_id = _dataset_id(data, names, extra.get("coarse_names"), extra.get("fine_to_coarse"))
+    source = data.get("source")
+    name = DATASETS.get(dataset_id, (dataset_id or (Path(source).name if source else "its dataset"),))[0]
+    coarse = extra.get("coarse_names")
+    classes = f"{len(names)} classes" + (f" in {len(coarse)} superclasses" if coarse else "")
+    if dataset_id in DATASETS:
+        description = DATASETS[dataset_id][1]
+    elif dataset_id:
+        description = f"[{dataset_id}]({HUB_DATASETS}/{dataset_id}) on the Hugging Face Hub: {classes}."
+    else:
+        description = f"{f'`{source}`' if source else 'Its dataset'}: {classes}."
+    return {"dataset_id": dataset_id, "dataset_name": name, "dataset_description": description,
+            "data_used": _data_used(data, dataset_id, name, train) if source else None,
+            "is_cifar": dataset_id in DATASETS}
+
+
+def _format1_data(extra: dict, train: dict) -> dict:
+    """Folders written before format 2 recorded only the configured source: a Hub run if it names a Hub dataset
+    we know, otherwise unidentified; the split sizes are unknown."""
+    source = train.get("dataset")
+    return {"source": source, "kind": "hub" if source in DATASETS else None,
+            "fingerprint": extra.get("dataset_fingerprint")}
+
+
+def _dataset_id(data: dict, names: list[str], coarse_names: list[str] | None,
+                fine_to_coarse: list[int] | None) -> str | None:
+    """The Hub dataset to name: the one the run read from the Hub, or a published dataset a local copy matches
+    in split sizes, class lists and superclasses. Anything else (a fixture, another dataset) is not named."""
+    if data.get("kind") == "hub":
+        return data["source"]
+    for hub_id, (sizes, fine, coarse, mapping) in PUBLISHED.items():
+        if (data.get("source_sizes") == sizes and names == fine and coarse_names == coarse
+                and (mapping is None or fine_to_coarse == mapping)):
+            return hub_id
     return None
+
+
+def _data_used(data: dict, dataset_id: str | None, name: str, train: dict) -> str:
+    """One paragraph on the data this run used, from the sizes recorded at training time."""
+    source, kind = f"`{data['source']}`", data.get("kind")
+    used = data["train"] + data["val"] if "train" in data else 0
+    source_train = (data.get("source_sizes") or {}).get("train", used)
+    subset = used < source_train
+    what = "a subset of " if subset else ""
+    if kind == "hub":
+        what = f"This run read {what}{source} from the Hugging Face Hub"
+    elif dataset_id:
+        what = (f"This run read {what}a local copy of {name} ({SOURCE_KINDS.get(kind, 'local files')} {source}, "
+                "with the published split sizes and class lists)")
+    else:
+        what = (f"This run read {SOURCE_KINDS.get(kind, 'the dataset')} {source}, not a dataset published on the "
+                f"Hub{', and used a subset of it' if subset else ''}")
+    fingerprint = f" Dataset fingerprint: `{data['fingerprint']}`." if data.get("fingerprint") else ""
+    share = f"{100 * train.get('val_fraction', 0):g} %"
+    if "train" not in data:  # format 1: the split sizes were not recorded
+        sample = (f", took a stratified subsample of {train['max_train_samples']:,} training images"
+                  if train.get("max_train_samples") else "")
+        return (f"{what}{sample}, held out a stratified {share} of the training split for validation and "
+                f"early stopping, and reports results on the untouched test split.{fingerprint}")
+    sample = f" (a stratified subsample: `--max-train-samples {train.get('max_train_samples')}`)" if subset else ""
+    val = (f"{data['val']:,} validation images (a stratified {share} of its {source_train:,} "
+           "training images, for early stopping)" if data["val"] else "no validation images")
+    return (f"{what}: {data['train']:,} training images{sample}, {val} and {data['test']:,} test images, on "
+            f"which the results below are reported.{fingerprint}")
 
 
 def _origin(train: dict, base_model: str | None) -> str:
@@ -173,8 +257,14 @@ def _hyperparameters(train: dict) -> list[tuple[str, str]]:
     return [(k, show(v)) for k, v in train.items() if k not in NOT_HYPERPARAMETERS]
 
 
-def _parameter_count(weights: Path) -> str:
-    """Learned parameters from the safetensors header (no tensors loaded); BatchNorm statistics excluded."""
+def _parameters(counts: dict | None, weights: Path) -> str:
+    """Total / trainable / non-trainable as recorded at training time (counted as Keras does); folders written
+    before format 2: the learned parameters from the safetensors header, BatchNorm statistics excluded."""
+    if counts:
+        if not counts["non_trainable"]:
+            return f"{counts['total']:,} (all trainable)"
+        return (f"{counts['total']:,}: {counts['trainable']:,} trainable, {counts['non_trainable']:,} "
+                "non-trainable (BatchNorm moving statistics and frozen weights, counted as Keras counts them)")
     total = 0
     with safe_open(str(weights), framework="numpy") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)

@@ -21,6 +21,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment": ("none", "basic", "crop", "randaugment"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "report_to": ("none", "wandb", "tensorboard", "all"),
+    "wandb_log_model": ("all", "best", "end", "none"),
 }
 
 
@@ -123,6 +124,10 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept; --resume falls back to "
                                   "an older one when the newest is damaged"})
     report_to: str = "none"
+    wandb_log_model: str = field(default="best", metadata={"help": "W&B model artifacts (model-<run id>, with "
+                                 "the epoch's metrics, the run config and the dataset fingerprint): all = every "
+                                 "epoch's weights (the reference study's run), best = each improving epoch's, "
+                                 "end = the best weights once after training, none. Default: best"})
     project_name: str = "cifar-tl"
     push_to_hub: bool = False
     hub_model_id: str | None = None

@@ -10,14 +10,14 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .files import atomic_path
-from .sources import DataError, RawDataset, Sizing, Split, read_source, walk_files
+from .sources import DataError, RawDataset, Sizing, Split, read_source, source_kind, walk_files
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,20 @@ class DatasetBundle:
     fine_to_coarse: list[int] | None
     fingerprint: str
     source: str
+    kind: str = ""  # how the source was read: hub, parquet, save-to-disk, cifar-pickle, cifar-tar, imagefolder
+    source_sizes: dict[str, int] = field(default_factory=dict)  # images per split of the source, before any split
 
     @property
     def num_classes(self) -> int:
         return len(self.fine_names)
+
+    def describe(self) -> dict:
+        """The data a run used, as the model card states it: the source and how it was read, the images in
+        each split the run used (train after --max-train-samples) and in the source's own splits."""
+        return {"source": self.source, "kind": self.kind, "fingerprint": self.fingerprint,
+                "train": len(self.train), "val": len(self.val), "test": len(self.test),
+                "source_sizes": dict(self.source_sizes), "num_classes": self.num_classes,
+                "num_coarse": len(self.coarse_names) if self.coarse_names else 0}
 
     @property
     def has_coarse(self) -> bool:
@@ -87,7 +97,8 @@ def load_bundle(
         keep, _ = stratified_split(train.fine, 1 - max_train_samples / len(train), seed)
         train = train.subset(keep)
     bundle = DatasetBundle(train, train_all.subset(val_idx), test, raw.fine_names, raw.coarse_names,
-                           raw.fine_to_coarse, raw.fingerprint, raw.source)
+                           raw.fine_to_coarse, raw.fingerprint, raw.source, source_kind(dataset),
+                           {"train": len(train_all), "test": len(test)})
     bundle.drop_partial_coarse()
     return bundle
 

@@ -37,6 +37,7 @@ from .models import create_model, data_config, default_input_size, set_backbone_
 from .optim import EarlyStopping, build_optimizer, build_scheduler
 from .precision import choose as choose_precision
 from .sources import MAX_STORE_SIZE, Sizing
+from .summary import write_summary
 
 
 class TrainingError(RuntimeError):
@@ -63,6 +64,7 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
+        accelerator.print(write_summary(model, size, out / "model_summary.txt"))  # Keras-style: one forward pass
     accelerator.print("choices: " + "; ".join(f"{k}: {v}" for k, v in choice_summary(cfg).items()))
     eval_tf = partial(eval_transform, size=size, mean=mean, std=std, channels_last=cfg.channels_last)
     if cfg.linear_probe:  # the probe already has the test logits, from its cached features
@@ -87,13 +89,14 @@ def train(cfg: TrainConfig) -> dict:
                           + (f" coarse_top1 {metrics['coarse_top1']:.4f}" if "coarse_top1" in metrics else "")
                           + f" | best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
                           f"{metrics['train_seconds']:.0f}s -> {out / 'model'}")
-    accelerator.log({f"test/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    tracking.log_end_of_run(accelerator, cfg, out, metrics, bundle.test,
+                            (bundle.fine_names, bundle.coarse_names, bundle.fine_to_coarse), logits)
     if cfg.push_to_hub and accelerator.is_main_process:
         from .hub import push_model_dir
         push_model_dir(out / "model", cfg.hub_model_id, private=cfg.hub_private,
                        message=f"cifar-tl run {out.name}: top1 {metrics['top1']:.4f}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # also tears down the process group: nothing collective after this
+    tracking.finish(accelerator)  # also tears down the process group: nothing collective after this
     return metrics
 
 
@@ -144,9 +147,11 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator) -> DatasetBundle:
 
 
 def build_model(cfg: TrainConfig, bundle: DatasetBundle) -> tuple[torch.nn.Module, tuple[int, tuple, tuple]]:
-    """The model with its input size and normalisation; fast_cnn's whitening stem is fitted to the data."""
+    """The model with its input size and normalisation; fast_cnn's whitening stem is fitted to the data, and
+    the parameters the run never trains are frozen (`freeze_untrained`)."""
     model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=bundle.num_classes,
                          weights=cfg.weights, drop_rate=cfg.drop_rate)
+    freeze_untrained(cfg, model)
     dcfg = data_config(model, cfg.image_size)
     size, mean, std = dcfg["image_size"], dcfg["mean"], dcfg["std"]
     if hasattr(model, "init_whitening") and not cfg.weights:
@@ -154,6 +159,16 @@ def build_model(cfg: TrainConfig, bundle: DatasetBundle) -> tuple[torch.nn.Modul
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, (size, mean, std)
+
+
+def freeze_untrained(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """requires_grad=False on what the run never trains (a frozen backbone, the linear probe's frozen part), set
+    before `prepare` so DDP never sees it; the summary and the model card count it as non-trainable."""
+    if cfg.freeze_backbone or cfg.linear_probe:
+        set_backbone_trainable(model, False)
+    if cfg.linear_probe:
+        for p in probe.trainable_top(cfg, model).parameters():
+            p.requires_grad_(True)
 
 
 def write_outputs(cfg: TrainConfig, out: Path, model, bundle: DatasetBundle, preprocessing: tuple, metrics: dict,
@@ -173,7 +188,7 @@ def write_outputs(cfg: TrainConfig, out: Path, model, bundle: DatasetBundle, pre
     config = folder_config(model, image_size=size, mean=mean, std=std, data_size=bundle.image_size,
                            fine_names=bundle.fine_names, coarse_names=bundle.coarse_names,
                            fine_to_coarse=bundle.fine_to_coarse, train_config=cfg.to_dict(), metrics=metrics,
-                           dataset_fingerprint=bundle.fingerprint)
+                           dataset_fingerprint=bundle.fingerprint, data=bundle.describe())
     # the demo's "where this model struggles" reads the test confusion counts from the model folder
     matrix = confusion_matrix(logits, bundle.test.fine, bundle.num_classes)
     write_model_folder(out / "model", model, config,
@@ -259,8 +274,6 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
           eval_tf: partial, out: Path) -> Training:
     """Loaders, optimiser, schedule, augmentation and state, resumed from the last checkpoint with --resume;
     the step captured as CUDA graphs where it can be; trackers started."""
-    if cfg.freeze_backbone:
-        set_backbone_trainable(model, False)  # before prepare: DDP never sees the frozen weights
     # on a GPU with room for them, the uint8 images live there: batches never cross PCIe or wait for the host
     train_loader = make_loader(on_device(bundle.train, accelerator.device), cfg.batch_size, shuffle=True,
                                seed=cfg.seed, drop_last=len(bundle.train) > cfg.batch_size)
@@ -285,7 +298,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
     resume(run)
     if cfg.cuda_graphs and accelerator.device.type == "cuda":
         capture_graphs(run, min(cfg.batch_size, len(bundle.train)), size)
-    tracking.start(accelerator, cfg, out)
+    tracking.start(accelerator, cfg, out, bundle.fingerprint)
     budget.restart()
     return run
 
@@ -446,7 +459,7 @@ def end_of_epoch(run: Training, epoch: int, stats: EpochStats, val_loss: float, 
     run.checkpoints.save(accelerator, state, best=run.unwrapped if improved else None,
                          first=partial(append_line, run.history_path, json.dumps(record)))
     accelerator.log({f"train/{k}": v for k, v in record.items()}, step=epoch)
-    tracking.log_model_artifact(accelerator, cfg, run.checkpoints.best if improved else None, record)
+    tracking.log_epoch(accelerator, cfg, run.unwrapped, record, improved)
     accelerator.print(f"epoch {epoch}: train loss {stats.loss:.4f} acc {stats.top1:.4f} | val loss "
                       f"{val_loss:.4f} acc {val_top1:.4f} | {record['images_per_second']:.0f} img/s"
                       f"{' *' if improved else ''}")

@@ -3,7 +3,11 @@
     python -m cifar_tl.evaluate --model DIR_OR_HUB_ID --dataset D --split test --output-dir OUT [--tta]
 
 which writes OUT/metrics.json, OUT/report.md and OUT/plots/*.png. The CLI also runs under
-`accelerate launch -m cifar_tl.evaluate ...`: every process evaluates a shard and each image counts once."""
+`accelerate launch -m cifar_tl.evaluate ...`: every process evaluates a shard and each image counts once.
+
+`--via transformers` instead checks the folder independently (`crosscheck`): loaded by the transformers
+pipeline, scored by 🤗 evaluate, compared with its recorded test accuracy; OUT/crosscheck.json, exit code 1 when
+they disagree."""
 from __future__ import annotations
 
 import argparse
@@ -16,9 +20,10 @@ import torch
 
 from .augment import eval_transform
 from .console import one_line_errors, setup_logging
+from .crosscheck import CrosscheckError, crosscheck
 from .data import DatasetBundle, load_bundle, make_loader
 from .files import WriteError, atomic_write_text
-from .loading import ModelLoadError, load_predictor
+from .loading import ModelLoadError, load_predictor, model_folder
 from .metrics import EvaluationError, align_labels, compute_metrics, load_label_map
 from .report import write_report
 from .sources import DataError, Sizing, Split
@@ -88,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", help="as in train.py")
     p.add_argument("--train-split", default="train", help="the source's train split name")
     p.add_argument("--test-split", default="test", help="the source's test split name")
+    p.add_argument("--via", choices=("cifar-tl", "transformers"), default="cifar-tl",
+                   help="transformers: an independent check of the folder's recorded test accuracy through the "
+                   "transformers image-classification pipeline and 🤗 evaluate (timm architectures; needs "
+                   "pip install \"cifar-tl[crosscheck]\"); exit code 1 when they disagree")
     return p
 
 
@@ -164,14 +173,33 @@ def summary_line(split: str, results: dict) -> str:
             + (f" | tta top1 {results['tta']['top1']:.4f}" if "tta" in results else ""))
 
 
+def via_transformers(args: argparse.Namespace) -> int:
+    """`--via transformers`: OUT/crosscheck.json and one line; 1 when the pipeline disagrees with the record."""
+    from accelerate import Accelerator
+
+    folder = model_folder(args.model)
+    trained = (json.loads((folder / "config.json").read_text()).get("cifar_tl") or {}).get("train_config") or {}
+    bundle, _ = load_split(args, trained, Accelerator(cpu=True))
+    result = crosscheck(args.model, folder, bundle, args.split, batch_size=args.batch_size,
+                   device="cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "crosscheck.json", json.dumps(result, indent=2) + "\n")
+    print(result["message"], file=sys.stdout if result["agrees"] is not False else sys.stderr)
+    return 1 if result["agrees"] is False else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
 
-    def run() -> None:
+    def run() -> int:
+        if args.via == "transformers":
+            return via_transformers(args)
         evaluate(args)
+        return 0
 
-    return one_line_errors(run, EvaluationError, DataError, ModelLoadError, WriteError)
+    return one_line_errors(run, EvaluationError, DataError, ModelLoadError, WriteError, CrosscheckError)
 
 
 if __name__ == "__main__":

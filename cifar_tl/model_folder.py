@@ -4,7 +4,8 @@
     config.json         timm's Hub config (`save_config_for_hf`): architecture, num_classes, label_names,
                         model_args, pretrained_cfg (input_size, mean, std, interpolation=bilinear, crop_pct=1)
                         + "cifar_tl": {format_version, data_size, coarse_names, fine_to_coarse, train_config,
-                        metrics, dataset_fingerprint, library_name, base_model,
+                        metrics, dataset_fingerprint, data (source, kind, split sizes), parameters (total /
+                        trainable / non_trainable, counted as Keras does), library_name, base_model,
                         files: {"model.safetensors": {size, sha256}}}
     README.md           the model card (`card.render_card`)
     confusion.json      the test confusion matrix the demo shows ({"labels", "matrix"}, rows = true class)
@@ -13,6 +14,9 @@
 The folder is written whole into a temporary sibling and then moved into place (`files.atomic_folder`): a
 write that fails leaves the previous folder as it was. Loading checks model.safetensors against the size and
 sha256 config.json records (and, for folders without them, its own header) before torch reads it.
+
+Format 2 renamed our BatchNorm CNN: `baseline_cnn` is now the study's CNN and format-1 folders' `baseline_cnn*`
+are `baseline_cnn_bn*`; `load_model` maps them (`LEGACY_ARCHITECTURES`), the only place that knows the old names.
 
 `num_classes` stays out of `model_args` (transformers' timm wrapper passes it twice otherwise). The same
 folder loads with `cifar_tl.from_pretrained`, `timm.create_model("local-dir:DIR", pretrained=True)` and
@@ -37,8 +41,12 @@ from .card import render_card
 from .files import atomic_folder, atomic_path, atomic_write_text
 from .integrity import DamagedFileError, manifest, manifest_problems, safetensors_problem
 from .models import create_model
+from .summary import parameter_counts
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: baseline_cnn is the study's CNN (format 1's baseline_cnn* are baseline_cnn_bn*); data,
+# parameters, files
+LEGACY_ARCHITECTURES = {1: {"baseline_cnn": "baseline_cnn_bn", "baseline_cnn_small": "baseline_cnn_bn_small",
+                            "baseline_cnn_wide": "baseline_cnn_bn_wide"}}
 WEIGHTS = "model.safetensors"
 
 
@@ -52,14 +60,16 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 def folder_config(model: torch.nn.Module, *, image_size: int, mean, std, data_size: int, fine_names: list[str],
                   coarse_names: list[str] | None, fine_to_coarse: list[int] | None,
                   train_config: dict | None = None, metrics: dict | None = None,
-                  dataset_fingerprint: str | None = None) -> dict:
+                  dataset_fingerprint: str | None = None, data: dict | None = None) -> dict:
     """config.json for `model` as trained: timm's own Hub config with the preprocessing training used
-    (bilinear resize of the whole image, no crop) and our extras under "cifar_tl"."""
+    (bilinear resize of the whole image, no crop) and our extras under "cifar_tl". `data` describes the data
+    the run used (`DatasetBundle.describe`); the parameter counts are taken from `model` as it trained (its
+    frozen parameters are non-trainable)."""
     architecture = model.pretrained_cfg["architecture"]
     extras = {
         "format_version": FORMAT_VERSION, "data_size": data_size, "coarse_names": coarse_names,
-        "fine_to_coarse": fine_to_coarse, "dataset_fingerprint": dataset_fingerprint,
-        "train_config": train_config or {}, "metrics": metrics or {},
+        "fine_to_coarse": fine_to_coarse, "dataset_fingerprint": dataset_fingerprint, "data": data,
+        "parameters": parameter_counts(model), "train_config": train_config or {}, "metrics": metrics or {},
         "library_name": "pytorch" if is_own(architecture) else "timm",
         "base_model": base_model(architecture, train_config or {}),
     }
@@ -139,10 +149,26 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     return config
 
 
+def upgrade_config(config: dict) -> dict:
+    """A config.json of an older format as the current format writes it: architectures renamed since
+    (`LEGACY_ARCHITECTURES`, e.g. format 1's `baseline_cnn` is `baseline_cnn_bn`). Folders without the cifar_tl
+    block (plain timm exports) are left as they are."""
+    extra = config.get("cifar_tl")
+    version = extra.get("format_version", 1) if isinstance(extra, dict) else FORMAT_VERSION
+    if version >= FORMAT_VERSION:
+        return config
+    config = {**config, "cifar_tl": {**extra, "format_version": FORMAT_VERSION}}
+    for old in range(version, FORMAT_VERSION):
+        config["architecture"] = LEGACY_ARCHITECTURES.get(old, {}).get(config["architecture"],
+                                                                       config["architecture"])
+    return config
+
+
 def load_model(model_dir: str | os.PathLike, weights: Path | None = None) -> tuple[torch.nn.Module, dict]:
     """Rebuild the model from config.json and load model.safetensors, or another safetensors file of the same
-    model (never pickle)."""
-    config = read_config(model_dir)
+    model (never pickle). Folders of an older format load as they were written (`upgrade_config`); the config
+    returned is the upgraded one, so a re-export writes the current format."""
+    config = upgrade_config(read_config(model_dir))
     own = Path(model_dir) / WEIGHTS
     weights = weights or own
     if not weights.is_file():

@@ -14,7 +14,7 @@ from huggingface_hub import is_offline_mode
 from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 
-from . import architectures  # noqa: F401  (registers baseline_cnn and fast_cnn with timm)
+from . import architectures  # noqa: F401  (registers baseline_cnn*, fast_cnn* with timm)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 100, we
     (a file), timm (`pretrained=True`: the Hub, or with HF_HUB_OFFLINE=1 the local Hub cache), then an offline
     package. Never silently random."""
     if not timm.is_model(name):
-        raise WeightsError(f"--model {name}: unknown model; use baseline_cnn, fast_cnn or a timm name "
-                           "(see timm.list_models())")
+        raise WeightsError(f"--model {name}: unknown model; use baseline_cnn (the study's CNN), "
+                           "baseline_cnn_bn[_small|_wide], fast_cnn[_wide] or a timm name (see timm.list_models())")
     if pretrained and not weights:
         if not has_pretrained_weights(name):
             raise WeightsError(f"--pretrained: {name} has no pretrained weights; leave --pretrained out (auto "
@@ -57,7 +57,7 @@ def default_input_size(name: str) -> int:
 
 def cpu_bf16_pays(name: str) -> bool:
     """Whether bf16 autocast trains `name` faster than fp32 on this CPU. Only with native bf16 (AVX512-BF16 or
-    AMX): without it bf16 runs 10-15x slower. With it, dense-convolution CNNs (baseline_cnn, fast_cnn) step ~2x
+    AMX): without it bf16 runs 10-15x slower. With it, dense-convolution CNNs (baseline_cnn*, fast_cnn) step ~2x
     faster, but EfficientNet-B0 runs 1.1-2x slower and Lite0 gains nothing (bench/cpu_precision.py): depthwise
     layers are the test, on a weightless (meta) copy of the model."""
     cpu = torch.cpu
@@ -186,6 +186,10 @@ def data_config(model: nn.Module, image_size: int | None = None) -> dict:
     """Input size, mean/std and interpolation the model expects (timm's `pretrained_cfg`)."""
     cfg = timm.data.resolve_model_data_config(model)
     size = image_size or cfg["input_size"][-1]
+    if size != cfg["input_size"][-1] and model.pretrained_cfg.get("fixed_input_size"):
+        raise WeightsError(f"{model.pretrained_cfg.get('architecture')} takes {cfg['input_size'][-1]} px images "
+                           f"only (its input size is fixed, e.g. by a Flatten + Dense head); drop --image-size "
+                           f"{size}")
     return {"image_size": int(size), "mean": tuple(float(m) for m in cfg["mean"]),
             "std": tuple(float(s) for s in cfg["std"])}
 

@@ -23,8 +23,11 @@ from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    """Keep the tensor/feature caches of the tests away from the user's ~/.cache."""
+    """Keep the tensor/feature caches of the tests, and W&B's artifact staging, cache and settings (offline runs
+    copy every artifact file there), away from the user's ~/.cache and ~/.local/share."""
     os.environ["CIFAR_TL_CACHE"] = str(tmp_path_factory.mktemp("cifar_tl_cache"))
+    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        os.environ[name] = str(tmp_path_factory.mktemp(name.lower()))
 
 
 def make_arrays(n_per_class: int, seed: int, num_classes: int = 100):
@@ -132,8 +135,14 @@ def build_model_dir(arch: str, out: Path, image_size: int | None = None, seed: i
 
 @pytest.fixture(scope="session")
 def cnn_model_dir(tmp_path_factory) -> Path:
-    """baseline_cnn model folder (32 px input)."""
-    return build_model_dir("baseline_cnn", tmp_path_factory.mktemp("cnn_model"))
+    """baseline_cnn_bn model folder (32 px input)."""
+    return build_model_dir("baseline_cnn_bn", tmp_path_factory.mktemp("cnn_model"))
+
+
+@pytest.fixture(scope="session")
+def study_cnn_model_dir(tmp_path_factory) -> Path:
+    """baseline_cnn (the reference study's CNN: Flatten + Dense head, fixed 32 px input) model folder."""
+    return build_model_dir("baseline_cnn", tmp_path_factory.mktemp("study_cnn_model"))
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ def run_bench(script: str, *args: str, out: Path) -> dict:
 
 def test_train_throughput_times_every_pipeline_on_the_same_model(easy10_parquet, tmp_path):
     # the fixture has CIFAR-100's columns (img, fine_label, coarse_label): every pipeline must find them
-    res = run_bench("train_throughput.py", "--dataset", str(easy10_parquet), "--models", "baseline_cnn_small",
+    res = run_bench("train_throughput.py", "--dataset", str(easy10_parquet), "--models", "baseline_cnn_bn_small",
                     "--sizes", "32", "--batch-sizes", "32:16", "--steps", "1", "--warmup", "1", "--repeats", "1",
                     "--pipelines", "ours", "timm", "hf", "--workers", "0", "--images", "64", out=tmp_path)
     assert not res.get("errors")
@@ -42,14 +42,14 @@ def test_train_throughput_times_every_pipeline_on_the_same_model(easy10_parquet,
 
 
 def test_cpu_precision_times_fp32_and_bf16(tmp_path):
-    res = run_bench("cpu_precision.py", "--cases", "baseline_cnn_small@32:8", "--steps", "1", "--repeats", "1",
+    res = run_bench("cpu_precision.py", "--cases", "baseline_cnn_bn_small@32:8", "--steps", "1", "--repeats", "1",
                     out=tmp_path)
     (row,) = res["results"]
     assert set(row["images_per_second"]) == {"fp32", "bf16"} and min(row["images_per_second"].values()) > 0
 
 
 def test_inference_compares_backends(tmp_path):
-    res = run_bench("inference.py", "--cases", "baseline_cnn_small@32", "--batch-sizes", "4", "--backends",
+    res = run_bench("inference.py", "--cases", "baseline_cnn_bn_small@32", "--batch-sizes", "4", "--backends",
                     "eager", "channels_last", "onnxruntime", "--repeats", "1", "--min-seconds", "0.01",
                     "--device", "cpu", out=tmp_path)
     (row,) = res["results"]
@@ -58,7 +58,7 @@ def test_inference_compares_backends(tmp_path):
 
 
 def test_scaling_reads_epoch_times_from_train_py(easy10_parquet, tmp_path):
-    res = run_bench("scaling.py", "--dataset", str(easy10_parquet), "--model", "baseline_cnn_small",
+    res = run_bench("scaling.py", "--dataset", str(easy10_parquet), "--model", "baseline_cnn_bn_small",
                     "--fractions", "0.5", "1", "--processes", "1", "--batch-size", "32", "--test-rows", "20",
                     "--val-fraction", "0.1", out=tmp_path)
     rows = res["results"]
@@ -68,7 +68,7 @@ def test_scaling_reads_epoch_times_from_train_py(easy10_parquet, tmp_path):
 
 
 def test_profile_step_splits_the_step_into_phases(easy10_parquet, tmp_path):
-    res = run_bench("profile_step.py", "--dataset", str(easy10_parquet), "--model", "baseline_cnn_small",
+    res = run_bench("profile_step.py", "--dataset", str(easy10_parquet), "--model", "baseline_cnn_bn_small",
                     "--sizes", "32", "--batch-size", "16", "--steps", "1", "--device", "cpu", out=tmp_path)
     (row,) = res["results"]
     assert set(row["phases_ms"]) == {"data", "transform", "forward", "backward", "optimizer"}
@@ -90,7 +90,7 @@ def test_time_to_accuracy_runs_a_preset_as_a_user_would(easy10_parquet, tmp_path
 def test_demo_latency_queries_the_app_over_http(tmp_path):
     """app.py as a fresh server process, queried the way the page's JavaScript and gradio_client do."""
     out = tmp_path / "demo.json"
-    run_script("demo_latency.py", "--models", "baseline_cnn", "--backends", "torch", "--requests", "3",
+    run_script("demo_latency.py", "--models", "baseline_cnn_bn", "--backends", "torch", "--requests", "3",
                "--clients", "2", "--per-client", "1", "--out", str(out))
     (row,) = json.loads(out.read_text())["results"]
     assert row["app_single_image"]["n"] == row["gradio_client_single_image"]["n"] == 3

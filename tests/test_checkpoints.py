@@ -25,7 +25,7 @@ from cifar_tl.loading import ModelLoadError, load_predictor
 from cifar_tl.model_folder import load_model, write_model_folder
 from cifar_tl.optim import EarlyStopping
 
-CNN = ["--model", "baseline_cnn_small", "--no-pretrained", "--batch-size", "32", "--eval-batch-size", "64",
+CNN = ["--model", "baseline_cnn_bn_small", "--no-pretrained", "--batch-size", "32", "--eval-batch-size", "64",
        "--lr", "3e-3", "--early-stopping-patience", "0", "--mixed-precision", "no", "--max-train-samples", "100"]
 
 

@@ -72,7 +72,7 @@ def test_classify_batch_mixes_good_and_bad_inputs(fixture, request, zoo):
 def test_model_card_and_confusion_highlights(cnn_model_dir, tmp_path):
     predictor = Predictor.from_dir(cnn_model_dir, "cpu")
     card = model_card(predictor)
-    assert "`baseline_cnn`" in card and "top-1 1.0%" in card and "superclass 5.0%" in card
+    assert "`baseline_cnn_bn`" in card and "top-1 1.0%" in card and "superclass 5.0%" in card
     assert confusion_highlights(predictor) is None  # no eval extras: the section is left out
 
     folder = shutil.copytree(cnn_model_dir, tmp_path / "model")

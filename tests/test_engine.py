@@ -19,7 +19,7 @@ from cifar_tl.engine import TrainingError, train
 from cifar_tl.inference import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
-CNN = ["--model", "baseline_cnn", "--no-pretrained", "--batch-size", "32", "--eval-batch-size", "64",
+CNN = ["--model", "baseline_cnn_bn", "--no-pretrained", "--batch-size", "32", "--eval-batch-size", "64",
        "--lr", "3e-3", "--early-stopping-patience", "0"]
 
 
@@ -43,9 +43,16 @@ def test_outputs_and_model_folder(cifar100_parquet, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"train_loss", "train_top1", "val_loss", "val_top1", "lr", "seconds", "images_per_second"} <= set(rows[0])
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert config["architecture"] == "baseline_cnn" and len(config["label_names"]) == 100
+    assert config["architecture"] == "baseline_cnn_bn" and len(config["label_names"]) == 100
     assert len(config["cifar_tl"]["coarse_names"]) == 20 and len(config["cifar_tl"]["fine_to_coarse"]) == 100
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    data = config["cifar_tl"]["data"]  # what the card describes: this fixture, not CIFAR-100
+    assert (data["kind"], data["train"], data["val"], data["test"], data["source_sizes"]) == (
+        "parquet", 300, 100, 200, {"train": 400, "test": 200})
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "300 training images, 100 validation images" in card and "uoft-cs/cifar100" not in card
+    assert "| Parameters | 1,173,796: 1,172,004 trainable, 1,792 non-trainable" in card
+    assert "Total params: 1,172,004" in (tmp_path / "model_summary.txt").read_text()
     assert (tmp_path / "checkpoints" / "best.safetensors").is_file()
     assert (tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text()).is_dir()
     pred = Predictor.from_dir(tmp_path / "model")
@@ -77,7 +84,7 @@ def test_resume_with_more_epochs_continues_the_run(easy10_parquet, tmp_path):
 
 def test_mismatched_resume_is_refused(easy10_parquet, tmp_path):
     run(easy10_parquet, tmp_path, "--epochs", "1")
-    with pytest.raises(ResumeError, match="--model baseline_cnn, not test_efficientnet"):
+    with pytest.raises(ResumeError, match="--model baseline_cnn_bn, not test_efficientnet"):
         train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path), "--model",
                           "test_efficientnet", "--no-pretrained", "--resume", "--epochs", "2"]))
 
@@ -109,7 +116,7 @@ def test_diverging_loss_stops_with_a_message(easy10_parquet, tmp_path):
 def test_freeze_backbone_trains_only_the_head(easy10_parquet, tmp_path):
     from cifar_tl.models import create_model
     torch.manual_seed(0)
-    init = create_model("baseline_cnn", num_classes=10).state_dict()
+    init = create_model("baseline_cnn_bn", num_classes=10).state_dict()
     from safetensors.torch import save_file
     save_file(init, str(tmp_path / "init.safetensors"))
     run(easy10_parquet, tmp_path / "run", "--epochs", "1", "--freeze-backbone", "--weights",
@@ -199,7 +206,7 @@ def test_onnx_feature_extraction_matches_pytorch():
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--dataset", str(tmp_path / "nope"),
-                          "--model", "baseline_cnn", "--no-pretrained"], capture_output=True, text=True, timeout=120, check=False)
+                          "--model", "baseline_cnn_bn", "--no-pretrained"], capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 2
     assert "error: --dataset" in res.stderr and "Traceback" not in res.stderr
 
@@ -228,19 +235,43 @@ def test_two_process_gloo_run_matches_one_process(easy10_parquet, tmp_path):
 
 
 def test_tracking_offline_and_gradient_accumulation(easy10_parquet, tmp_path, monkeypatch):
-    """--report-to all: TensorBoard event files and an offline W&B run with one model artifact per improving
-    epoch; gradient accumulation runs through the same loop."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    """--report-to all with the study's CNN and --wandb-log-model all: TensorBoard event files, and an offline W&B
+    run (read back from its run file) with one model artifact per epoch carrying the epoch's metrics under the
+    study's names, the run config and the dataset fingerprint, and the end-of-run media; gradient accumulation
+    runs through the same loop."""
+    from wandb_offline import load_logged_table, read_offline_run
+
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))  # offline artifact files are staged there
     monkeypatch.setenv("WANDB_SILENT", "true")
-    metrics = run(easy10_parquet, tmp_path, "--epochs", "2", "--report-to", "all", "--grad-accum-steps", "2",
-                  "--project-name", "ctl-test")
+    out = tmp_path / "run"
+    metrics = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(out), "--model", "baseline_cnn",
+                                "--no-pretrained", "--batch-size", "32", "--epochs", "2", "--report-to", "all",
+                                "--wandb-log-model", "all", "--grad-accum-steps", "2", "--project-name", "ctl-test"]))
     assert metrics["epochs_run"] == 2
-    assert list(tmp_path.rglob("events.out.tfevents.*")), "no TensorBoard events"
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert runs and list(runs[0].glob("*.wandb")), "no offline W&B run"
-    record = next(runs[0].glob("*.wandb")).read_bytes()  # offline runs keep artifact records in the run file
-    assert f"model-{runs[0].name.split('-')[-1]}".encode() in record, "no W&B model artifact logged"
-    assert b"epoch_1" in record and b"val_top1" in record  # alias and the epoch's metrics as metadata
+    assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard events"
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    got = read_offline_run(run_dir)  # complete: train() ends with wandb.teardown()
+    assert got["exit_code"] == 0 and got["config"]["dataset_fingerprint"] == metrics["dataset_fingerprint"]
+    models = [a for a in got["artifacts"] if a["type"] == "model"]
+    assert [a["metadata"]["epoch"] for a in models] == [1, 2]  # every epoch, improving or not
+    rows = history(out)
+    for artifact, row in zip(models, rows):
+        meta = artifact["metadata"]
+        assert artifact["name"] == f"model-{got['run']['id']}" and f"epoch_{row['epoch']}" in artifact["aliases"]
+        assert (meta["loss"], meta["accuracy"], meta["val_loss"], meta["val_accuracy"]) == pytest.approx(
+            (row["train_loss"], row["train_top1"], row["val_loss"], row["val_top1"]))
+        assert meta["history_step"] == row["epoch"] and meta["dataset_fingerprint"] == metrics["dataset_fingerprint"]
+        assert meta["run_config"]["model"] == "baseline_cnn" and meta["run_config"]["wandb_log_model"] == "all"
+        assert artifact["files"]["model.safetensors"]["exists"]
+    best = models[metrics["best_epoch"] - 1]["files"]["model.safetensors"]["local_path"]
+    exported = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.equal(v, exported[k]) for k, v in load_file(best).items())  # that epoch's weights
+    assert {"curves/loss_table", "curves/accuracy_table", "test/confusion_matrix_table", "test/predictions",
+            "plots/predictions"} <= set(got["media"])
+    table = load_logged_table(got, "test/predictions")
+    assert table["columns"][:6] == ["index", "image", "true_fine", "pred_fine", "true_coarse", "pred_coarse"]
+    assert len(table["data"]) == 100 and Path(table["data"][0][1]["local_path"]).is_file()
+    assert sum(r[2] for r in load_logged_table(got, "test/confusion_matrix_table")["data"]) == metrics["n"]
 
 
 def test_fast_cnn_recipe_learns(easy10_parquet, tmp_path):

@@ -23,7 +23,7 @@ from cifar_tl.models import WeightsError, create_model
 from cifar_tl.sources import Sizing, fit_square
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--model", "baseline_cnn_small", "--epochs", "1", "--max-train-samples", "200", "--eval-batch-size", "64"]
+TINY = ["--model", "baseline_cnn_bn_small", "--epochs", "1", "--max-train-samples", "200", "--eval-batch-size", "64"]
 
 
 # --------------------------------------------------------------------------------------------- defaults
@@ -214,7 +214,7 @@ def test_mixed_size_linked_photo_folder_trains(linked_photo_folder, tmp_path, ca
     forced = load_bundle(str(linked_photo_folder), cache=False, sizing=Sizing(forced=24), val_fraction=0.25)
     assert forced.image_size == 24
     metrics = train(parse_args(["--dataset", str(linked_photo_folder), "--output-dir", str(tmp_path / "run"),
-                                "--model", "baseline_cnn_small", "--epochs", "1", "--batch-size", "8"]))
+                                "--model", "baseline_cnn_bn_small", "--epochs", "1", "--batch-size", "8"]))
     assert metrics["n"] == 6 and metrics["image_size"] == 32  # stored at the model's 32 px
 
 

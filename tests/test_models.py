@@ -11,8 +11,8 @@ from cifar_tl.models import (
 )
 
 
-def test_baseline_cnn_structure_and_api():
-    m = create_model("baseline_cnn", num_classes=100)
+def test_baseline_cnn_bn_structure_and_api():
+    m = create_model("baseline_cnn_bn", num_classes=100)
     assert isinstance(m, BaselineCNN)
     pools = [l for l in m.features if isinstance(l, torch.nn.MaxPool2d)]
     convs = [l for l in m.features if isinstance(l, torch.nn.Conv2d)]

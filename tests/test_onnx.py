@@ -11,7 +11,7 @@ from cifar_tl.loading import load_predictor
 from cifar_tl.onnx_backend import CONFIG_KEY, OnnxPredictor
 
 
-@pytest.mark.parametrize("fixture", ["cnn_model_dir", "fast_cnn_model_dir", "timm_model_dir"])
+@pytest.mark.parametrize("fixture", ["cnn_model_dir", "study_cnn_model_dir", "fast_cnn_model_dir", "timm_model_dir"])
 def test_onnx_logits_match_pytorch(fixture, request, cifar100_arrays):
     model_dir = request.getfixturevalue(fixture)
     torch_pred = Predictor.from_dir(model_dir, "cpu")

@@ -59,7 +59,7 @@ def test_device_resident_batches_match_host_batches():
 
 
 @cuda
-@pytest.mark.parametrize("arch", ["baseline_cnn_small", "efficientnet_b0"])
+@pytest.mark.parametrize("arch", ["baseline_cnn_bn_small", "efficientnet_b0"])
 def test_graphed_step_matches_eager(arch, monkeypatch):
     # TF32 convolutions (cuDNN's default) let the two models drift by ~1e-3 in 3 steps, hiding real mismatches
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -98,7 +98,7 @@ def test_engine_trains_with_graphs_and_device_data(easy10_parquet, tmp_path, mon
     real_capture = cuda_graphs.capture
     monkeypatch.setattr(cuda_graphs, "capture", lambda model, batch, *a: captured.append(batch.shape)
                         or real_capture(model, batch, *a))
-    args = ["--dataset", str(easy10_parquet), "--model", "baseline_cnn", "--no-pretrained", "--batch-size", "32",
+    args = ["--dataset", str(easy10_parquet), "--model", "baseline_cnn_bn", "--no-pretrained", "--batch-size", "32",
             "--lr", "3e-3", "--epochs", "6", "--scheduler", "cosine", "--val-fraction", "0.2",
             "--early-stopping-patience", "0"]
     metrics = train(parse_args([*args, "--output-dir", str(tmp_path / "graphs")]))
@@ -117,9 +117,9 @@ def test_auto_precision_on_cpu_follows_the_hardware_and_the_model(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
         assert cpu_bf16_pays("fast_cnn") is native and cpu_bf16_pays("baseline_cnn") is native
         assert cpu_bf16_pays("efficientnet_b0") is False  # depthwise convolutions: slower in bf16
-        assert mixed_precision("auto", "baseline_cnn") == ("bf16" if native else "no")
+        assert mixed_precision("auto", "baseline_cnn_bn") == ("bf16" if native else "no")
         assert mixed_precision("auto", "tf_efficientnet_lite0") == "no"
-    assert mixed_precision("no", "baseline_cnn") == "no"
+    assert mixed_precision("no", "baseline_cnn_bn") == "no"
 
 
 def test_tracing_does_not_leave_its_tensors_in_the_constants_cache():
