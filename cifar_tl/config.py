@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            nullable = base is not tp
+            nullable = base is not tp and f.name not in CHOICES  # "none" is a choice of augment and scheduler
             kwargs["type"] = (lambda s, b=base: _optional(s, b)) if nullable else base
             kwargs["metavar"] = f.name.upper()
             if f.name in CHOICES:  # the metavar hides argparse's own list of choices: name them in the help

@@ -178,10 +178,10 @@ def via_transformers(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     folder = model_folder(args.model)
-    trained = (json.loads((folder / "config.json").read_text()).get("cifar_tl") or {}).get("train_config") or {}
-    bundle, _ = load_split(args, trained, Accelerator(cpu=True))
+    extra = json.loads((folder / "config.json").read_text()).get("cifar_tl") or {}
+    bundle, _ = load_split(args, extra.get("train_config") or {}, extra.get("data_size") or 32, Accelerator(cpu=True))
     result = crosscheck(args.model, folder, bundle, args.split, batch_size=args.batch_size,
-                   device="cuda" if torch.cuda.is_available() else "cpu")
+                        device="cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "crosscheck.json", json.dumps(result, indent=2) + "\n")
