@@ -26,8 +26,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 # Model-aware defaults. A network that starts from ImageNet weights gets the reference transfer recipe (the
-# study's); one trained from scratch gets a recipe that learns fast from scratch: on 5,000 real CIFAR-10 images,
-# 2 epochs of baseline_cnn reach 48 % test top-1 with it against 41 % with the transfer recipe.
+# study's); one trained from scratch gets a recipe that learns fast from scratch. On 5,000 real CIFAR-10 images,
+# 2 epochs (2,000 test images): baseline_cnn_bn 49.9 % with it against 40.9 % with the transfer recipe, the
+# study's baseline_cnn (no BatchNorm, a slow learner by design) 29.1 % against 28.2 %.
 # The optimiser options are one recipe: set none of them and the model's recipe applies; set any and the
 # others take the transfer values (the classic defaults). The other options fall back one by one.
 OPTIMISER_OPTIONS = ("optimizer", "lr", "momentum", "weight_decay", "scheduler", "warmup_epochs", "min_lr",
@@ -36,7 +37,7 @@ RECIPES: dict[str, dict] = {
     "transfer": {"optimizer": "adam", "lr": 1e-4, "momentum": 0.9, "weight_decay": 0.0, "scheduler": "plateau",
                  "warmup_epochs": 0.0, "min_lr": 1e-6, "label_smoothing": 0.0, "bias_lr_scale": 1.0,
                  "batch_size": 64, "augment": "basic", "shift": 0.125, "early_stopping_patience": 10},
-    "scratch": {"optimizer": "adamw", "lr": 3e-3, "momentum": 0.9, "weight_decay": 0.05, "scheduler": "cosine",
+    "scratch": {"optimizer": "adamw", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.05, "scheduler": "cosine",
                 "warmup_epochs": 0.3, "min_lr": 1e-6, "label_smoothing": 0.1, "bias_lr_scale": 1.0,
                 "batch_size": 64, "augment": "crop", "shift": 0.0625, "early_stopping_patience": 0},
 }

@@ -47,7 +47,7 @@ def test_pretrained_is_auto_and_picks_the_recipe():
 def test_help_says_which_defaults_depend_on_the_model():
     text = " ".join(build_parser().format_help().split())
     assert "Model-aware defaults" in text and "default auto" in text
-    assert "model-aware default: 0.0001 with pretrained weights, 0.003 from scratch" in text
+    assert "model-aware default: 0.0001 with pretrained weights, 0.001 from scratch" in text
 
 
 def test_resolved_config_reproduces_the_run(easy10_parquet, tmp_path):
@@ -57,7 +57,7 @@ def test_resolved_config_reproduces_the_run(easy10_parquet, tmp_path):
     again = train(parse_args(["--config", str(saved), "--output-dir", str(tmp_path / "b")]))
     assert again["top1"] == first["top1"] and again["loss"] == pytest.approx(first["loss"], rel=1e-6)
     assert first["pretrained"] is False and "auto" in first["choices"]["weights"]
-    assert first["choices"]["recipe"].startswith("adamw lr 0.003, cosine (scratch defaults)")
+    assert first["choices"]["recipe"].startswith("adamw lr 0.001, cosine (scratch defaults)")
     assert "--mixed-precision" in again["choices"]["mixed_precision"]  # the saved file names it: explicit now
 
 
