@@ -39,9 +39,30 @@ def run_preset(preset: str, dataset: str, out_dir: Path, extra: list[str]) -> di
               "val_top1": round(h["val_top1"], 4)} for h in history]
     at = {f"{m}min": max([c["val_top1"] for c in curve if c["minutes"] <= m], default=None) for m in MARKS}
     return {"command": " ".join(["python", "train.py", *cmd[2:]]), "wall_minutes": round(wall / 60, 2),
+            "train_minutes": round(metrics["train_seconds"] / 60, 2), "load_average_after": os.getloadavg()[0],
+            "mixed_precision": metrics.get("mixed_precision"), "seed": metrics.get("seed", _seed(out_dir)),
             "test_top1": metrics["top1"], "test_top5": metrics["top5"], "tta_top1": metrics.get("tta", {}).get("top1"),
+            "tta_level": metrics.get("tta", {}).get("level"),
             "epochs_run": metrics["epochs_run"], "train_images_per_second": metrics["train_images_per_second"],
             "val_top1_by": at, "curve": curve}
+
+
+def _seed(out_dir: Path) -> int | None:
+    import yaml
+
+    path = out_dir / "config.yaml"
+    return yaml.safe_load(path.read_text()).get("seed") if path.is_file() else None
+
+
+def cpu_model() -> str:
+    """lscpu's model name and whether the CPU has native bf16 (it decides `--mixed-precision auto`)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    return f"{name or platform.machine()} ({'with' if 'avx512_bf16' in flags or 'amx_bf16' in flags else 'no'} native bf16)"
 
 
 def main() -> None:
@@ -61,8 +82,8 @@ def main() -> None:
 
     from cifar_tl.files import atomic_write_text
 
-    env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M")}
+    env = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_before": os.getloadavg()[0]}
     results = {"machine": env, "runs": {}}
     out_path = Path(args.output)
     if out_path.is_file():  # keep earlier presets' results

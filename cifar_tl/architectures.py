@@ -199,6 +199,11 @@ class FastCNN(_CifarCNN):
     def _new_classifier(self, num_classes: int) -> nn.Module:
         return _ScaledLinear(self.num_features, num_classes)
 
+    @property
+    def whitening_bias(self) -> nn.Parameter:
+        """The whitening stem's bias: the stem's only trainable part (airbench trains it for the first epochs)."""
+        return self.features[0].bias
+
     @staticmethod
     def _norm(width: int) -> nn.BatchNorm2d:
         norm = nn.BatchNorm2d(width, eps=1e-12, momentum=0.4)  # fast-moving statistics for short runs

@@ -16,8 +16,8 @@ class ConfigError(ValueError):
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "optimizer": ("adam", "adamw", "sgd"),
-    "scheduler": ("plateau", "cosine", "none"),
+    "optimizer": ("adam", "adamw", "sgd", "muon"),
+    "scheduler": ("plateau", "cosine", "linear", "none"),
     "augment": ("none", "basic", "crop", "randaugment"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "report_to": ("none", "wandb", "tensorboard", "all"),
@@ -76,8 +76,14 @@ class TrainConfig:
     lr: float | None = None
     weight_decay: float | None = None
     momentum: float | None = None
-    optimizer: str | None = None
-    scheduler: str | None = None
+    optimizer: str | None = field(default=None, metadata={"help": "muon = Muon (orthogonalised momentum) for the "
+                                  "conv filters and Nesterov SGD (--lr, --momentum, --weight-decay) for the rest, as "
+                                  "airbench94_muon"})
+    muon_lr: float = field(default=0.24, metadata={"help": "--optimizer muon: the filters' learning rate (Muon's "
+                           "update has a fixed size: independent of the batch size and loss scale)"})
+    muon_momentum: float = field(default=0.6, metadata={"help": "--optimizer muon: the filters' Nesterov momentum"})
+    scheduler: str | None = field(default=None, metadata={"help": "plateau (on val loss), cosine or linear decay "
+                                  "to --min-lr after --warmup-epochs, or none"})
     warmup_epochs: float | None = None
     plateau_factor: float = 0.5
     plateau_patience: int = 5
@@ -89,11 +95,16 @@ class TrainConfig:
                                         "parameters (airbench trains BatchNorm biases 64x faster)"})
     lookahead: bool = field(default=False, metadata={"help": "airbench's lookahead: every 5 steps pull the "
                             "weights to their moving average, which tightens as training ends"})
+    whiten_bias_epochs: float = field(default=0.0, metadata={"help": "fast_cnn: train the whitening stem's bias "
+                                      "only for the first N epochs, then freeze it (airbench: 3); 0 = always"})
     label_smoothing: float | None = None
     augment: str | None = field(default=None, metadata={"help": "basic = random shift/zoom/flip resampled to "
                                 "the input size; crop = whole-pixel shifts of a reflect-padded image + flip"})
     shift: float | None = field(default=None, metadata={"help": "max random translation, fraction of the image"})
     zoom: float = field(default=0.1, metadata={"help": "max random zoom in/out, fraction"})
+    alternating_flip: bool = field(default=False, metadata={"help": "with --augment crop: each image is mirrored "
+                                   "in every other epoch (a fixed random half in odd epochs, the rest in even ones) "
+                                   "instead of at random (airbench's derandomised flip)"})
     mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 disables)"})
     cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 disables)"})
     grad_accum_steps: int = 1
@@ -116,7 +127,9 @@ class TrainConfig:
     probe_stages: int = field(default=0, metadata={"help": "with --linear-probe: also train the backbone's last "
                               "N stages, on cached feature maps of the frozen ones (EfficientNet family)"})
     # evaluation
-    tta: bool = field(default=False, metadata={"help": "also report horizontal-flip TTA test metrics"})
+    tta: bool = field(default=False, metadata={"help": "also report test metrics with test-time augmentation"})
+    tta_level: int = field(default=1, metadata={"help": "--tta views: 1 = image + mirror image; 2 = also both "
+                           "shifted by 1 px (6 views, airbench's)"})
     # run
     seed: int = 42
     output_dir: str = "runs/latest"
@@ -183,6 +196,14 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(name)} must be >= 8 pixels; got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing must be in [0, 1); got {self.label_smoothing}")
+        if self.tta_level not in (1, 2):
+            raise ConfigError(f"--tta-level must be 1 (mirror) or 2 (mirror + 1 px shifts); got {self.tta_level}")
+        if self.alternating_flip and self.augment != "crop":
+            raise ConfigError(f"--alternating-flip needs --augment crop; got --augment {self.augment}")
+        if self.whiten_bias_epochs < 0:
+            raise ConfigError(f"--whiten-bias-epochs must be >= 0; got {self.whiten_bias_epochs}")
+        if self.muon_lr <= 0:
+            raise ConfigError(f"--muon-lr must be positive; got {self.muon_lr}")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("--push-to-hub needs --hub-model-id user/name")
         if self.probe_stages < 0 or (self.probe_stages and not self.linear_probe):

@@ -27,20 +27,20 @@ from .loading import ModelLoadError, load_predictor, model_folder
 from .metrics import EvaluationError, align_labels, compute_metrics, load_label_map
 from .report import write_report
 from .sources import DataError, Sizing, Split
+from .tta import multiview_logits
 
 
 @torch.no_grad()
-def collect_logits(model, loader, transform, accelerator, tta: bool = False) -> dict[str, torch.Tensor]:
+def collect_logits(model, loader, transform, accelerator, tta: bool | int = False) -> dict[str, torch.Tensor]:
     """Run `model` over `loader` on every process; gather_for_metrics drops the sampler's padding, so the
-    result holds each sample exactly once, in order."""
+    result holds each sample exactly once, in order. `tta`: True or 1 averages each image with its mirror
+    image, 2 adds 1 px shifts (airbench's 6 views; `tta.tta_views`)."""
     model.eval()
     outs: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
         x = transform(batch["image"])
         with accelerator.autocast():
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+            logits = multiview_logits(model, x, int(tta))
         tensors = {"logits": logits, **{k: batch[k] for k in ("fine", "coarse") if k in batch}}
         for key, value in accelerator.gather_for_metrics(tensors).items():
             outs.setdefault(key, []).append(value.cpu())
@@ -48,16 +48,17 @@ def collect_logits(model, loader, transform, accelerator, tta: bool = False) -> 
 
 
 def evaluate_split(model, split: Split, bundle: DatasetBundle, transform, accelerator, *, batch_size: int,
-                   tta: bool = False, columns: list[int] | None = None,
+                   tta: bool | int = False, columns: list[int] | None = None,
                    precomputed: dict[bool, dict] | None = None) -> tuple[dict[str, dict], torch.Tensor]:
     """Metrics of `model` on `split` (labels and names from `bundle`): {"plain": ..., "tta": ... (flip TTA)}
     and the plain logits in the split's order. `columns` picks and orders the model outputs that predict the
     dataset's classes (`metrics.align_labels`); `precomputed` holds logits already computed per TTA setting
-    (the linear probe's, from cached features)."""
+    (the linear probe's, from cached features). `tta`: the TTA level of the "tta" results (True = 1, mirror)."""
     loader = accelerator.prepare(make_loader(split, batch_size, shuffle=False))
     results, plain = {}, None
     for flip in [False, True] if tta else [False]:
-        gathered = (precomputed or {}).get(flip) or collect_logits(model, loader, transform, accelerator, tta=flip)
+        gathered = (precomputed or {}).get(flip) or collect_logits(model, loader, transform, accelerator,
+                                                                   tta=int(tta) if flip else 0)
         if not torch.equal(gathered["fine"].cpu(), split.fine.cpu()):  # every image exactly once, in order
             raise RuntimeError(f"gathered {len(gathered['fine'])} labels that differ from the split's {len(split)}")
         logits = gathered["logits"] if columns is None else gathered["logits"][:, columns]

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import muon
 from .config import TrainConfig
 
 
@@ -17,6 +18,10 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr * cfg.bias_lr_scale}]
+    if cfg.optimizer == "muon":  # Muon for the conv filters, Nesterov SGD for the rest (muon.py)
+        return muon.Muon(muon.param_groups(model, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum, lr=cfg.lr,
+                                           bias_lr=cfg.lr * cfg.bias_lr_scale, momentum=cfg.momentum,
+                                           weight_decay=cfg.weight_decay))
     fused = {"fused": True}  # one kernel for all parameters: 3-4x faster optimizer steps (bench/profile_step.py)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, **fused)
@@ -25,32 +30,36 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     return torch.optim.Adam(groups, lr=cfg.lr, **fused)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, floor: float, anneal: bool = True,
+def warmup_cosine(total_steps: int, warmup_steps: int, floor: float, decay: str = "cosine",
                   time_progress: Callable[[], float] | None = None) -> Callable[[int], float]:
-    """LR factor per optimiser step: linear warm-up, then cosine from 1 down to `floor` (or constant 1 with
-    `anneal=False`). With `time_progress` (share of a time budget used, in [0, 1]) the cosine follows the
-    clock when that is ahead of the step count, so the LR has annealed when the budget runs out."""
+    """LR factor per optimiser step: linear warm-up, then a cosine (or with `decay="linear"` a straight line,
+    airbench94_muon's) from 1 down to `floor`, or constant 1 with `decay="none"`. With `time_progress` (share of
+    a time budget used, in [0, 1]) the decay follows the clock when that is ahead of the step count, so the LR
+    has annealed when the budget runs out."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        if not anneal:
+        if decay == "none":
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         if time_progress is not None:
             progress = max(progress, time_progress())
         progress = min(1.0, progress)
+        if decay == "linear":
+            return floor + (1 - floor) * (1 - progress)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, time_progress=None):
-    """Plateau (stepped per epoch on val loss) or per-step warm-up + cosine (`none`: warm-up, then constant)."""
+    """Plateau (stepped per epoch on val loss) or per-step warm-up + cosine / linear decay (`none`: warm-up, then
+    constant)."""
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
                                                           patience=cfg.plateau_patience, min_lr=cfg.min_lr)
     factor = warmup_cosine(max(1, cfg.epochs * steps_per_epoch), int(cfg.warmup_epochs * steps_per_epoch),
-                           cfg.min_lr / cfg.lr, anneal=cfg.scheduler == "cosine", time_progress=time_progress)
+                           cfg.min_lr / cfg.lr, decay=cfg.scheduler, time_progress=time_progress)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
