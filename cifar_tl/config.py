@@ -115,9 +115,11 @@ class TrainConfig:
     compile: bool = False
     cuda_graphs: bool = field(default=True, metadata={"help": "on one GPU, replay the training forward+backward "
                               "as CUDA graphs (small images are otherwise bound by kernel-launch overhead)"})
-    time_limit_minutes: float | None = field(default=None, metadata={"help": "stop training after this many "
-                                             "minutes (the run still evaluates and exports); a cosine schedule "
-                                             "then anneals to this budget"})
+    time_limit_minutes: float | None = field(default=None, metadata={"help": "a wall-clock budget for the whole "
+                                             "run, counted from its start (data, model and a probe's feature "
+                                             "extraction included): training stops in time for the test "
+                                             "evaluation (its time predicted from validation's) to end within it; "
+                                             "a cosine or linear schedule anneals to the budget"})
     # transfer learning
     freeze_backbone: bool = field(default=False, metadata={"help": "train the classifier head only"})
     unfreeze_after: int = field(default=0, metadata={"help": "staged schedule: head only for N epochs, "

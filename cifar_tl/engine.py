@@ -34,10 +34,11 @@ from .lookahead import Lookahead
 from .metrics import confusion_matrix
 from .model_folder import folder_config, write_model_folder
 from .models import create_model, data_config, default_input_size, set_backbone_trainable
-from .optim import EarlyStopping, build_optimizer, build_scheduler
+from .optim import Budget, EarlyStopping, build_optimizer, build_scheduler
 from .precision import choose as choose_precision
 from .sources import MAX_STORE_SIZE, Sizing
 from .summary import write_summary
+from .tta import tta_views
 
 
 class TrainingError(RuntimeError):
@@ -45,6 +46,7 @@ class TrainingError(RuntimeError):
 
 
 def train(cfg: TrainConfig) -> dict:
+    started = time.time()  # --time-limit-minutes counts from here: data, model and feature extraction included
     cfg.validate()  # resolves the model-aware defaults of a config built in code
     out = Path(cfg.output_dir)
     cfg.mixed_precision, cfg.origin["mixed_precision"] = choose_precision(
@@ -68,9 +70,10 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.print("choices: " + "; ".join(f"{k}: {v}" for k, v in choice_summary(cfg).items()))
     eval_tf = partial(eval_transform, size=size, mean=mean, std=std, channels_last=cfg.channels_last)
     if cfg.linear_probe:  # the probe already has the test logits, from its cached features
-        summary, precomputed = probe.run(cfg, accelerator, model, bundle, eval_tf, out)
+        summary, precomputed = probe.run(cfg, accelerator, model, bundle, eval_tf, out, Budget(
+            cfg.time_limit_minutes, started))
     else:
-        summary = fit(cfg, accelerator, model, bundle, eval_tf, out)
+        summary = fit(cfg, accelerator, model, bundle, eval_tf, out, Budget(cfg.time_limit_minutes, started))
         model, precomputed = accelerator.unwrap_model(model), None
 
     # ---- final test evaluation on the restored best weights
@@ -201,23 +204,6 @@ def write_outputs(cfg: TrainConfig, out: Path, model, bundle: DatasetBundle, pre
 # --------------------------------------------------------------------------------------------- the epoch loop
 
 
-class Budget:
-    """The `--time-limit-minutes` clock: the share of the budget used, and whether it ran out."""
-
-    def __init__(self, minutes: float | None):
-        self.seconds = 60 * minutes if minutes else None
-        self.start = time.time()
-
-    def restart(self) -> None:
-        self.start = time.time()
-
-    def progress(self) -> float:
-        return (time.time() - self.start) / self.seconds
-
-    def expired(self) -> bool:
-        return self.seconds is not None and time.time() > self.start + self.seconds
-
-
 @dataclass
 class Training:
     """Everything one training run holds between steps."""
@@ -255,13 +241,17 @@ class EpochStats:
 
 
 def fit(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bundle: DatasetBundle, eval_tf: partial,
-        out: Path) -> dict:
+        out: Path, budget: Budget) -> dict:
     """Epoch loop with early stopping, LR scheduling and resumable checkpoints; leaves the best weights in
     `model` and returns the run summary."""
-    run = setup(cfg, accelerator, model, bundle, eval_tf, out)
+    run = setup(cfg, accelerator, model, bundle, eval_tf, out, budget)
+    test_views = len(bundle.test) * (1 + (len(tta_views(torch.zeros(1, 3, 4, 4), cfg.tta_level)) if cfg.tta else 0))
     for epoch in range(run.state.epoch + 1, cfg.epochs + 1):
         stats = train_one_epoch(run, epoch)
+        t0 = time.time()
         val_loss, val_top1 = validate(run) if run.has_val else (stats.loss, stats.top1)
+        if run.has_val:  # the final test pass will take about this long: keep it inside the time budget
+            budget.test_seconds = (time.time() - t0) / len(bundle.val) * test_views
         end_of_epoch(run, epoch, stats, val_loss, val_top1)
         if run.state.stopped:
             accelerator.print(run.state.stopped)
@@ -274,7 +264,7 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bund
 
 
 def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bundle: DatasetBundle,
-          eval_tf: partial, out: Path) -> Training:
+          eval_tf: partial, out: Path, budget: Budget) -> Training:
     """Loaders, optimiser, schedule, augmentation and state, resumed from the last checkpoint with --resume;
     the step captured as CUDA graphs where it can be; trackers started."""
     # on a GPU with room for them, the uint8 images live there: batches never cross PCIe or wait for the host
@@ -284,7 +274,6 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
     optimizer = build_optimizer(cfg, model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    budget = Budget(cfg.time_limit_minutes)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, budget.progress if budget.seconds else None)
     accelerator.register_for_checkpointing(scheduler)
     size, mean, std = eval_tf.keywords["size"], eval_tf.keywords["mean"], eval_tf.keywords["std"]
@@ -302,7 +291,6 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
     if cfg.cuda_graphs and accelerator.device.type == "cuda":
         capture_graphs(run, min(cfg.batch_size, len(bundle.train)), size)
     tracking.start(accelerator, cfg, out, bundle.fingerprint)
-    budget.restart()
     return run
 
 

@@ -3,6 +3,7 @@ cached-feature probe (`probe`) share."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -61,6 +62,30 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, time_prog
     factor = warmup_cosine(max(1, cfg.epochs * steps_per_epoch), int(cfg.warmup_epochs * steps_per_epoch),
                            cfg.min_lr / cfg.lr, decay=cfg.scheduler, time_progress=time_progress)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Budget:
+    """`--time-limit-minutes`, counted from the start of the run (`start`: before the data and the model load, so
+    decoding, model building and a probe's feature extraction count). Training stops early enough to leave the
+    time the final test pass is expected to take (`test_seconds`, set from how fast validation ran) and the report
+    and export after it, so the whole run keeps the budget on a fast or a slow machine alike. `progress` is the
+    share of the training time used (the LR schedule follows it)."""
+
+    AFTER_TRAINING_SECONDS = 10.0  # report, plots and model folder
+
+    def __init__(self, minutes: float | None, start: float | None = None):
+        self.seconds = 60 * minutes if minutes else None
+        self.start = time.time() if start is None else start
+        self.test_seconds = 0.0
+
+    def _end(self) -> float:
+        return self.start + self.seconds - self.test_seconds - self.AFTER_TRAINING_SECONDS
+
+    def progress(self) -> float:
+        return min(1.0, (time.time() - self.start) / max(1.0, self._end() - self.start))
+
+    def expired(self) -> bool:
+        return self.seconds is not None and time.time() > self._end()
 
 
 @dataclass

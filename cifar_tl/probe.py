@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError
 from .data import cache_dir, make_loader
 from .files import atomic_path, atomic_write_text
-from .optim import EarlyStopping, warmup_cosine
+from .optim import Budget, EarlyStopping, warmup_cosine
 
 EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
 
@@ -165,8 +165,9 @@ def _batch(feats: torch.Tensor, device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
-def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, dict]:
-    """Train the trainable part on cached features; returns (summary, {tta: test logits/labels})."""
+def run(cfg, accelerator, model, bundle, transform, out: Path, budget: Budget) -> tuple[dict, dict]:
+    """Train the trainable part on cached features within `budget` (the extraction counts: it runs first);
+    returns (summary, {tta: test logits/labels})."""
     top = trainable_top(cfg, model)  # checks the model before the (long) extraction
     key = feature_key(cfg, bundle, transform.keywords["size"])
     feats = cached_features(cfg, accelerator, model, bundle, transform, key)
@@ -179,7 +180,8 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
     optimizer = torch.optim.AdamW(top.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(feats["train"]) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr / cfg.lr))
+        cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr / cfg.lr,
+        time_progress=budget.progress if budget.seconds else None))
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout masks must not depend on whether features came from the cache
     state = {"epoch": 0, "early": EarlyStopping(cfg.early_stopping_patience), "best_state": None, "history": []}
@@ -190,9 +192,9 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
     history = state["history"]
     t0 = time.time() - (history[-1]["elapsed_seconds"] if history else 0)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        if state["early"].should_stop:
+        if state["early"].should_stop or (budget.expired() and history):
             break
-        record = _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoch)
+        record = _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoch, budget)
         seconds = time.time() - t0
         history.append({**record, "seconds": seconds - (history[-1]["elapsed_seconds"] if history else 0),
                         "elapsed_seconds": seconds, "timestamp": time.time()})
@@ -209,12 +211,14 @@ def run(cfg, accelerator, model, bundle, transform, out: Path) -> tuple[dict, di
     seconds = time.time() - t0
     summary = {"best_epoch": early.best_epoch, "epochs_run": len(history), "best_val_loss": early.best_loss,
                "train_seconds": seconds, "train_images_per_second": len(history) * len(feats["train"]) / seconds,
-               "stopped": "linear probe" if cfg.probe_stages == 0 else f"probe, last {cfg.probe_stages} stages"}
+               "stopped": (f"time limit {cfg.time_limit_minutes} min" if budget.expired() else "linear probe"
+                           if cfg.probe_stages == 0 else f"probe, last {cfg.probe_stages} stages")}
     return summary, _test_logits(top, feats, bundle, accelerator.device, cfg.eval_batch_size)
 
 
-def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoch: int) -> dict:
-    """One epoch over the cached training features (each image or its mirror, at random), then validation."""
+def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoch: int, budget: Budget) -> dict:
+    """One epoch over the cached training features (each image or its mirror, at random), then validation; cut
+    short when the time budget runs out."""
     device = accelerator.device
     x_train, y_train, x_flip = feats["train"], bundle.train.fine, feats.get("train_flip")
     perm = torch.randperm(len(x_train), generator=gen)
@@ -235,6 +239,8 @@ def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoc
         scheduler.step()
         total_loss += loss.item() * len(idx)
         seen += len(idx)
+        if budget.expired():
+            break
     x_val, y_val = (feats["val"], bundle.val.fine) if "val" in feats else (x_train, y_train)
     val_logits = _logits(top, x_val, device, cfg.eval_batch_size)
     val_loss = F.cross_entropy(val_logits, y_val).item()

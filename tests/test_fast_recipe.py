@@ -176,3 +176,20 @@ def test_muon_recipe_trains_freezes_the_whitening_bias_and_resumes(easy10_parque
     weights = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert torch.equal(weights["features.0.bias"], bias_after_1)  # frozen after epoch 1
     assert torch.equal(weights["features.0.weight"][12:], -weights["features.0.weight"][:12])
+
+
+def test_time_budget_counts_from_the_start_and_keeps_time_for_the_test(monkeypatch):
+    """--time-limit-minutes is the whole run: what the test pass and the export will take is kept free."""
+    from cifar_tl import optim
+
+    now = [1000.0]
+    monkeypatch.setattr(optim.time, "time", lambda: now[0])
+    budget = optim.Budget(10, start=1000.0 - 60)  # the run started a minute ago (data, model, extraction)
+    assert budget.progress() == pytest.approx(60 / (600 - budget.AFTER_TRAINING_SECONDS))
+    budget.test_seconds = 50.0  # validation measured: the test pass will take ~50 s
+    end = 1000.0 - 60 + 600 - 50 - budget.AFTER_TRAINING_SECONDS
+    now[0] = end - 1
+    assert not budget.expired() and budget.progress() < 1
+    now[0] = end + 1
+    assert budget.expired() and budget.progress() == 1.0
+    assert not optim.Budget(None).expired()
