@@ -7,7 +7,8 @@ architecture, with a `pretrained_cfg` that carries CIFAR's input size and normal
   32x32 input).
 * `baseline_cnn_bn` (`_small`, `_wide`): our modernised relative: BatchNorm after every conv, global average
   pooling and one linear layer (folders written before format 2 call it `baseline_cnn`).
-* `fast_cnn` (`_wide`): airbench94's network (Jordan, 2024), the CPU time-to-accuracy pick.
+* `fast_cnn` (`_wide`): airbench94's network (Jordan, 2024), the CPU time-to-accuracy pick; `fast_cnn_96`:
+  airbench96's (wider, a third conv and a residual connection per stack).
 
 None of them has pretrained weights (`pretrained_cfg` has no source): they train from scratch."""
 from __future__ import annotations
@@ -177,24 +178,43 @@ class _ScaledLinear(nn.Linear):
         return super().forward(x) * self.scale
 
 
+class _ResidualPair(nn.Module):
+    """airbench96's block tail: Conv-BN-GELU-Conv-BN plus the block's input (the GELU follows outside)."""
+
+    def __init__(self, width: int, norm):
+        super().__init__()
+        self.body = nn.Sequential(_DiracConv(width, width), norm(width), nn.GELU(), _DiracConv(width, width),
+                                  norm(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 class FastCNN(_CifarCNN):
     """airbench94's network (Jordan, 2024: 94 % CIFAR-10 in 10 epochs): a frozen 2x2 whitening conv
     initialised from the data's patch covariance, then 3 stacks of Conv-MaxPool-BN-GELU-Conv-BN-GELU
     (BatchNorm without scale weights, dirac-initialised convs), global max pooling and a scaled linear head.
-    Call `init_whitening(images)` on normalised training images before training from scratch."""
+    `depth=3` is airbench96's stack: Conv-MaxPool-BN-GELU, then Conv-BN-GELU-Conv-BN with a residual connection
+    over those two convs, then GELU. Call `init_whitening(images)` on normalised training images before training
+    from scratch."""
 
     def __init__(self, num_classes: int = 100, widths: tuple[int, ...] = (32, 128, 128), in_chans: int = 3,
-                 whiten_kernel: int = 2, drop_rate: float = 0.0):
+                 whiten_kernel: int = 2, drop_rate: float = 0.0, depth: int = 2):
         super().__init__()
+        if depth not in (2, 3):
+            raise ValueError(f"FastCNN depth is 2 (airbench94) or 3 (airbench96); got {depth}")
         c_in = 2 * in_chans * whiten_kernel ** 2  # each whitening direction and its negative
         layers: list[nn.Module] = [nn.Conv2d(in_chans, c_in, whiten_kernel), nn.GELU()]
         layers[0].weight.requires_grad_(False)  # set from the data, never trained
         for w in widths:
-            layers += [_DiracConv(c_in, w), nn.MaxPool2d(2), self._norm(w), nn.GELU(),
-                       _DiracConv(w, w), self._norm(w), nn.GELU()]
+            layers += [_DiracConv(c_in, w), nn.MaxPool2d(2), self._norm(w), nn.GELU()]
+            layers += ([_DiracConv(w, w), self._norm(w), nn.GELU()] if depth == 2
+                       else [_ResidualPair(w, self._norm), nn.GELU()])
             c_in = w
         self._init_head(nn.Sequential(*layers), c_in, num_classes, nn.AdaptiveMaxPool2d(1), nn.Dropout(drop_rate))
         self.model_args = {"widths": list(widths), "whiten_kernel": whiten_kernel, "drop_rate": drop_rate}
+        if depth != 2:  # depth-2 folders keep the config they always had
+            self.model_args["depth"] = depth
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
         return _ScaledLinear(self.num_features, num_classes)
@@ -233,6 +253,7 @@ VARIANTS: dict[str, tuple[type[_CifarCNN], dict]] = {
     "baseline_cnn_bn_wide": (BaselineCNN, {"widths": (128, 256, 512)}),
     "fast_cnn": (FastCNN, {"widths": (32, 128, 128)}),  # airbench94 at half width: the 2-core CPU pick
     "fast_cnn_wide": (FastCNN, {"widths": (64, 256, 256)}),  # airbench94's own widths
+    "fast_cnn_96": (FastCNN, {"widths": (128, 384, 512), "depth": 3}),  # airbench96's network
 }
 
 

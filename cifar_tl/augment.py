@@ -77,6 +77,18 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator | Non
                   torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
 
 
+def random_cutout(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017, as airbench96 does it): each image loses one `size` x `size` square, placed
+    at random wholly inside it, filled with 0 (the mean colour once normalised). One mask for the batch, no loop."""
+    b, _, h, w = x.shape
+    opts = {"device": x.device, "generator": generator}
+    top = torch.randint(0, h - size + 1, (b, 1, 1, 1), **opts)
+    left = torch.randint(0, w - size + 1, (b, 1, 1, 1), **opts)
+    rows = torch.arange(h, device=x.device).view(1, 1, h, 1) - top
+    cols = torch.arange(w, device=x.device).view(1, 1, 1, w) - left
+    return x.masked_fill((rows >= 0) & (rows < size) & (cols >= 0) & (cols < size), 0)
+
+
 def rand_augment(images: torch.Tensor, chunks: int = 8) -> torch.Tensor:
     """torchvision RandAugment on uint8 batches; each chunk of the batch draws its own ops, which keeps the
     work batched while still varying the policy across the batch."""
@@ -95,18 +107,41 @@ def alternating_flip_mask(images: torch.Tensor, epoch: int) -> torch.Tensor:
     return coin ^ (epoch % 2 == 1)
 
 
+def resize_schedule(epochs: int, start: int, end: int, multiple: int = 32) -> list[int]:
+    """Progressive resizing (fast.ai's, EfficientNetV2's): the training image side for each epoch, growing
+    linearly from `start` in the first epoch to `end` in the last, rounded to the nearest multiple of
+    `multiple` (a network of stride 32 then sees whole feature maps; few distinct sizes keep cuDNN's tuning and
+    one CUDA graph per size cheap) and clamped to [start, end]. Small early epochs cost a fraction of a
+    full-size one while the pretrained features adapt; the last epochs train at the size the model is tested at."""
+    if epochs < 1 or not 0 < start <= end:
+        raise ValueError(f"resize_schedule needs epochs >= 1 and 0 < start <= end; got {epochs}, {start}, {end}")
+    if epochs == 1:
+        return [end]
+    sizes = []
+    for i in range(epochs):
+        exact = start + (end - start) * i / (epochs - 1)
+        sizes.append(min(end, max(start, multiple * round(exact / multiple))))
+    sizes[-1] = end
+    return sizes
+
+
 class TrainTransform:
-    """uint8 batch -> augmented, resized, normalised float batch. With `alternating_flip` (crop only), call
-    `set_epoch` at the start of each epoch."""
+    """uint8 batch -> augmented, resized, normalised float batch. With `alternating_flip` (crop only) or a
+    `size_schedule` (one training size per epoch, `resize_schedule`), call `set_epoch` at the start of each
+    epoch."""
 
     def __init__(self, size: int, mean, std, *, augment: str = "basic", shift: float = 0.125,
-                 zoom: float = 0.1, channels_last: bool = True, alternating_flip: bool = False):
+                 zoom: float = 0.1, channels_last: bool = True, alternating_flip: bool = False,
+                 size_schedule: list[int] | None = None, cutout: int = 0):
         self.size, self.mean, self.std = size, mean, std
         self.augment, self.shift, self.zoom, self.channels_last = augment, shift, zoom, channels_last
-        self.alternating_flip, self.epoch = alternating_flip, 1
+        self.alternating_flip, self.epoch, self.size_schedule = alternating_flip, 1, size_schedule
+        self.cutout = cutout
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.size_schedule:  # epochs past the schedule's end (--resume --epochs N) stay at the last size
+            self.size = self.size_schedule[min(epoch, len(self.size_schedule)) - 1]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.augment in ("none", "crop"):
@@ -114,6 +149,8 @@ class TrainTransform:
             if self.augment == "crop":
                 flip = alternating_flip_mask(images, self.epoch) if self.alternating_flip else None
                 x = random_crop_flip(x, round(self.shift * self.size), flip=flip)
+                if self.cutout:
+                    x = random_cutout(x, self.cutout)
         else:
             if self.augment == "randaugment":
                 images = rand_augment(images)

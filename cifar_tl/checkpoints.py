@@ -93,7 +93,7 @@ class Checkpoints:
 
     # ------------------------------------------------------------------------------------------ saving
 
-    def save(self, accelerator: Accelerator, state: TrainState, best: torch.nn.Module | None = None,
+    def save(self, accelerator: Accelerator, state: TrainState, best: torch.nn.Module | dict | None = None,
              first: Callable[[], None] | None = None) -> Path:
         """Write epoch `state.epoch`'s folder (and `best`'s weights as best.safetensors when the epoch improved;
         `first` is the main process's own write before that) and publish it. Every process must call it: two
@@ -117,7 +117,7 @@ class Checkpoints:
             raise relocated(error, partial, final, advice)
         return final
 
-    def _write(self, accelerator: Accelerator, partial: Path, best: torch.nn.Module | None,
+    def _write(self, accelerator: Accelerator, partial: Path, best: torch.nn.Module | dict | None,
                first: Callable[[], None] | None) -> None:
         if first is not None and accelerator.is_main_process:
             first()

@@ -62,7 +62,7 @@ class TrainConfig:
                                    "share one square size, else the model's input size capped at 256"})
     # model
     model: str = field(default="efficientnet_b0", metadata={"help": "baseline_cnn[_small|_wide], "
-                       "fast_cnn[_wide] or any timm model name"})
+                       "fast_cnn[_wide|_96] or any timm model name"})
     pretrained: bool | None = field(default=None, metadata={"help": "start from ImageNet weights; default auto: "
                                     "yes where the model has them (timm models), from scratch where it has none "
                                     "(our CNNs); --pretrained on a model without weights is an error"})
@@ -95,6 +95,12 @@ class TrainConfig:
                                         "parameters (airbench trains BatchNorm biases 64x faster)"})
     lookahead: bool = field(default=False, metadata={"help": "airbench's lookahead: every 5 steps pull the "
                             "weights to their moving average, which tightens as training ends"})
+    ema_decay: float = field(default=0.0, metadata={"help": "keep an exponential moving average of the weights "
+                             "(per step, warmed up as min(DECAY, (1+t)/(10+t))); validation, the best checkpoint, "
+                             "the test evaluation and the exported model use it; 0 = off"})
+    layer_decay: float | None = field(default=None, metadata={"help": "layer-wise LR decay (timm's "
+                                      "param_groups_layer_decay): layer i of n trains at lr * DECAY^(n-1-i), the "
+                                      "head at lr; e.g. 0.8 for fine-tuning (not with --optimizer muon)"})
     whiten_bias_epochs: float = field(default=0.0, metadata={"help": "fast_cnn: train the whitening stem's bias "
                                       "only for the first N epochs, then freeze it (airbench: 3); 0 = always"})
     label_smoothing: float | None = None
@@ -102,9 +108,14 @@ class TrainConfig:
                                 "the input size; crop = whole-pixel shifts of a reflect-padded image + flip"})
     shift: float | None = field(default=None, metadata={"help": "max random translation, fraction of the image"})
     zoom: float = field(default=0.1, metadata={"help": "max random zoom in/out, fraction"})
+    progressive_resize: int | None = field(default=None, metadata={"help": "train the first epochs at START px "
+                                           "and grow linearly to --image-size by the last one (multiples of 32; "
+                                           "validation and test at --image-size; one CUDA graph per size)"})
     alternating_flip: bool = field(default=False, metadata={"help": "with --augment crop: each image is mirrored "
                                    "in every other epoch (a fixed random half in odd epochs, the rest in even ones) "
                                    "instead of at random (airbench's derandomised flip)"})
+    cutout: int = field(default=0, metadata={"help": "with --augment crop: blank a random SIZE x SIZE square of "
+                        "each training image (airbench96: 12 px); 0 = off"})
     mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 disables)"})
     cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 disables)"})
     grad_accum_steps: int = 1
@@ -202,10 +213,14 @@ class TrainConfig:
             raise ConfigError(f"--tta-level must be 1 (mirror) or 2 (mirror + 1 px shifts); got {self.tta_level}")
         if self.alternating_flip and self.augment != "crop":
             raise ConfigError(f"--alternating-flip needs --augment crop; got --augment {self.augment}")
+        if self.cutout < 0 or (self.cutout and self.augment != "crop"):
+            raise ConfigError(f"--cutout {self.cutout} must be >= 0 and needs --augment crop; got --augment "
+                              f"{self.augment}")
         if self.whiten_bias_epochs < 0:
             raise ConfigError(f"--whiten-bias-epochs must be >= 0; got {self.whiten_bias_epochs}")
         if self.muon_lr <= 0:
             raise ConfigError(f"--muon-lr must be positive; got {self.muon_lr}")
+        self._validate_transfer_options()
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("--push-to-hub needs --hub-model-id user/name")
         if self.probe_stages < 0 or (self.probe_stages and not self.linear_probe):
@@ -213,6 +228,21 @@ class TrainConfig:
         if self.linear_probe and self.freeze_backbone:
             raise ConfigError("--linear-probe already freezes the backbone; drop --freeze-backbone")
         return self
+
+    def _validate_transfer_options(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"--ema-decay must be in [0, 1) (0 = off); got {self.ema_decay}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"--layer-decay must be in (0, 1]; got {self.layer_decay}")
+        if self.layer_decay is not None and self.optimizer == "muon":
+            raise ConfigError("--layer-decay needs --optimizer sgd, adam or adamw (Muon sizes its own updates)")
+        if self.progressive_resize is not None:
+            if self.image_size is None or not 8 <= self.progressive_resize <= self.image_size:
+                raise ConfigError(f"--progressive-resize {self.progressive_resize} needs --image-size and must be "
+                                  f"between 8 and it; got --image-size {self.image_size}")
+            if self.linear_probe:
+                raise ConfigError("--progressive-resize does not apply to --linear-probe (features are cached at "
+                                  "one size)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,6 +6,10 @@ graph records those launches once and replays them with one call, so the step ru
 `torch.cuda.make_graphed_callables` graphs the model's training forward and its backward; eval mode still
 runs the ordinary forward (so validation batches may have any size).
 
+Graphs have fixed shapes. A run whose training size changes (progressive resizing) captures one graph per size
+(`capture_shapes`): the model's forward then picks the graph by the input's shape, and runs eagerly for any
+other shape and in eval mode.
+
 A process that forks after a capture (DataLoader workers) must free unused graphed models first
 (`gc.collect()`): a forked child whose garbage collector frees CUDA graphs dies of a CUDA error.
 """
@@ -50,3 +54,29 @@ def capture(model: torch.nn.Module, batch: torch.Tensor, autocast_dtype: torch.d
         with torch.no_grad():
             for buffer, value in zip(model.buffers(), saved):
                 buffer.copy_(value)
+
+
+def capture_shapes(model: torch.nn.Module, batches: list[torch.Tensor],
+                   autocast_dtype: torch.dtype | None = None) -> None:
+    """`capture` once per input shape (each graph keeps its own memory pool), then dispatch: in training mode a
+    batch of a captured shape replays its graph, anything else runs the forward the model had before (which may
+    be Accelerate's autocast wrapper). A failed capture raises and leaves that forward in place."""
+    original = model.forward
+    graphed: dict[tuple[int, ...], object] = {}
+    try:
+        for batch in batches:
+            capture(model, batch, autocast_dtype)
+            graphed[tuple(batch.shape)] = model.forward  # make_graphed_callables' forward for this shape
+            model.forward = original  # the next capture records the plain forward again
+    except BaseException:
+        model.forward = original
+        raise
+    if len(graphed) == 1:
+        model.forward = next(iter(graphed.values()))
+        return
+
+    def forward(*args, **kwargs):
+        step = graphed.get(tuple(args[0].shape)) if model.training and args else None
+        return (step or original)(*args, **kwargs)
+
+    model.forward = forward

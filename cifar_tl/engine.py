@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,10 +25,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import cuda_graphs, probe, tracking
-from .augment import TrainTransform, eval_transform
+from .augment import TrainTransform, eval_transform, resize_schedule
 from .checkpoints import Checkpoints, TrainState
 from .config import ConfigError, TrainConfig, save_yaml
 from .data import DatasetBundle, load_bundle, make_loader, on_device
+from .ema import ModelEma
 from .evaluate import collect_logits, evaluate_split
 from .files import atomic_write_text, write_errors
 from .lookahead import Lookahead
@@ -80,13 +82,13 @@ def train(cfg: TrainConfig) -> dict:
     results, logits = evaluate_split(model, bundle.test, bundle, eval_tf, accelerator,
                                      batch_size=cfg.eval_batch_size, tta=cfg.tta and cfg.tta_level,
                                      precomputed=precomputed)
-    metrics = {**{k: v for k, v in results["plain"].items() if not isinstance(v, dict)}, **summary,
+    metrics = {**scalars(results["plain"]), **summary, **timed_seconds(summary, results, cfg.tta),
                "model": cfg.model, "image_size": size, "dataset": cfg.dataset,
                "dataset_fingerprint": bundle.fingerprint, "num_processes": accelerator.num_processes,
                "mixed_precision": accelerator.mixed_precision, "pretrained": cfg.pretrained,
                "choices": choice_summary(cfg)}
     if cfg.tta:
-        metrics["tta"] = {k: v for k, v in results["tta"].items() if not isinstance(v, dict)}
+        metrics["tta"] = scalars(results["tta"])
         metrics["tta"]["level"] = 1 if cfg.linear_probe else cfg.tta_level  # the probe caches mirror views only
     if accelerator.is_main_process:
         write_outputs(cfg, out, model, bundle, (size, mean, std), metrics, results, logits)
@@ -103,6 +105,24 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
     tracking.finish(accelerator)  # also tears down the process group: nothing collective after this
     return metrics
+
+
+def scalars(result: dict) -> dict:
+    """An evaluated split's headline numbers (not its per-class tables, nor the pass's time: `timed_seconds`)."""
+    return {k: v for k, v in result.items() if not isinstance(v, dict) and k != "seconds"}
+
+
+def timed_seconds(summary: dict, results: dict, tta: bool) -> dict[str, float]:
+    """The final test pass's time (`test_seconds`; with --tta the TTA pass's, `tta_test_seconds`) and
+    airbench's measure of a run, `timed_seconds`: training (`train_seconds`: the epochs' training loops, without
+    per-epoch validation, checkpoints, data loading, model building or CUDA-graph capture and cuDNN's tuning in
+    it) plus the final test pass that is reported (the TTA one when on)."""
+    plain = results["plain"].get("seconds", 0.0)
+    timed = {"test_seconds": plain}
+    if tta:
+        timed["tta_test_seconds"] = results["tta"].get("seconds", 0.0)
+    timed["timed_seconds"] = summary["train_seconds"] + (timed["tta_test_seconds"] if tta else plain)
+    return timed
 
 
 def choice_summary(cfg: TrainConfig) -> dict[str, str]:
@@ -220,6 +240,7 @@ class Training:
     criterion: torch.nn.Module
     mixup: object | None  # timm.data.Mixup
     lookahead: Lookahead | None
+    ema: ModelEma | None
     budget: Budget
     steps_per_epoch: int
     checkpoints: Checkpoints
@@ -278,18 +299,24 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
     accelerator.register_for_checkpointing(scheduler)
     size, mean, std = eval_tf.keywords["size"], eval_tf.keywords["mean"], eval_tf.keywords["std"]
     mixup = make_mixup(cfg, bundle.num_classes)
+    sizes = resize_schedule(cfg.epochs, cfg.progressive_resize, size) if cfg.progressive_resize else [size]
+    ema = ModelEma(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay else None
+    if ema is not None:  # after the scheduler: checkpoints keep their custom-state numbering
+        accelerator.register_for_checkpointing(ema)
     run = Training(
         cfg, accelerator, model, optimizer, scheduler, train_loader, val_loader,
         TrainTransform(size, mean, std, augment=cfg.augment, shift=cfg.shift, zoom=cfg.zoom,
-                       channels_last=cfg.channels_last, alternating_flip=cfg.alternating_flip), eval_tf,
+                       channels_last=cfg.channels_last, alternating_flip=cfg.alternating_flip,
+                       size_schedule=sizes if len(set(sizes)) > 1 else None, cutout=cfg.cutout), eval_tf,
         torch.nn.CrossEntropyLoss(label_smoothing=0.0 if mixup else cfg.label_smoothing),
-        mixup, Lookahead(accelerator.unwrap_model(model)) if cfg.lookahead else None,
+        mixup, Lookahead(accelerator.unwrap_model(model)) if cfg.lookahead else None, ema,
         budget, steps_per_epoch, Checkpoints(out / "checkpoints", cfg.keep_checkpoints),
         TrainState(cfg.model, bundle.fine_names, EarlyStopping(cfg.early_stopping_patience)),
         out / "history.jsonl", len(bundle.val) > 0)
     resume(run)
-    if cfg.cuda_graphs and accelerator.device.type == "cuda":
-        capture_graphs(run, min(cfg.batch_size, len(bundle.train)), size)
+    if cfg.cuda_graphs and accelerator.device.type == "cuda":  # one graph per training size still to come
+        to_come = sorted(set(sizes[run.state.epoch:] or sizes[-1:]))
+        capture_graphs(run, min(cfg.batch_size, len(bundle.train)), to_come)
     tracking.start(accelerator, cfg, out, bundle.fingerprint)
     return run
 
@@ -327,8 +354,9 @@ def json_or_none(line: str) -> dict | None:
         return None
 
 
-def capture_graphs(run: Training, batch_size: int, size: int) -> None:
-    """Replay the training forward + backward as CUDA graphs where the settings allow it."""
+def capture_graphs(run: Training, batch_size: int, sizes: list[int]) -> None:
+    """Replay the training forward + backward as CUDA graphs where the settings allow it, one graph per training
+    image size (progressive resizing has several)."""
     cfg, accelerator = run.cfg, run.accelerator
     blockers = cuda_graphs.graph_blockers(num_processes=accelerator.num_processes, compile=cfg.compile,
                                           grad_accum_steps=cfg.grad_accum_steps,
@@ -336,12 +364,15 @@ def capture_graphs(run: Training, batch_size: int, size: int) -> None:
     if blockers:
         accelerator.print(f"CUDA graphs off: {'; '.join(blockers)}")
         return
-    # every training batch has this shape: the last partial one is dropped
-    sample = torch.randn(batch_size, 3, size, size, device=accelerator.device)
+    # every training batch has one of these shapes: the last partial one is dropped
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    samples = [torch.randn(batch_size, 3, s, s, device=accelerator.device).contiguous(memory_format=memory_format)
+               for s in sizes]
     run.model.train()
     try:
-        cuda_graphs.capture(run.model, sample.contiguous(memory_format=torch.channels_last)
-                            if cfg.channels_last else sample)
+        cuda_graphs.capture_shapes(run.model, samples)
+        if len(sizes) > 1:
+            accelerator.print(f"CUDA graphs: one per training size ({', '.join(map(str, sizes))} px)")
     except RuntimeError as err:  # the step still works, only slower
         accelerator.print(f"CUDA graphs off: capture failed ({err}); --no-cuda-graphs skips the attempt")
 
@@ -417,6 +448,8 @@ def train_step(run: Training, batch: dict, epoch: int, step: int):
         if accelerator.sync_gradients and cfg.scheduler != "plateau":
             run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None and accelerator.sync_gradients:
+            run.ema.update()
         if run.lookahead is not None and accelerator.sync_gradients:
             done = (epoch - 1) * run.steps_per_epoch + (step + 1) // cfg.grad_accum_steps
             progress = done / (cfg.epochs * run.steps_per_epoch)
@@ -432,7 +465,9 @@ def check_finite(run: Training, value: float, where: str) -> None:
 
 
 def validate(run: Training) -> tuple[float, float]:
-    val = collect_logits(run.model, run.val_loader, run.eval_tf, run.accelerator)
+    """Validation loss and top-1 (of the weight average with --ema-decay)."""
+    with run.ema.applied() if run.ema is not None else nullcontext():
+        val = collect_logits(run.model, run.val_loader, run.eval_tf, run.accelerator)
     loss = torch.nn.functional.cross_entropy(val["logits"], val["fine"]).item()
     return loss, (val["logits"].argmax(-1) == val["fine"]).float().mean().item()
 
@@ -448,15 +483,16 @@ def end_of_epoch(run: Training, epoch: int, stats: EpochStats, val_loss: float, 
               "timestamp": time.time()}
     if cfg.scheduler == "plateau":
         run.scheduler.step(val_loss)
-    improved = state.early.update(epoch, val_loss)
+    improved = state.early.update(epoch, val_loss, keep_last=not run.has_val)
     if state.early.should_stop:
         state.stopped = f"early stopping: no val-loss improvement for {state.early.bad_epochs} epochs"
     state.epoch = epoch
     # the history line goes first: a resume cuts it when the checkpoint never came
-    run.checkpoints.save(accelerator, state, best=run.unwrapped if improved else None,
+    weights = run.ema.averaged_state() if run.ema is not None else run.unwrapped  # what is evaluated and exported
+    run.checkpoints.save(accelerator, state, best=weights if improved else None,
                          first=partial(append_line, run.history_path, json.dumps(record)))
     accelerator.log({f"train/{k}": v for k, v in record.items()}, step=epoch)
-    tracking.log_epoch(accelerator, cfg, run.unwrapped, record, improved)
+    tracking.log_epoch(accelerator, cfg, weights, record, improved)
     accelerator.print(f"epoch {epoch}: train loss {stats.loss:.4f} acc {stats.top1:.4f} | val loss "
                       f"{val_loss:.4f} acc {val_top1:.4f} | {record['images_per_second']:.0f} img/s"
                       f"{' *' if improved else ''}")

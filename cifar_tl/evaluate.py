@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -53,18 +54,22 @@ def evaluate_split(model, split: Split, bundle: DatasetBundle, transform, accele
     """Metrics of `model` on `split` (labels and names from `bundle`): {"plain": ..., "tta": ... (flip TTA)}
     and the plain logits in the split's order. `columns` picks and orders the model outputs that predict the
     dataset's classes (`metrics.align_labels`); `precomputed` holds logits already computed per TTA setting
-    (the linear probe's, from cached features). `tta`: the TTA level of the "tta" results (True = 1, mirror)."""
+    (the linear probe's, from cached features). `tta`: the TTA level of the "tta" results (True = 1, mirror).
+    Each result's `seconds` is its pass's time (model, views, gathering; metrics not included)."""
     loader = accelerator.prepare(make_loader(split, batch_size, shuffle=False))
     results, plain = {}, None
     for flip in [False, True] if tta else [False]:
+        started = time.perf_counter()  # collect_logits copies each batch's logits to the host: no sync needed
         gathered = (precomputed or {}).get(flip) or collect_logits(model, loader, transform, accelerator,
                                                                    tta=int(tta) if flip else 0)
+        seconds = time.perf_counter() - started
         if not torch.equal(gathered["fine"].cpu(), split.fine.cpu()):  # every image exactly once, in order
             raise RuntimeError(f"gathered {len(gathered['fine'])} labels that differ from the split's {len(split)}")
         logits = gathered["logits"] if columns is None else gathered["logits"][:, columns]
         results["tta" if flip else "plain"] = compute_metrics(
             logits, split.fine, coarse=split.coarse, fine_names=bundle.fine_names,
             coarse_names=bundle.coarse_names, fine_to_coarse=bundle.fine_to_coarse)
+        results["tta" if flip else "plain"]["seconds"] = seconds  # the pass alone (model, views, gathering)
         plain = logits if not flip else plain
     return results, plain
 

@@ -50,9 +50,11 @@ LEGACY_ARCHITECTURES = {1: {"baseline_cnn": "baseline_cnn_bn", "baseline_cnn_sma
 WEIGHTS = "model.safetensors"
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """safetensors, written atomically (tmp + rename), contiguous CPU tensors."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+    """A model's weights (or a state dict, e.g. a weight average's) as safetensors, written atomically (tmp +
+    rename), contiguous CPU tensors."""
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
 

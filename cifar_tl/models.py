@@ -32,7 +32,7 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 100, we
     package. Never silently random."""
     if not timm.is_model(name):
         raise WeightsError(f"--model {name}: unknown model; use baseline_cnn (the study's CNN), "
-                           "baseline_cnn_bn[_small|_wide], fast_cnn[_wide] or a timm name (see timm.list_models())")
+                           "baseline_cnn_bn[_small|_wide], fast_cnn[_wide|_96] or a timm name (see timm.list_models())")
     if pretrained and not weights:
         if not has_pretrained_weights(name):
             raise WeightsError(f"--pretrained: {name} has no pretrained weights; leave --pretrained out (auto "

@@ -13,12 +13,27 @@ from . import muon
 from .config import TrainConfig
 
 
+def param_groups(cfg: TrainConfig, model: torch.nn.Module) -> list[dict]:
+    """No weight decay on biases and norm weights (1-d tensors), as timm and most recipes do; those train at
+    lr * bias_lr_scale. With --layer-decay, timm's `param_groups_layer_decay` also splits them by depth (its
+    `group_matcher`: stem, each block, head): layer i of n trains at lr * layer_decay^(n-1-i), so a fine-tune
+    moves the generic early filters least."""
+    if cfg.layer_decay is None:
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        return [{"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr * cfg.bias_lr_scale}]
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+    for group in groups:  # torch's optimisers ignore timm's lr_scale (timm's own schedulers apply it): set lr
+        biases = all(p.ndim <= 1 for p in group["params"])
+        group["lr"] = cfg.lr * group["lr_scale"] * (cfg.bias_lr_scale if biases else 1.0)
+    return groups
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    # no weight decay on biases and norm weights (1-d tensors), as timm and most recipes do
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr * cfg.bias_lr_scale}]
+    groups = param_groups(cfg, model)
     if cfg.optimizer == "muon":  # Muon for the conv filters, Nesterov SGD for the rest (muon.py)
         return muon.Muon(muon.param_groups(model, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum, lr=cfg.lr,
                                            bias_lr=cfg.lr * cfg.bias_lr_scale, momentum=cfg.momentum,
@@ -98,9 +113,11 @@ class EarlyStopping:
     best_epoch: int = 0
     bad_epochs: int = 0
 
-    def update(self, epoch: int, loss: float) -> bool:
-        """Record an epoch's validation loss; True when it is the best so far."""
-        if loss < self.best_loss:
+    def update(self, epoch: int, loss: float, keep_last: bool = False) -> bool:
+        """Record an epoch's validation loss; True when it is the best so far. `keep_last`: the epoch counts as
+        the best whatever its loss (a run without a validation split has nothing to select on: its weights are
+        the last epoch's, and it never stops early)."""
+        if loss < self.best_loss or keep_last:
             self.best_loss, self.best_epoch, self.bad_epochs = loss, epoch, 0
             return True
         self.bad_epochs += 1

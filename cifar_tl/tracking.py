@@ -55,9 +55,10 @@ def logs_epoch(mode: str, improved: bool) -> bool:
     return mode == "all" or (mode == "best" and improved)
 
 
-def log_epoch(accelerator: Accelerator, cfg: TrainConfig, model: torch.nn.Module, record: dict,
+def log_epoch(accelerator: Accelerator, cfg: TrainConfig, model: torch.nn.Module | dict, record: dict,
               improved: bool) -> None:
-    """After an epoch: its weights as a model artifact version, when `--wandb-log-model` asks for it."""
+    """After an epoch: its weights (the model, or a state dict such as the weight average) as a model artifact
+    version, when `--wandb-log-model` asks for it."""
     run = wandb_run(accelerator)
     if run is None or not logs_epoch(cfg.wandb_log_model, improved):
         return

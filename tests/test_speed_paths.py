@@ -58,6 +58,21 @@ def test_device_resident_batches_match_host_batches():
         assert all(b[k].is_cuda and torch.equal(a[k], b[k].cpu()) for k in a)
 
 
+def train_alike(eager, graphed, shapes, lr: float, tolerance: float) -> None:
+    """SGD steps on the same random batches (one per shape) for both models, then the same weights."""
+    dev = torch.device("cuda")
+    opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in (eager, graphed)]
+    for shape in shapes:
+        xb = torch.randn(*shape, device=dev).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (shape[0],), device=dev)
+        for model, opt in zip((eager, graphed), opts):
+            F.cross_entropy(model(xb), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tolerance, atol=tolerance, msg=name)
+
+
 @cuda
 @pytest.mark.parametrize("arch", ["baseline_cnn_bn_small", "efficientnet_b0"])
 def test_graphed_step_matches_eager(arch, monkeypatch):
@@ -77,19 +92,28 @@ def test_graphed_step_matches_eager(arch, monkeypatch):
     cuda_graphs.capture(graphed, torch.randn_like(x))
     assert all(torch.equal(before[k], v) for k, v in graphed.state_dict().items())  # weights, BN statistics
     assert all(p.grad is None for p in graphed.parameters())
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, graphed)]
-    for _ in range(3):  # real steps: the graph must follow the weights as they change
-        xb, y = torch.randn_like(x), torch.randint(0, 10, (8,), device=dev)
-        for model, opt in zip((eager, graphed), opts):
-            F.cross_entropy(model(xb), y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
-        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-3, msg=name)
+    # real steps: the graph must follow the weights as they change
+    train_alike(eager, graphed, [x.shape] * 3, lr=0.1, tolerance=1e-3)
     eager.load_state_dict(graphed.state_dict())  # same weights: the eval check compares the forwards alone
     eager.eval(), graphed.eval()
     x5 = torch.randn(5, 3, 32, 32, device=dev)  # eval mode runs the ordinary forward, any batch size
     torch.testing.assert_close(eager(x5), graphed(x5), rtol=1e-3, atol=1e-4)
+
+
+@cuda
+def test_one_graph_per_training_size_matches_eager(monkeypatch):
+    """Progressive resizing's graphs: Lite0 captured at two sizes trains like the eager model at each."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    eager = create_model("tf_efficientnet_lite0", num_classes=10, drop_rate=0.0).to(dev)
+    eager = eager.to(memory_format=torch.channels_last).train()
+    graphed = copy.deepcopy(eager)
+    shapes = [(8, 3, 64, 64), (8, 3, 96, 96)]
+    cuda_graphs.capture_shapes(graphed, [torch.randn(*s, device=dev).contiguous(
+        memory_format=torch.channels_last) for s in shapes])
+    # back to the first size, then one never captured (the eager forward)
+    train_alike(eager, graphed, [*shapes, shapes[0], (8, 3, 80, 80)], lr=0.05, tolerance=2e-3)
 
 
 @cuda
