@@ -87,6 +87,27 @@ def test_time_to_accuracy_runs_a_preset_as_a_user_would(easy10_parquet, tmp_path
     assert 0 <= run["test_top1"] <= 1 and run["val_top1_by"]["5min"] is not None
 
 
+def test_gpu_time_to_accuracy_rehearses_our_parts_on_a_cpu(easy10_parquet, tmp_path):
+    """bench/gpu_time_to_accuracy.py's own parts at its SMOKE sizes: the gpu_fast_cnn preset (one seed) and the
+    gpu_transfer preset (Lite0, 2 epochs, progressive 32 -> 48 px) through train.py, their timing and the summary.
+    The reference scripts (airbench94.py, timm's train.py) are not in CI: `SMOKE=1 bash
+    bench/gpu_time_to_accuracy.sh` rehearses them where bench/prepare_gpu_run.py has fetched them."""
+    out = tmp_path / "out"
+    run_script("gpu_time_to_accuracy.py", "--smoke", "--parts", "prepare", "fast_cnn", "transfer", "--seeds", "1",
+               "--dataset", str(easy10_parquet), "--work", str(tmp_path / "work"), "--out", str(out))
+    res = json.loads((out / "gpu_time_to_accuracy.json").read_text())
+    parts = res["parts"]
+    (cnn,) = parts["fast_cnn"]["runs"].values()
+    assert cnn["returncode"] == 0 and cnn["epochs_run"] == 1 and 0 <= cnn["tta_top1"] <= 1
+    assert cnn["timed_seconds"] == pytest.approx(cnn["train_seconds"] + cnn["tta_test_seconds"])
+    transfer = parts["transfer"]
+    assert transfer["epochs_run"] == 2 and transfer["image_size"] == 48 and len(transfer["curve"]) == 2
+    assert 0 < transfer["seconds_to_metrics"] <= transfer["wall_seconds"]
+    summary = res["summary"]
+    assert summary["fast_cnn"]["tta_top1_spread"]["n"] == 1 and summary["transfer"]["met"] is False
+    assert "== transfer (rc 0" in (out / "gpu_time_to_accuracy.log").read_text()
+
+
 def test_demo_latency_queries_the_app_over_http(tmp_path):
     """app.py as a fresh server process, queried the way the page's JavaScript and gradio_client do."""
     out = tmp_path / "demo.json"
