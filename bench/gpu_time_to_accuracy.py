@@ -194,11 +194,7 @@ def part_airbench94(ctx: Context) -> dict:
     reference_data(ctx)
     run = run_logged(ctx, "airbench94", [ctx.python(), str(script)], ctx.deadline("airbench94"),
                      cwd=ctx.work / "data" / "airbench")
-    finals = []
-    for _, line in run["lines"]:  # its table: | run | epoch | train_loss | train_acc | val_acc | tta_val_acc | time |
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and cells[1] == "eval":
-            finals.append({"tta_val_acc": float(cells[5]), "seconds": float(cells[6])})
+    finals = airbench_runs([line for _, line in run["lines"]])
     row = {"command": run["command"], "wall_seconds": run["wall_seconds"], "runs": finals,
            "note": "run 0 pays airbench94's warm-up (its warm-up run is commented out); the spread excludes it"}
     later = finals[1:] or finals
@@ -206,6 +202,17 @@ def part_airbench94(ctx: Context) -> dict:
         row["tta_val_acc"] = spread([f["tta_val_acc"] for f in later])
         row["seconds"] = spread([f["seconds"] for f in later])
     return row
+
+
+def airbench_runs(lines: list[str]) -> list[dict]:
+    """The finished runs in airbench94.py's printed table (| run | epoch | train_loss | train_acc | val_acc |
+    tta_val_acc | total_time_seconds |): each run's `eval` row."""
+    finals = []
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[1] == "eval":
+            finals.append({"tta_val_acc": float(cells[5]), "seconds": float(cells[6])})
+    return finals
 
 
 def lite0_weights() -> list[str]:

@@ -108,6 +108,20 @@ def test_gpu_time_to_accuracy_rehearses_our_parts_on_a_cpu(easy10_parquet, tmp_p
     assert "== transfer (rc 0" in (out / "gpu_time_to_accuracy.log").read_text()
 
 
+def test_airbench_table_is_read_run_by_run():
+    """airbench94.py's printed table (as its print_training_details writes it): one result per finished run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from gpu_time_to_accuracy import airbench_runs
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    table = """|  run     |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |
+|       0  |      0  |      0.5000  |     0.8000  |   0.9000  |               |              1.5000  |
+|          |   eval  |      0.5000  |     0.8000  |   0.9000  |       0.9401  |              3.8312  |
+|       1  |      0  |      0.5000  |     0.8000  |   0.9000  |               |              1.4000  |"""
+    assert airbench_runs(table.splitlines()) == [{"tta_val_acc": 0.9401, "seconds": 3.8312}]
+
+
 def test_demo_latency_queries_the_app_over_http(tmp_path):
     """app.py as a fresh server process, queried the way the page's JavaScript and gradio_client do."""
     out = tmp_path / "demo.json"
