@@ -27,6 +27,7 @@ from .inference import MAX_PIXELS, ImageError, Predictor, open_image
 from .loading import ModelLoadError, add_model_args, default_model, load_predictor
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples" / "cifar100"  # package data
+DELETE_CACHE = (300, 900)  # gradio's (sweep every N s, delete files older than M s)
 PREVIEW_SIDE = 128  # the thumbnail preview is upscaled with nearest neighbour so its pixels stay visible
 # gradio copies each returned preview into its own cache (swept by delete_cache) as the batch ends, so ours are
 # needed for seconds: files not written or reused for this long are deleted, checked at most once a minute
@@ -188,8 +189,9 @@ def build_demo(predictor: Predictor, *, examples_dir: Path = EXAMPLES_DIR, top_k
                serving: str | None = None) -> gr.Blocks:
     size = f"{predictor.data_size}×{predictor.data_size}"
     classify = make_classifier(predictor, top_k, max_pixels)
-    # delete_cache: a public demo must not keep every upload forever (hourly sweep of files over a day old)
-    with gr.Blocks(title="CIFAR-100 classifier", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+    # delete_cache: uploads are needed only while their request runs, so every 5 minutes files over 15 minutes
+    # old go (bench/demo_soak.py: ~0.7 GB of uploads per 1,000 requests; kept a day, a busy Space fills its disk)
+    with gr.Blocks(title="CIFAR-100 classifier", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# CIFAR-100 image classifier\n" + model_card(predictor)
                     + (f"  \n**Serving**: {serving}." if serving else ""), elem_id="model-card")
         with gr.Row():

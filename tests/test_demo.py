@@ -20,6 +20,7 @@ from test_predict import write_image_zoo
 
 from cifar_tl import demo as demo_module
 from cifar_tl.demo import (
+    DELETE_CACHE,
     EXAMPLES_DIR,
     MAX_SESSIONS,
     NO_IMAGE,
@@ -84,6 +85,13 @@ def test_model_card_and_confusion_highlights(cnn_model_dir, tmp_path):
     text = confusion_highlights(Predictor.from_dir(folder, "cpu"))
     assert "pear → apple: 50% (5 images)" in text and "apple → pear: 20%" in text
     assert "Hardest classes** (test accuracy): pear 50%" in text
+
+
+def test_uploads_do_not_outlive_their_use(cnn_model_dir):
+    """gradio deletes uploads and cached outputs 15 minutes after they were made, checked every 5 minutes: a day
+    of them (the old setting) fills a busy Space's disk (bench/demo_soak.py: ~0.7 GB per 1,000 requests)."""
+    demo = build_demo(Predictor.from_dir(cnn_model_dir, "cpu"))
+    assert demo.delete_cache == DELETE_CACHE and DELETE_CACHE[1] <= 15 * 60 and DELETE_CACHE[0] <= 5 * 60
 
 
 def test_cli_defaults_leave_host_and_port_to_gradio():
