@@ -31,7 +31,7 @@ from .config import ConfigError, TrainConfig, save_yaml
 from .data import DatasetBundle, load_bundle, make_loader, on_device
 from .ema import ModelEma
 from .evaluate import collect_logits, evaluate_split
-from .files import atomic_write_text, write_errors
+from .files import atomic_write_text, read_jsonl, write_errors
 from .lookahead import Lookahead
 from .metrics import confusion_matrix
 from .model_folder import folder_config, write_model_folder
@@ -338,20 +338,10 @@ def resume(run: Training) -> None:
                               f"{early.best_loss:.4f} at epoch {early.best_epoch})")
     elif run.cfg.resume:
         run.accelerator.print(f"--resume: no checkpoint in {run.checkpoints.root}; starting from scratch")
-    history = []
-    if run.history_path.is_file() and run.state.epoch > 0:  # the checkpoint's epochs (a fallback cuts later ones)
-        history = [h for h in map(json_or_none, run.history_path.read_text().splitlines())
-                   if h and h["epoch"] <= run.state.epoch]
+    # the checkpoint's epochs (a fallback cuts later ones)
+    history = [h for h in read_jsonl(run.history_path) if h["epoch"] <= run.state.epoch] if run.state.epoch else []
     if run.accelerator.is_main_process:
         atomic_write_text(run.history_path, "".join(json.dumps(h) + "\n" for h in history))
-
-
-def json_or_none(line: str) -> dict | None:
-    """A history.jsonl line, or None for a blank or torn one (a write cut short by a full disk)."""
-    try:
-        return json.loads(line) if line.strip() else None
-    except ValueError:
-        return None
 
 
 def capture_graphs(run: Training, batch_size: int, sizes: list[int]) -> None:

@@ -4,6 +4,7 @@ write that fails (disk full, no permission, quota, read-only) leaves what was th
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -82,6 +83,21 @@ def atomic_path(path: str | os.PathLike):
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file such as history.jsonl, skipping blank lines and a torn one (a write cut
+    short by a full disk); none when the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:

@@ -15,7 +15,6 @@ W&B, as the reference study's run recorded itself:
 `run.finish()` returns before an offline run's file is complete."""
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from .config import TrainConfig
+from .files import read_jsonl
 
 TABLE_IMAGES = 100  # test images in the end-of-run predictions table
 MAX_CONFUSION_CLASSES = 100  # W&B's confusion matrix holds one row per (true, predicted) pair
@@ -89,7 +89,7 @@ def log_end_of_run(accelerator: Accelerator, cfg: TrainConfig, out: Path, metric
     """The test metrics on every tracker, one step after the last epoch; with W&B also the media and, with
     `--wandb-log-model end`, the restored best weights. `test` is the test `Split`, `names` = (fine names,
     coarse names or None, fine_to_coarse or None), `logits` the test logits in the split's order."""
-    history = _history(out / "history.jsonl")
+    history = read_jsonl(out / "history.jsonl")
     step = max([h["epoch"] for h in history], default=0) + 1
     accelerator.log({f"test/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
     run = wandb_run(accelerator)
@@ -99,10 +99,6 @@ def log_end_of_run(accelerator: Accelerator, cfg: TrainConfig, out: Path, metric
         best = next((h for h in history if h["epoch"] == metrics.get("best_epoch")), history[-1])
         log_model_artifact(run, out / "model" / "model.safetensors", best, ["latest", "best"])
     run.log(_media(out, history, test, names, logits), step=step)
-
-
-def _history(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _media(out: Path, history: list[dict], test, names: tuple, logits: torch.Tensor) -> dict:
