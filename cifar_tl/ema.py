@@ -49,17 +49,16 @@ class ModelEma:
     def applied(self) -> Iterator[None]:
         """The averaged weights in the model, in place (so CUDA graphs and optimiser keep their tensors), for the
         duration of the block; the training weights afterwards."""
-        state = self.model.state_dict()
         with torch.no_grad():
-            saved = {k: state[k].detach().clone() for k in self.average}
-            for k, avg in self.average.items():
-                state[k].copy_(avg)
+            saved = [t.detach().clone() for t in self._live]
+            for live, avg in zip(self._live, self.average.values()):
+                live.copy_(avg)
         try:
             yield
         finally:
             with torch.no_grad():
-                for k, value in saved.items():
-                    state[k].copy_(value)
+                for live, value in zip(self._live, saved):
+                    live.copy_(value)
 
     def state_dict(self) -> dict:
         return {"updates": self.updates, "decay": self.decay, "average": self.average}
