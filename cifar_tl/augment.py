@@ -107,41 +107,48 @@ def alternating_flip_mask(images: torch.Tensor, epoch: int) -> torch.Tensor:
     return coin ^ (epoch % 2 == 1)
 
 
+def size_multiple(size: int) -> int:
+    """The step progressive resizing grows in: 8 px for CIFAR-sized inputs (our CNNs pool three times), 32 px for
+    ImageNet-sized ones (a stride-32 network then sees whole feature maps)."""
+    return 8 if size <= 64 else 32
+
+
+def progressive_size(fraction: float, start: int, end: int, multiple: int = 32) -> int:
+    """Progressive resizing (fast.ai's, EfficientNetV2's): the training side after `fraction` (0..1) of the
+    run, growing linearly from `start` to `end`, rounded to the nearest multiple of `multiple` (few distinct
+    sizes keep cuDNN's tuning and one CUDA graph per size cheap) and clamped to [start, end]. Small early
+    epochs cost a fraction of a full-size one; the last ones train at the size the model is tested at."""
+    if not 0 < start <= end:
+        raise ValueError(f"progressive resizing needs 0 < start <= end; got {start}, {end}")
+    if fraction >= 1.0:
+        return end
+    exact = start + (end - start) * max(0.0, fraction)
+    return min(end, max(start, multiple * round(exact / multiple)))
+
+
 def resize_schedule(epochs: int, start: int, end: int, multiple: int = 32) -> list[int]:
-    """Progressive resizing (fast.ai's, EfficientNetV2's): the training image side for each epoch, growing
-    linearly from `start` in the first epoch to `end` in the last, rounded to the nearest multiple of
-    `multiple` (a network of stride 32 then sees whole feature maps; few distinct sizes keep cuDNN's tuning and
-    one CUDA graph per size cheap) and clamped to [start, end]. Small early epochs cost a fraction of a
-    full-size one while the pretrained features adapt; the last epochs train at the size the model is tested at."""
-    if epochs < 1 or not 0 < start <= end:
-        raise ValueError(f"resize_schedule needs epochs >= 1 and 0 < start <= end; got {epochs}, {start}, {end}")
-    if epochs == 1:
-        return [end]
-    sizes = []
-    for i in range(epochs):
-        exact = start + (end - start) * i / (epochs - 1)
-        sizes.append(min(end, max(start, multiple * round(exact / multiple))))
-    sizes[-1] = end
-    return sizes
+    """`progressive_size` for each epoch of a fixed-length run: `start` in the first epoch, `end` in the last."""
+    if epochs < 1:
+        raise ValueError(f"resize_schedule needs epochs >= 1; got {epochs}")
+    return [progressive_size(i / max(1, epochs - 1) if epochs > 1 else 1.0, start, end, multiple)
+            for i in range(epochs)]
 
 
 class TrainTransform:
-    """uint8 batch -> augmented, resized, normalised float batch. With `alternating_flip` (crop only) or a
-    `size_schedule` (one training size per epoch, `resize_schedule`), call `set_epoch` at the start of each
-    epoch."""
+    """uint8 batch -> augmented, resized, normalised float batch. With `alternating_flip` (crop only) or
+    progressive resizing, call `set_epoch` at the start of each epoch (with the epoch's training size)."""
 
     def __init__(self, size: int, mean, std, *, augment: str = "basic", shift: float = 0.125,
                  zoom: float = 0.1, channels_last: bool = True, alternating_flip: bool = False,
-                 size_schedule: list[int] | None = None, cutout: int = 0):
+                 cutout: int = 0):
         self.size, self.mean, self.std = size, mean, std
         self.augment, self.shift, self.zoom, self.channels_last = augment, shift, zoom, channels_last
-        self.alternating_flip, self.epoch, self.size_schedule = alternating_flip, 1, size_schedule
-        self.cutout = cutout
+        self.alternating_flip, self.epoch, self.cutout = alternating_flip, 1, cutout
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, size: int | None = None) -> None:
         self.epoch = epoch
-        if self.size_schedule:  # epochs past the schedule's end (--resume --epochs N) stay at the last size
-            self.size = self.size_schedule[min(epoch, len(self.size_schedule)) - 1]
+        if size is not None:
+            self.size = size
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.augment in ("none", "crop"):

@@ -109,8 +109,12 @@ class TrainConfig:
     shift: float | None = field(default=None, metadata={"help": "max random translation, fraction of the image"})
     zoom: float = field(default=0.1, metadata={"help": "max random zoom in/out, fraction"})
     progressive_resize: int | None = field(default=None, metadata={"help": "train the first epochs at START px "
-                                           "and grow linearly to --image-size by the last one (multiples of 32; "
-                                           "validation and test at --image-size; one CUDA graph per size)"})
+                                           "and grow linearly to --image-size by the last one (multiples of 8 up "
+                                           "to 64 px, of 32 above; validation and test at --image-size; one CUDA "
+                                           "graph per size); with --time-limit-minutes the size follows the clock"})
+    resize_full_at: float = field(default=1.0, metadata={"help": "with --progressive-resize and "
+                                  "--time-limit-minutes: the share of the training time after which epochs start "
+                                  "at the full --image-size"})
     alternating_flip: bool = field(default=False, metadata={"help": "with --augment crop: each image is mirrored "
                                    "in every other epoch (a fixed random half in odd epochs, the rest in even ones) "
                                    "instead of at random (airbench's derandomised flip)"})
@@ -240,6 +244,8 @@ class TrainConfig:
             if self.image_size is None or not 8 <= self.progressive_resize <= self.image_size:
                 raise ConfigError(f"--progressive-resize {self.progressive_resize} needs --image-size and must be "
                                   f"between 8 and it; got --image-size {self.image_size}")
+            if not 0.0 < self.resize_full_at <= 1.0:
+                raise ConfigError(f"--resize-full-at must be in (0, 1]; got {self.resize_full_at}")
             if self.linear_probe:
                 raise ConfigError("--progressive-resize does not apply to --linear-probe (features are cached at "
                                   "one size)")

@@ -1,16 +1,19 @@
 """The pieces of the GPU time-to-accuracy recipes, each alone on the CPU: the weight average (EMA), layer-wise LR
 decay, progressive resizing's schedule, one CUDA graph per training size (its dispatch), airbench96's cutout and
 network, airbench-style timing; and the transfer pieces together through the engine, resumed."""
+from functools import partial
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from cifar_tl import cuda_graphs
-from cifar_tl.augment import TrainTransform, random_cutout, resize_schedule
+from cifar_tl.augment import TrainTransform, eval_transform, random_cutout, resize_schedule
 from cifar_tl.config import ConfigError, TrainConfig, parse_args
 from cifar_tl.ema import ModelEma
-from cifar_tl.engine import train
+from cifar_tl.engine import sizes_to_come, train, training_size
 from cifar_tl.models import create_model
-from cifar_tl.optim import EarlyStopping, build_optimizer, param_groups
+from cifar_tl.optim import Budget, EarlyStopping, build_optimizer, param_groups
 
 # ---------------------------------------------------------------------------------------------- EMA
 
@@ -105,12 +108,39 @@ def test_resize_schedule_grows_in_multiples_to_the_final_size():
         resize_schedule(5, 256, 224)
 
 
+def test_progressive_size_follows_the_epochs_or_the_time_budget():
+    """A fixed-length run grows with its epochs; under a time budget the size follows the clock (the epoch count
+    is unknown) and is full from --resize-full-at of the training time on, whatever the epoch cap."""
+    def run_at(args: list[str], elapsed_share: float = 0.0, epochs_done: int = 0):
+        cfg = parse_args(["--image-size", "32", "--progressive-resize", "16", *args])
+        budget = Budget(cfg.time_limit_minutes)
+        if budget.seconds:  # pretend that share of the training time has passed
+            budget.start -= elapsed_share * (budget.seconds - Budget.AFTER_TRAINING_SECONDS)
+        return SimpleNamespace(cfg=cfg, budget=budget, state=SimpleNamespace(epoch=epochs_done),
+                               eval_tf=partial(eval_transform, size=32, mean=(0.5,) * 3, std=(0.5,) * 3))
+
+    fixed = run_at(["--epochs", "5"])
+    assert [training_size(fixed, e) for e in range(1, 6)] == [16, 16, 24, 32, 32]  # 16 20 24 28 32, half to even
+    assert training_size(fixed, 7) == 32  # a resumed run past its schedule stays at full size
+    assert sizes_to_come(fixed) == [16, 24, 32] and sizes_to_come(run_at(["--epochs", "5"], 0, 4)) == [32]
+    budgeted = ["--epochs", "20", "--time-limit-minutes", "10", "--resize-full-at", "0.5"]
+    assert training_size(run_at(budgeted, 0.0), 1) == 16
+    assert training_size(run_at(budgeted, 0.2), 3) == 24  # 40 % of the way to full size: 22.4 -> 24
+    assert training_size(run_at(budgeted, 0.5), 4) == 32  # epoch 4 of 20, but half the time is gone
+    assert training_size(run_at(budgeted, 0.9), 6) == 32
+    assert training_size(run_at(["--epochs", "20", "--time-limit-minutes", "10"], 0.3), 3) == 24  # full at the end
+    assert training_size(run_at(["--epochs", "3"]), 2) == 24
+    assert training_size(SimpleNamespace(cfg=TrainConfig(), eval_tf=fixed.eval_tf), 1) == 32  # no resizing
+    with pytest.raises(ConfigError, match="--resize-full-at"):
+        parse_args(["--image-size", "32", "--progressive-resize", "16", "--resize-full-at", "0"])
+
+
 def test_train_transform_follows_the_size_schedule():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    tf = TrainTransform(64, (0.5,) * 3, (0.25,) * 3, augment="basic", size_schedule=[32, 48, 64])
+    tf = TrainTransform(64, (0.5,) * 3, (0.25,) * 3, augment="basic")
     sides = []
-    for epoch in (1, 2, 3, 4):  # past the schedule's end (a resumed run with more epochs): the last size
-        tf.set_epoch(epoch)
+    for epoch, size in zip((1, 2, 3, 4), (32, 48, 64, None), strict=True):  # None: keeps the last size
+        tf.set_epoch(epoch, size)
         sides.append(tf(images).shape[-1])
     assert sides == [32, 48, 64, 64]
     for bad in (["--progressive-resize", "16"], ["--image-size", "32", "--progressive-resize", "64"]):
