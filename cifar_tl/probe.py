@@ -242,7 +242,11 @@ def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoc
         if budget.expired():
             break
     x_val, y_val = (feats["val"], bundle.val.fine) if "val" in feats else (x_train, y_train)
+    t0 = time.time()
     val_logits = _logits(top, x_val, device, cfg.eval_batch_size)
+    # the test pass (the test features and, with --tta, their mirror) runs the same way: keep it in the budget
+    test_images = len(feats["test"]) + len(feats.get("test_flip", ()))
+    budget.test_seconds = max(budget.test_seconds, 1.1 * (time.time() - t0) / len(x_val) * test_images)
     val_loss = F.cross_entropy(val_logits, y_val).item()
     val_acc = (val_logits.argmax(-1) == y_val).float().mean().item()
     if cfg.probe_stages:
