@@ -126,14 +126,6 @@ def progressive_size(fraction: float, start: int, end: int, multiple: int = 32) 
     return min(end, max(start, multiple * round(exact / multiple)))
 
 
-def resize_schedule(epochs: int, start: int, end: int, multiple: int = 32) -> list[int]:
-    """`progressive_size` for each epoch of a fixed-length run: `start` in the first epoch, `end` in the last."""
-    if epochs < 1:
-        raise ValueError(f"resize_schedule needs epochs >= 1; got {epochs}")
-    return [progressive_size(i / max(1, epochs - 1) if epochs > 1 else 1.0, start, end, multiple)
-            for i in range(epochs)]
-
-
 class TrainTransform:
     """uint8 batch -> augmented, resized, normalised float batch. With `alternating_flip` (crop only) or
     progressive resizing, call `set_epoch` at the start of each epoch (with the epoch's training size)."""

@@ -272,9 +272,7 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bund
         t0 = time.time()
         val_loss, val_top1 = validate(run) if run.has_val else (stats.loss, stats.top1)
         if run.has_val:  # the final test pass will take about this long: keep it inside the time budget
-            # the slowest pass so far, plus a tenth for what the test pass adds (shifted TTA views, metrics):
-            # the last pass alone foretold 23-47 % too little on a 2-core AVX2 CPU, and runs overshot by 5-14 s
-            budget.test_seconds = max(budget.test_seconds, 1.1 * (time.time() - t0) / len(bundle.val) * test_views)
+            budget.foresee_test(time.time() - t0, len(bundle.val), test_views)
         end_of_epoch(run, epoch, stats, val_loss, val_top1)
         if run.state.stopped:
             accelerator.print(run.state.stopped)

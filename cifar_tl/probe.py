@@ -210,7 +210,8 @@ def run(cfg, accelerator, model, bundle, transform, out: Path, budget: Budget) -
                       f"(val acc {history[early.best_epoch - 1]['val_top1']:.4f}), {time.time() - t0:.1f}s")
     seconds = time.time() - t0
     summary = {"best_epoch": early.best_epoch, "epochs_run": len(history), "best_val_loss": early.best_loss,
-               "train_seconds": seconds, "train_images_per_second": len(history) * len(feats["train"]) / seconds,
+               "train_seconds": seconds,  # images seen: an epoch the budget cut short counts for what it ran
+               "train_images_per_second": sum(h.get("images", len(feats["train"])) for h in history) / seconds,
                "stopped": (f"time limit {cfg.time_limit_minutes} min" if budget.expired() else "linear probe"
                            if cfg.probe_stages == 0 else f"probe, last {cfg.probe_stages} stages")}
     return summary, _test_logits(top, feats, bundle, accelerator.device, cfg.eval_batch_size)
@@ -245,15 +246,14 @@ def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoc
     t0 = time.time()
     val_logits = _logits(top, x_val, device, cfg.eval_batch_size)
     # the test pass (the test features and, with --tta, their mirror) runs the same way: keep it in the budget
-    test_images = len(feats["test"]) + len(feats.get("test_flip", ()))
-    budget.test_seconds = max(budget.test_seconds, 1.1 * (time.time() - t0) / len(x_val) * test_images)
+    budget.foresee_test(time.time() - t0, len(x_val), len(feats["test"]) + len(feats.get("test_flip", ())))
     val_loss = F.cross_entropy(val_logits, y_val).item()
     val_acc = (val_logits.argmax(-1) == y_val).float().mean().item()
     if cfg.probe_stages:
         accelerator.print(f"probe epoch {epoch}: train loss {total_loss / seen:.4f} acc {correct / seen:.4f} | "
                           f"val loss {val_loss:.4f} acc {val_acc:.4f}")
     return {"epoch": epoch, "train_loss": total_loss / seen, "train_top1": correct / seen, "val_loss": val_loss,
-            "val_top1": val_acc, "lr": optimizer.param_groups[0]["lr"]}
+            "val_top1": val_acc, "lr": optimizer.param_groups[0]["lr"], "images": seen}
 
 
 def _save(path: Path, key: str, top, optimizer, scheduler, gen, state: dict) -> None:

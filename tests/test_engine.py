@@ -157,6 +157,8 @@ def test_probe_stages_train_the_last_stages_on_cached_maps(easy10_parquet, tmp_p
             "--val-fraction", "0.2", "--early-stopping-patience", "0"]
     first = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "a"), *args]))
     assert first["top1"] > 0.5 and "tta" in first and first["epochs_run"] == 8
+    seen = sum(json.loads(line)["images"] for line in (tmp_path / "a" / "history.jsonl").read_text().splitlines())
+    assert first["train_images_per_second"] == pytest.approx(seen / first["train_seconds"])
     assert list((cache_dir() / "onnx").glob("probe-*.onnx"))  # on CPU the frozen part ran in ONNX Runtime
     assert all(p.suffix == ".onnx" for p in (cache_dir() / "onnx").iterdir())  # self-contained, no leftovers
     trained = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))

@@ -193,3 +193,9 @@ def test_time_budget_counts_from_the_start_and_keeps_time_for_the_test(monkeypat
     now[0] = end + 1
     assert budget.expired() and budget.progress() == 1.0
     assert not optim.Budget(None).expired()
+    budget.foresee_test(2.0, 1000, 10_000)  # validation: 1,000 images in 2 s -> 10,000 test images, + 10 %
+    assert budget.test_seconds == pytest.approx(50.0)  # the slowest pass so far wins
+    budget.foresee_test(6.0, 1000, 10_000)
+    assert budget.test_seconds == pytest.approx(66.0)
+    budget.foresee_test(1.0, 1000, 10_000)  # a fast pass does not shrink it
+    assert budget.test_seconds == pytest.approx(66.0)

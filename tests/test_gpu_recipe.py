@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cifar_tl import cuda_graphs
-from cifar_tl.augment import TrainTransform, eval_transform, random_cutout, resize_schedule
+from cifar_tl.augment import TrainTransform, eval_transform, progressive_size, random_cutout
 from cifar_tl.config import ConfigError, TrainConfig, parse_args
 from cifar_tl.ema import ModelEma
 from cifar_tl.engine import sizes_to_come, train, training_size
@@ -93,19 +93,22 @@ def test_layer_decay_scales_lr_by_depth_with_timms_groups():
 # ---------------------------------------------------------------------------------------------- progressive resizing
 
 
-def test_resize_schedule_grows_in_multiples_to_the_final_size():
-    assert resize_schedule(8, 128, 224) == [128, 128, 160, 160, 192, 192, 224, 224]
-    assert resize_schedule(14, 128, 224) == [128] * 3 + [160] * 4 + [192] * 4 + [224] * 3
-    assert resize_schedule(1, 128, 224) == [224]
-    assert resize_schedule(3, 32, 64, multiple=16) == [32, 48, 64]
-    assert resize_schedule(4, 100, 130) == [100, 100, 128, 130]  # clamped to [start, end], ends at end
+def per_epoch(epochs: int, start: int, end: int, multiple: int = 32) -> list[int]:
+    return [progressive_size(i / (epochs - 1) if epochs > 1 else 1.0, start, end, multiple) for i in range(epochs)]
+
+
+def test_progressive_size_grows_in_multiples_to_the_final_size():
+    assert per_epoch(8, 128, 224) == [128, 128, 160, 160, 192, 192, 224, 224]
+    assert per_epoch(14, 128, 224) == [128] * 3 + [160] * 4 + [192] * 4 + [224] * 3
+    assert per_epoch(1, 128, 224) == [224]
+    assert per_epoch(3, 32, 64, multiple=16) == [32, 48, 64]
+    assert per_epoch(4, 100, 130) == [100, 100, 128, 130]  # clamped to [start, end], ends at end
+    assert progressive_size(-0.5, 16, 32, 8) == 16 and progressive_size(1.5, 16, 32, 8) == 32
     for epochs in range(2, 30):
-        sizes = resize_schedule(epochs, 96, 256)
+        sizes = per_epoch(epochs, 96, 256)
         assert sizes[0] == 96 and sizes[-1] == 256 and sizes == sorted(sizes) and len(sizes) == epochs
     with pytest.raises(ValueError):
-        resize_schedule(0, 128, 224)
-    with pytest.raises(ValueError):
-        resize_schedule(5, 256, 224)
+        progressive_size(0.5, 256, 224)
 
 
 def test_progressive_size_follows_the_epochs_or_the_time_budget():
