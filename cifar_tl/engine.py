@@ -346,23 +346,31 @@ def training_size(run: Training, epoch: int) -> int:
     """The epoch's training side. With progressive resizing it grows with the share of the run done when the
     epoch starts: of its epochs (the last epoch at full size) or, under a time budget, of the budget, the full
     size from --resize-full-at of it on, so the last epochs train at the tested size however many fit."""
-    cfg, final = run.cfg, run.eval_tf.keywords["size"]
-    if not cfg.progressive_resize:
-        return final
-    fraction = (epoch - 1) / (cfg.epochs - 1) if cfg.epochs > 1 else 1.0
+    if not run.cfg.progressive_resize:
+        return run.eval_tf.keywords["size"]
+    fraction = _epochs_share(run.cfg, epoch - 1)
     if run.budget.seconds:
-        fraction = max(fraction, run.budget.progress() / cfg.resize_full_at)
-    return progressive_size(fraction, cfg.progressive_resize, final, size_multiple(final))
+        fraction = max(fraction, run.budget.progress() / run.cfg.resize_full_at)
+    return _progressive_size(run, fraction)
 
 
 def sizes_to_come(run: Training) -> list[int]:
-    """The training sizes the rest of the run can use (one CUDA graph each)."""
-    cfg, final = run.cfg, run.eval_tf.keywords["size"]
-    if not cfg.progressive_resize:
+    """The training sizes the rest of the run can use (one CUDA graph each): from the next epoch's size up, every
+    step of the growth (sizes only grow, one multiple at a time) to the final size."""
+    final = run.eval_tf.keywords["size"]
+    if not run.cfg.progressive_resize:
         return [final]
-    done = run.state.epoch / (cfg.epochs - 1) if cfg.epochs > 1 else 1.0
-    steps = [done + (1 - done) * i / 64 for i in range(65)]  # sizes change in whole multiples: 64 samples see all
-    return sorted({progressive_size(f, cfg.progressive_resize, final, size_multiple(final)) for f in steps})
+    first, step = _progressive_size(run, _epochs_share(run.cfg, run.state.epoch)), size_multiple(final)
+    return sorted({first, final, *range(-(-first // step) * step, final, step)})
+
+
+def _epochs_share(cfg: TrainConfig, epochs_done: int) -> float:
+    return epochs_done / (cfg.epochs - 1) if cfg.epochs > 1 else 1.0
+
+
+def _progressive_size(run: Training, fraction: float) -> int:
+    final = run.eval_tf.keywords["size"]
+    return progressive_size(fraction, run.cfg.progressive_resize, final, size_multiple(final))
 
 
 def capture_graphs(run: Training, batch_size: int, sizes: list[int]) -> None:
