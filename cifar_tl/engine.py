@@ -47,8 +47,10 @@ class TrainingError(RuntimeError):
     """The run cannot go on (diverged, out of memory); the message says what to do."""
 
 
-def train(cfg: TrainConfig) -> dict:
-    started = time.time()  # --time-limit-minutes counts from here: data, model and feature extraction included
+def train(cfg: TrainConfig, started: float | None = None) -> dict:
+    # --time-limit-minutes counts from `started` (train.py: the process start), else from here: imports, data,
+    # model and feature extraction included
+    started = time.time() if started is None else started
     cfg.validate()  # resolves the model-aware defaults of a config built in code
     out = Path(cfg.output_dir)
     cfg.mixed_precision, cfg.origin["mixed_precision"] = choose_precision(
@@ -272,7 +274,7 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bund
         t0 = time.time()
         val_loss, val_top1 = validate(run) if run.has_val else (stats.loss, stats.top1)
         if run.has_val:  # the final test pass will take about this long: keep it inside the time budget
-            budget.foresee_test(time.time() - t0, len(bundle.val), test_views)
+            budget.foresee_final_passes(time.time() - t0, len(bundle.val), test_views)
         end_of_epoch(run, epoch, stats, val_loss, val_top1)
         if run.state.stopped:
             accelerator.print(run.state.stopped)

@@ -62,7 +62,7 @@ def evaluate_split(model, split: Split, bundle: DatasetBundle, transform, accele
         started = time.perf_counter()  # collect_logits copies each batch's logits to the host: no sync needed
         gathered = (precomputed or {}).get(flip) or collect_logits(model, loader, transform, accelerator,
                                                                    tta=int(tta) if flip else 0)
-        seconds = time.perf_counter() - started
+        seconds = gathered.get("seconds", time.perf_counter() - started)  # precomputed: the time it took then
         if not torch.equal(gathered["fine"].cpu(), split.fine.cpu()):  # every image exactly once, in order
             raise RuntimeError(f"gathered {len(gathered['fine'])} labels that differ from the split's {len(split)}")
         logits = gathered["logits"] if columns is None else gathered["logits"][:, columns]

@@ -31,6 +31,17 @@ def history(out):
     return [json.loads(line) for line in (Path(out) / "history.jsonl").read_text().splitlines()]
 
 
+def test_time_budget_counts_from_the_process_start(easy10_parquet, tmp_path):
+    """train.py hands its process start to the engine, so the imports before the run count against
+    --time-limit-minutes: a run whose process began a minute ago has no time left for a second epoch."""
+    from cifar_tl.cli import main
+
+    assert main(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path), *CNN, "--epochs", "3",
+                 "--time-limit-minutes", "0.5"], started=time.time() - 60) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 1 and metrics["stopped"] == "time limit 0.5 min"
+
+
 def test_outputs_and_model_folder(cifar100_parquet, tmp_path):
     metrics = run(cifar100_parquet, tmp_path, "--epochs", "2", "--val-fraction", "0.25", "--tta")
     for key in ("top1", "top5", "coarse_top1", "best_epoch", "epochs_run", "train_seconds",
@@ -159,6 +170,9 @@ def test_probe_stages_train_the_last_stages_on_cached_maps(easy10_parquet, tmp_p
     assert first["top1"] > 0.5 and "tta" in first and first["epochs_run"] == 8
     seen = sum(json.loads(line)["images"] for line in (tmp_path / "a" / "history.jsonl").read_text().splitlines())
     assert first["train_images_per_second"] == pytest.approx(seen / first["train_seconds"])
+    # the test pass over the cached features is timed (it was 0: the logits came precomputed); TTA = both views
+    assert 0 < first["test_seconds"] < first["tta_test_seconds"]
+    assert first["timed_seconds"] == pytest.approx(first["train_seconds"] + first["tta_test_seconds"])
     assert list((cache_dir() / "onnx").glob("probe-*.onnx"))  # on CPU the frozen part ran in ONNX Runtime
     assert all(p.suffix == ".onnx" for p in (cache_dir() / "onnx").iterdir())  # self-contained, no leftovers
     trained = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))

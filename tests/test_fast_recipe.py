@@ -186,16 +186,17 @@ def test_time_budget_counts_from_the_start_and_keeps_time_for_the_test(monkeypat
     monkeypatch.setattr(optim.time, "time", lambda: now[0])
     budget = optim.Budget(10, start=1000.0 - 60)  # the run started a minute ago (data, model, extraction)
     assert budget.progress() == pytest.approx(60 / (600 - budget.AFTER_TRAINING_SECONDS))
-    budget.test_seconds = 50.0  # validation measured: the test pass will take ~50 s
+    budget.final_passes_seconds = 50.0  # validation measured: the last validation and the test will take ~50 s
     end = 1000.0 - 60 + 600 - 50 - budget.AFTER_TRAINING_SECONDS
     now[0] = end - 1
     assert not budget.expired() and budget.progress() < 1
     now[0] = end + 1
     assert budget.expired() and budget.progress() == 1.0
     assert not optim.Budget(None).expired()
-    budget.foresee_test(2.0, 1000, 10_000)  # validation: 1,000 images in 2 s -> 10,000 test images, + 10 %
-    assert budget.test_seconds == pytest.approx(50.0)  # the slowest pass so far wins
-    budget.foresee_test(6.0, 1000, 10_000)
-    assert budget.test_seconds == pytest.approx(66.0)
-    budget.foresee_test(1.0, 1000, 10_000)  # a fast pass does not shrink it
-    assert budget.test_seconds == pytest.approx(66.0)
+    # validation: 1,000 images in 2 s -> one more validation + 10,000 test images, + 10 % = 24.2 s
+    budget.foresee_final_passes(2.0, 1000, 10_000)
+    assert budget.final_passes_seconds == pytest.approx(50.0)  # the slowest pass so far wins
+    budget.foresee_final_passes(6.0, 1000, 10_000)
+    assert budget.final_passes_seconds == pytest.approx(1.1 * (6.0 + 60.0))
+    budget.foresee_final_passes(1.0, 1000, 10_000)  # a fast pass does not shrink it
+    assert budget.final_passes_seconds == pytest.approx(72.6)

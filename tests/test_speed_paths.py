@@ -1,13 +1,15 @@
 """The training step's speed paths: device-resident data, cached normalisation constants, CUDA graphs, the CPU
-bf16 choice. The CUDA tests run wherever a GPU is (bench/gpu_suite.sh runs them on a lent one); the rest run
+bf16 choice, small-map depthwise convolutions as matrix products. The CUDA tests run wherever a GPU is (bench/gpu_suite.sh runs them on a lent one); the rest run
 everywhere."""
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import Conv2dSame
+from torch import nn
 
-from cifar_tl import cuda_graphs
+from cifar_tl import cuda_graphs, depthwise
 from cifar_tl.augment import TrainTransform, eval_transform
 from cifar_tl.config import parse_args
 from cifar_tl.data import Split, make_loader, on_device
@@ -161,3 +163,38 @@ def test_tracing_does_not_leave_its_tensors_in_the_constants_cache():
     assert augment._stats.cache_info().currsize == 0
     out = eval_transform(images, 8, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5))
     torch.testing.assert_close(out, (images.float() / 255 - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / 0.5)
+
+
+@pytest.mark.parametrize("conv, hw", [
+    (nn.Conv2d(12, 12, 5, padding=2, groups=12, bias=False), (4, 4)),   # Lite0's last stages: 5x5 on 4x4
+    (Conv2dSame(12, 12, 5, stride=2, groups=12, bias=False), (8, 8)),   # TF 'same' padding, strided: 8x8 -> 4x4
+    (nn.Conv2d(12, 12, 3, padding=1, stride=2, groups=12), (5, 7)),     # odd, non-square, with a bias
+])
+def test_depthwise_matmul_matches_the_convolution_forward_and_backward(conv, hw):
+    x = torch.randn(3, 12, *hw, requires_grad=True)
+    params = [x, *conv.parameters()]
+    expected = conv(x)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, params, grad)
+    fast = depthwise.DepthwiseMatmul(conv, hw)
+    got = fast(x)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+    for g, e in zip(torch.autograd.grad(got, params, grad), expected_grads):
+        assert torch.allclose(g, e, atol=1e-4)  # the kernel's gradient arrives in the conv's own parameter
+    assert torch.equal(fast(torch.ones(1, 12, 9, 9)), conv(torch.ones(1, 12, 9, 9)))  # another size: the conv
+
+
+def test_as_matmul_swaps_small_map_depthwise_convs_and_restores_them():
+    model = create_model("test_efficientnet", num_classes=10)
+    keys, sample = list(model.state_dict()), torch.randn(2, 3, 32, 32)
+    reference = model.eval()(sample)
+    model.train()
+    stats = model.bn1.running_mean.clone()
+    dws = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    with depthwise.as_matmul(model, sample, max_pixels=4) as swapped:  # its depthwise maps: 4x4, then 2x2
+        assert torch.equal(model.bn1.running_mean, stats) and model.training  # the sizing pass changed nothing
+        now = {n for n, m in model.named_modules() if isinstance(m, depthwise.DepthwiseMatmul)}
+        assert swapped == len(now) == 1 < len(dws)  # the larger map stays a convolution
+        assert list(model.state_dict()) == keys  # checkpoints and the optimiser see the same parameters
+        assert torch.allclose(model.eval()(sample), reference, atol=1e-5)
+    assert {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1} == dws
