@@ -76,6 +76,13 @@ def test_profile_step_splits_the_step_into_phases(easy10_parquet, tmp_path):
     assert row["top_ops"] and all(op["self_ms_per_step"] >= 0 for op in row["top_ops"])
 
 
+def test_cpu_step_times_micro_batches_and_depthwise_as_matmul(tmp_path):
+    res = run_bench("cpu_step.py", "--batch-sizes", "32", "16", "--images", "64", "--rounds", "1", out=tmp_path)
+    assert set(res["fast_cnn_32px_by_batch"]) == {"32", "16"} and all(v > 0 for v in res["fast_cnn_32px_by_batch"].values())
+    assert set(res["probe_top_lite0_2_stages"]) == {"convolution", "matmul"}
+    assert all(v > 0 for v in res["probe_top_lite0_2_stages"].values())
+
+
 def test_time_to_accuracy_runs_a_preset_as_a_user_would(easy10_parquet, tmp_path):
     out = tmp_path / "tta.json"
     run_script("time_to_accuracy.py", str(ROOT / "configs" / "cpu_fast_cnn.yaml"), "--dataset", str(easy10_parquet),
