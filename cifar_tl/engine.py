@@ -273,7 +273,7 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bund
         stats = train_one_epoch(run, epoch)
         t0 = time.time()
         val_loss, val_top1 = validate(run) if run.has_val else (stats.loss, stats.top1)
-        if run.has_val:  # the final test pass will take about this long: keep it inside the time budget
+        if run.has_val:  # the last validation and the test pass will take about this long: keep them in the budget
             budget.foresee_final_passes(time.time() - t0, len(bundle.val), test_views)
         end_of_epoch(run, epoch, stats, val_loss, val_top1)
         if run.state.stopped:
