@@ -4,8 +4,8 @@ On a CPU, PyTorch's depthwise-convolution backward is slow on the small maps an 
 Lite0's 5x5 depthwise convs on 4x4 maps (batch 128) took 126 ms per backward call on 2 AVX2 cores, half of the
 probe's training step. On an HxW map each output pixel of a channel is a fixed linear function of that
 channel's H*W inputs, so the convolution is one (Ho*Wo x H*W) matrix per channel, built from the kernel by an
-index table: a batched matmul, fast forward and backward (the probe's step: ~1.6x). Where H*W is large the
-matrices grow quadratically, so only maps of at most `max_pixels` pixels are converted."""
+index table: a batched matmul, fast forward and backward (the probe's step: 1.65x, bench/cpu_step.py). Where
+H*W is large the matrices grow quadratically, so only maps of at most `max_pixels` pixels are converted."""
 from __future__ import annotations
 
 from contextlib import contextmanager

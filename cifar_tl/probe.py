@@ -174,7 +174,7 @@ def run(cfg, accelerator, model, bundle, transform, out: Path, budget: Budget) -
     key = feature_key(cfg, bundle, transform.keywords["size"])
     feats = cached_features(cfg, accelerator, model, bundle, transform, key)
     on_cpu = accelerator.device.type == "cpu"
-    # on a CPU the top trains in NCHW with its small-map depthwise convs as matrix products (`depthwise`): 1.6x
+    # on a CPU the top trains in NCHW with its small-map depthwise convs as matrix products (`depthwise`): 1.65x
     top.to(accelerator.device, memory_format=torch.contiguous_format if on_cpu else torch.channels_last).float()
     with depthwise.as_matmul(top, _batch(feats["train"][:2], accelerator.device)) if on_cpu else nullcontext():
         summary = _fit(cfg, accelerator, top, feats, bundle, out, budget, key)
