@@ -269,6 +269,10 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bund
     `model` and returns the run summary."""
     run = setup(cfg, accelerator, model, bundle, eval_tf, out, budget)
     test_views = len(bundle.test) * (1 + (len(tta_views(torch.zeros(1, 3, 4, 4), cfg.tta_level)) if cfg.tta else 0))
+    if budget.seconds and run.has_val:  # foretell the final passes before epoch 1 as well: a budget shorter than
+        t0 = time.time()                # an epoch would otherwise go to it whole and the test pass run past it
+        validate(run)
+        budget.foresee_final_passes(time.time() - t0, len(bundle.val), test_views)
     for epoch in range(run.state.epoch + 1, cfg.epochs + 1):
         stats = train_one_epoch(run, epoch)
         t0 = time.time()
