@@ -270,15 +270,10 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bund
     run = setup(cfg, accelerator, model, bundle, eval_tf, out, budget)
     test_views = len(bundle.test) * (1 + (len(tta_views(torch.zeros(1, 3, 4, 4), cfg.tta_level)) if cfg.tta else 0))
     if budget.seconds and run.has_val:  # foretell the final passes before epoch 1 as well: a budget shorter than
-        t0 = time.time()                # an epoch would otherwise go to it whole and the test pass run past it
-        validate(run)
-        budget.foresee_final_passes(time.time() - t0, len(bundle.val), test_views)
+        validate(run, test_views)       # an epoch would otherwise go to it whole and the test pass run past it
     for epoch in range(run.state.epoch + 1, cfg.epochs + 1):
         stats = train_one_epoch(run, epoch)
-        t0 = time.time()
-        val_loss, val_top1 = validate(run) if run.has_val else (stats.loss, stats.top1)
-        if run.has_val:  # the last validation and the test pass will take about this long: keep them in the budget
-            budget.foresee_final_passes(time.time() - t0, len(bundle.val), test_views)
+        val_loss, val_top1 = validate(run, test_views) if run.has_val else (stats.loss, stats.top1)
         end_of_epoch(run, epoch, stats, val_loss, val_top1)
         if run.state.stopped:
             accelerator.print(run.state.stopped)
@@ -489,10 +484,13 @@ def check_finite(run: Training, value: float, where: str) -> None:
                             "1.0, or use --mixed-precision no")
 
 
-def validate(run: Training) -> tuple[float, float]:
-    """Validation loss and top-1 (of the weight average with --ema-decay)."""
+def validate(run: Training, test_views: int) -> tuple[float, float]:
+    """Validation loss and top-1 (of the weight average with --ema-decay). The pass's time foretells the last
+    validation and the test pass (`test_views` images) to the time budget, which keeps room for them."""
+    started = time.time()
     with run.ema.applied() if run.ema is not None else nullcontext():
         val = collect_logits(run.model, run.val_loader, run.eval_tf, run.accelerator)
+    run.budget.foresee_final_passes(time.time() - started, len(val["fine"]), test_views)
     loss = torch.nn.functional.cross_entropy(val["logits"], val["fine"]).item()
     return loss, (val["logits"].argmax(-1) == val["fine"]).float().mean().item()
 
