@@ -202,6 +202,8 @@ def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, 
     if cfg.resume and ckpt.is_file():
         _resume(ckpt, key, top, optimizer, scheduler, gen, state)
         accelerator.print(f"resumed the probe from {ckpt} (epoch {state['epoch']})")
+    if budget.seconds:  # foretell the final passes before epoch 1 too: a short budget would go to a whole epoch
+        _validate(top, feats, bundle, accelerator.device, cfg.eval_batch_size, budget)
     history = state["history"]
     t0 = time.time() - (history[-1]["elapsed_seconds"] if history else 0)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -255,11 +257,7 @@ def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoc
         seen += len(idx)
         if budget.expired():
             break
-    x_val, y_val = (feats["val"], bundle.val.fine) if "val" in feats else (x_train, y_train)
-    t0 = time.time()
-    val_logits = _logits(top, x_val, device, cfg.eval_batch_size)
-    # the test pass (the test features and, with --tta, their mirror) runs the same way: keep it in the budget
-    budget.foresee_final_passes(time.time() - t0, len(x_val), len(feats["test"]) + len(feats.get("test_flip", ())))
+    val_logits, y_val = _validate(top, feats, bundle, device, cfg.eval_batch_size, budget)
     val_loss = F.cross_entropy(val_logits, y_val).item()
     val_acc = (val_logits.argmax(-1) == y_val).float().mean().item()
     if cfg.probe_stages:
@@ -267,6 +265,17 @@ def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoc
                           f"val loss {val_loss:.4f} acc {val_acc:.4f}")
     return {"epoch": epoch, "train_loss": total_loss / seen, "train_top1": correct / seen, "val_loss": val_loss,
             "val_top1": val_acc, "lr": optimizer.param_groups[0]["lr"], "images": seen}
+
+
+def _validate(top, feats: dict, bundle, device, batch_size: int, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation logits and labels (the training split's when there is no validation split). The pass's time
+    foretells the last validation and the test pass (the test features and, with --tta, their mirror, which run
+    the same way) to the time budget, which keeps room for them."""
+    x_val, y_val = (feats["val"], bundle.val.fine) if "val" in feats else (feats["train"], bundle.train.fine)
+    started = time.time()
+    logits = _logits(top, x_val, device, batch_size)
+    budget.foresee_final_passes(time.time() - started, len(x_val), len(feats["test"]) + len(feats.get("test_flip", ())))
+    return logits, y_val
 
 
 def _save(path: Path, key: str, top, optimizer, scheduler, gen, state: dict) -> None:

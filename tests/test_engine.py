@@ -54,6 +54,11 @@ def test_time_budget_foresees_the_test_pass_before_the_first_epoch(easy10_parque
     assert metrics["epochs_run"] == 1 and metrics["stopped"] == "time limit 1.0 min"
     seen = metrics["train_images_per_second"] * metrics["train_seconds"]
     assert seen == pytest.approx(32)  # one step of 32 images, not the epoch's 128
+    probe = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "probe"), "--model",
+                              "test_efficientnet", "--no-pretrained", "--linear-probe", "--probe-stages", "1",
+                              "--image-size", "32", "--batch-size", "32", "--epochs", "3", "--val-fraction", "0.2",
+                              "--time-limit-minutes", "1"]))
+    assert probe["epochs_run"] == 1 and history(tmp_path / "probe")[0]["images"] == 32  # the probe alike
 
 
 def test_outputs_and_model_folder(cifar100_parquet, tmp_path):
