@@ -81,6 +81,12 @@ def test_cpu_step_times_micro_batches_and_depthwise_as_matmul(tmp_path):
     assert set(res["fast_cnn_32px_by_batch"]) == {"32", "16"} and all(v > 0 for v in res["fast_cnn_32px_by_batch"].values())
     assert set(res["probe_top_lite0_2_stages"]) == {"convolution", "matmul"}
     assert all(v > 0 for v in res["probe_top_lite0_2_stages"].values())
+    floor = res["floor"]
+    assert floor["matmul_peak_gflops"] > 0
+    gflop = {k: r["gflop_per_image"] for k, r in floor["fast_cnn"].items()}
+    # fast_cnn's convolutions at 32 px: ~0.07 GFLOP forward, x3 with the backward pass; fewer pixels, fewer FLOPs
+    assert 0.1 < gflop["32"] < 0.3 and gflop["32"] > gflop["24px_batch_32"] > gflop["16px_batch_32"]
+    assert all(r["gflops"] == pytest.approx(r["img_s"] * r["gflop_per_image"]) for r in floor["fast_cnn"].values())
 
 
 def test_time_to_accuracy_runs_a_preset_as_a_user_would(easy10_parquet, tmp_path):
