@@ -57,7 +57,7 @@ engine() {  # the same recipe with CUDA graphs on and off
 }
 export -f engine && export PY DATA
 
-part tests "${STEP_TIMEOUT:-80}" $PY -m pytest -q -p no:cacheprovider tests/test_speed_paths.py
+part tests "${STEP_TIMEOUT:-80}" $PY -m pytest -q -p no:cacheprovider -o addopts= tests/test_speed_paths.py
 part train "${STEP_TIMEOUT:-550}" $PY bench/train_throughput.py --device cuda --workers "$WORKERS" \
   --batch-sizes 32:256,64:256,128:256,224:128 --steps 20 --warmup 2 --repeats 2 ${TRAIN_ARGS:-}
 part engine "${STEP_TIMEOUT:-110}" bash -c engine

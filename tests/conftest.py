@@ -17,6 +17,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# pytest-xdist workers (`-n`) share the cores: each takes its share of threads (inherited by the processes the
+# tests start), since every worker running torch on all cores slows them all
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
 
