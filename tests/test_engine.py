@@ -193,6 +193,9 @@ def test_probe_stages_train_the_last_stages_on_cached_maps(easy10_parquet, tmp_p
     assert 0 < first["test_seconds"] < first["tta_test_seconds"]
     assert first["timed_seconds"] == pytest.approx(first["train_seconds"] + first["tta_test_seconds"])
     assert list((cache_dir() / "onnx").glob("probe-*.onnx"))  # on CPU the frozen part ran in ONNX Runtime
+    caches = [load_file(str(p)) for p in (cache_dir() / "features").glob("*.safetensors")]
+    maps = [c for c in caches if c["train"].ndim == 4]  # this test's cache (other tests may have pooled ones)
+    assert maps and all(set(c) == {"train", "val", "test", "test_flip"} for c in maps)  # no mirrored-train pass
     assert all(p.suffix == ".onnx" for p in (cache_dir() / "onnx").iterdir())  # self-contained, no leftovers
     trained = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
     frozen = [k for k in start if k.startswith(("conv_stem", "bn1", "blocks.")) and not k.startswith(last)]
@@ -204,6 +207,39 @@ def test_probe_stages_train_the_last_stages_on_cached_maps(easy10_parquet, tmp_p
     with pytest.raises(Exception, match="EfficientNet-family"):
         train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "c"), *CNN,
                           "--linear-probe", "--probe-stages", "1"]))
+
+
+def test_probe_epoch_mirrors_half_of_the_cached_maps():
+    """With --probe-stages the augmentation is a left-right mirror of the cached maps, per map at random."""
+    import types
+
+    from cifar_tl.optim import Budget
+
+    maps = torch.arange(64 * 2 * 4 * 4, dtype=torch.float32).view(64, 2, 4, 4)  # no map is its own mirror
+    seen = []
+
+    class Top(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2, 3))
+
+        def forward(self, x):
+            if self.training:
+                seen.append(x.clone())
+            return x.mean((2, 3)) @ self.w
+
+    cfg = types.SimpleNamespace(batch_size=16, eval_batch_size=32, epochs=1, probe_stages=1, label_smoothing=0.0)
+    top = Top()
+    opt = torch.optim.SGD(top.parameters(), lr=0.0)
+    bundle = types.SimpleNamespace(train=types.SimpleNamespace(fine=torch.zeros(64, dtype=torch.long)))
+    accelerator = types.SimpleNamespace(device=torch.device("cpu"), is_local_main_process=False, print=print)
+    probe._epoch(cfg, accelerator, top, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+                 {"train": maps, "test": maps}, bundle, torch.Generator().manual_seed(0), 1, Budget(None))
+    rows = torch.cat(seen)
+    plain = [any(torch.equal(r, m) for m in maps) for r in rows]
+    mirrored = [any(torch.equal(r, m.flip(-1)) for m in maps) for r in rows]
+    assert len(rows) == 64 and all(p != f for p, f in zip(plain, mirrored))  # each map once, as is or mirrored
+    assert 16 <= sum(mirrored) <= 48
 
 
 def test_probe_resumes_from_its_last_epoch(easy10_parquet, tmp_path):
