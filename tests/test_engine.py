@@ -194,8 +194,8 @@ def test_probe_stages_train_the_last_stages_on_cached_maps(easy10_parquet, tmp_p
     assert first["timed_seconds"] == pytest.approx(first["train_seconds"] + first["tta_test_seconds"])
     assert list((cache_dir() / "onnx").glob("probe-*.onnx"))  # on CPU the frozen part ran in ONNX Runtime
     caches = [load_file(str(p)) for p in (cache_dir() / "features").glob("*.safetensors")]
-    maps = [c for c in caches if c["train"].ndim == 4]  # this test's cache (other tests may have pooled ones)
-    assert maps and all(set(c) == {"train", "val", "test", "test_flip"} for c in maps)  # no mirrored-train pass
+    maps = [c for c in caches if c["train"].ndim == 4]  # maps, not pooled features (other tests cache those)
+    assert maps and not any("train_flip" in c for c in maps)  # training mirrors the maps: no second pass
     assert all(p.suffix == ".onnx" for p in (cache_dir() / "onnx").iterdir())  # self-contained, no leftovers
     trained = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
     frozen = [k for k in start if k.startswith(("conv_stem", "bn1", "blocks.")) and not k.startswith(last)]
