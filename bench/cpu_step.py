@@ -110,17 +110,17 @@ def main(argv=None) -> dict:
 
     fast_cnn = {str(b): floor(benchlib.median(v), cnn_gflop[32]) for b, v in batch.items()}
     fast_cnn.update({f"{px}px_batch_{b_small}": floor(benchlib.median(v), cnn_gflop[px]) for px, v in sizes.items()})
+    probe_top = {k: floor(benchlib.median(v), top_gflop) for k, v in dw.items()}
     result = {
         "machine": benchlib.machine(),
-        "fast_cnn_32px_by_batch": {str(b): benchlib.median(v) for b, v in batch.items()},
-        "probe_top_lite0_2_stages": {k: benchlib.median(v) for k, v in dw.items()},
-        "floor": {"matmul_peak_gflops": ceiling, "fast_cnn": fast_cnn,
-                  "probe_top": {k: floor(benchlib.median(v), top_gflop) for k, v in dw.items()}},
+        "fast_cnn_32px_by_batch": {str(b): fast_cnn[str(b)]["img_s"] for b in batch},
+        "probe_top_lite0_2_stages": {k: r["img_s"] for k, r in probe_top.items()},
+        "floor": {"matmul_peak_gflops": ceiling, "fast_cnn": fast_cnn, "probe_top": probe_top},
         "rounds": {"batch": {str(b): v for b, v in batch.items()}, "depthwise": dw,
                    "sizes": {str(px): v for px, v in sizes.items()}, "matmul_gflops": peak},
     }
     print(f"fp32 matrix product ({torch.get_num_threads()} threads): {ceiling:.0f} GFLOP/s")
-    for name, rows in (("fast_cnn", fast_cnn), ("probe top", result["floor"]["probe_top"])):
+    for name, rows in (("fast_cnn", fast_cnn), ("probe top", probe_top)):
         for k, r in rows.items():
             print(f"{name} {k:>16}: {r['img_s']:7.0f} img/s x {r['gflop_per_image']:.3f} GFLOP"
                   f" = {r['gflops']:5.0f} GFLOP/s ({r['share_of_matmul_peak']:.0%} of the matmul peak)")

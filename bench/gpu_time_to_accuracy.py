@@ -308,8 +308,8 @@ def part_tests(ctx: Context) -> dict:
     if not ctx.cuda:
         return {"skipped": "CUDA tests"}
     # -o addopts=: one process (the device's pytest has no pytest-xdist, which the project's addopts use)
-    cmd = [ctx.python(), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "tests/test_speed_paths.py", "-k",
-           "graphed_step or one_graph_per_training_size"]
+    cmd = [ctx.python(), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+           "tests/test_speed_paths.py", "-k", "graphed_step or one_graph_per_training_size"]
     run = run_logged(ctx, "tests", cmd, ctx.deadline("tests"))
     return {k: run[k] for k in ("command", "returncode", "wall_seconds", "timed_out")} | {
         "result": run["lines"][-1][1] if run["lines"] else None,
