@@ -175,6 +175,31 @@ def test_demo_soak_answers_every_kind_of_input_and_tracks_memory(cnn_model_dir, 
     assert res["server"]["alive_at_end"] and res["server"]["log_tracebacks"] == 0
 
 
+def test_airbench_on_cpu_edits_only_what_a_cpu_needs_and_reads_its_curve():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import airbench_on_cpu as abc
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    # a stand-in for airbench94_muon.py: every edited passage once, between lines that must stay as they are
+    source = "\n# kept\n".join(old for old, _ in abc.EDITS) + "\nprint('rest')\n"
+    out = abc.patched(source)
+    assert "cuda" not in out and ".half()" not in out and "compile" not in out and "fused" not in out
+    assert out.count("# kept") == len(abc.EDITS) - 1 and out.endswith("print('rest')\n")
+    with pytest.raises(SystemExit, match="occurs 0 times"):
+        abc.patched(source.replace("mod.half()", "mod.bfloat16()"))
+    with pytest.raises(SystemExit, match="occurs 2 times"):
+        abc.patched(source + abc.EDITS[0][0])
+    # airbench94_muon's print_training_details: | run | epoch | train_acc | val_acc | tta_val_acc | time_seconds |
+    table = """|  run     |  epoch  |  train_acc  |  val_acc  |  tta_val_acc  |  time_seconds  |
+|       0  |      0  |     0.5000  |   0.6000  |               |      300.0000  |
+|          |      1  |     0.7000  |   0.8000  |               |      600.0000  |
+|          |   eval  |             |           |       0.9100  |      700.0000  |"""
+    curve = abc.airbench_table(table.splitlines())
+    assert curve["test_top1"] == 0.8 and curve["tta_top1"] == 0.91 and curve["timed_seconds"] == 700.0
+    assert [e["epoch"] for e in curve["epochs"]] == [1, 2] and curve["epochs"][0]["test_top1"] == 0.6
+
+
 def test_tables_render_every_committed_result(capsys):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
