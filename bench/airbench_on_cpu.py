@@ -1,21 +1,20 @@
 """airbench94_muon's own file and our GPU CNN preset, the same computation on a CPU, on the same CIFAR-10:
 what `configs/gpu_fast_cnn.yaml` can reach on these images before a GPU is lent to time it.
 
-  python bench/airbench_on_cpu.py                  # both (~50 min each on 2 AVX2 cores), one after the other
+  python bench/airbench_on_cpu.py                  # both, one after the other (~52 + ~71 min on 2 AVX2 cores)
   python bench/airbench_on_cpu.py --parts airbench # airbench94_muon.py only
 
 `airbench`: KellerJordan/cifar10-airbench's airbench94_muon.py at the pinned commit (from the git mirror that the
 `fetch` tool makes, checked by sha256), with the few edits a CPU needs and nothing else (EDITS: the device, fp32
 instead of fp16, no torch.compile, a wall-clock timer instead of CUDA events, one seeded run instead of a
 warm-up and 200 runs), run in a folder holding its cifar10/{train,test}.pt written from our parquet.
-`ours`: `python train.py --config configs/gpu_fast_cnn.yaml --mixed-precision no` on the same parquet.
-Both print the test accuracy per epoch; the JSON (bench/results/airbench_on_cpu.json) keeps both curves.
+`ours`: `python train.py --config configs/gpu_fast_cnn.yaml --mixed-precision no` on the same parquet, run and
+read as bench/time_to_accuracy.py runs presets. The JSON (bench/results/airbench_on_cpu.json) keeps airbench's test
+accuracy per epoch and our training accuracy per epoch (the preset, as airbench, keeps no validation split).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 import prepare_gpu_run
+import time_to_accuracy
 
 REPO, COMMIT, PATH = "KellerJordan/cifar10-airbench", "f1c599c4af24aca803e3e65a6a7e52a502e09d0e", "airbench94_muon.py"
 SHA256 = "704e29251a5207d8aed8a35adf13f772ff386b90a712aaddc2a28854385b536e"
@@ -73,17 +73,6 @@ def patched(source: str) -> str:
     return source
 
 
-def airbench_source(mirror: Path) -> str:
-    git_dir = mirror / REPO.replace("/", "+") / "repo"
-    proc = subprocess.run(["git", f"--git-dir={git_dir}", "show", f"{COMMIT}:{PATH}"], capture_output=True,
-                          check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{REPO}@{COMMIT[:8]}:{PATH} not in {git_dir}: fetch github:{REPO} first, or pass --mirror")
-    if hashlib.sha256(proc.stdout).hexdigest() != SHA256:
-        raise SystemExit(f"{REPO}@{COMMIT[:8]}:{PATH}: sha256 differs from the pinned {SHA256[:12]}...")
-    return proc.stdout.decode()
-
-
 def airbench_table(lines: list[str]) -> dict:
     """airbench94_muon's printed table (| run | epoch | train_acc | val_acc | tta_val_acc | time_seconds |): the
     test accuracy after each epoch, and the final TTA row."""
@@ -104,7 +93,8 @@ def airbench_table(lines: list[str]) -> dict:
 
 def run_airbench(args: argparse.Namespace, work: Path) -> dict:
     script = work / "airbench94_muon_cpu.py"
-    script.write_text(patched(airbench_source(Path(args.mirror))))
+    source = prepare_gpu_run.reference_bytes(Path(args.mirror), REPO, COMMIT, PATH, SHA256).decode()
+    script.write_text(patched(source))
     if not (work / "cifar10" / "test.pt").is_file():
         prepare_gpu_run.airbench_tensors(Path(args.dataset), work, workers=1)
     cmd = [sys.executable, "-u", script.name]
@@ -118,26 +108,11 @@ def run_airbench(args: argparse.Namespace, work: Path) -> dict:
             **airbench_table(proc.stdout.splitlines())}
 
 
-def ours_run(folder: Path) -> dict:
-    """A finished train.py run folder: test top-1 (plain and TTA) and the per-epoch history."""
-    metrics = json.loads((folder / "metrics.json").read_text())
-    history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line.strip()]
-    return {"test_top1": metrics["top1"], "tta_top1": (metrics.get("tta") or {}).get("top1"),
-            "train_seconds": metrics["train_seconds"], "timed_seconds": metrics.get("timed_seconds"),
-            "epochs": [{"epoch": h["epoch"], "train_top1": h["train_top1"], "seconds": h["seconds"]}
-                       for h in history]}
-
-
 def run_ours(args: argparse.Namespace, work: Path) -> dict:
-    out = work / "ours"
-    cmd = [sys.executable, "train.py", "--config", "configs/gpu_fast_cnn.yaml", "--dataset", args.dataset,
-           "--mixed-precision", "no", "--seed", str(args.seed), "--output-dir", str(out)]
-    started = time.time()
-    proc = subprocess.run(cmd, cwd=benchlib.REPO, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"train.py failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return {"command": " ".join(["python", *cmd[1:]]), "wall_seconds": round(time.time() - started, 1),
-            **ours_run(out)}
+    """The preset through train.py, as bench/time_to_accuracy.py runs presets (its curve: the training split's
+    accuracy per epoch, since the preset keeps no validation split)."""
+    return time_to_accuracy.run_preset("configs/gpu_fast_cnn.yaml", args.dataset, work / "ours",
+                                       ["--mixed-precision", "no", "--seed", str(args.seed)])
 
 
 def main() -> None:

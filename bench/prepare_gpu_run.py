@@ -120,21 +120,26 @@ def download_wheels(dest: Path) -> list[Path]:
     return sorted(folder.glob("*.whl"))
 
 
+def reference_bytes(mirror: Path, repo: str, commit: str, path: str, digest: str, hint: str = "") -> bytes:
+    """One file of a public repository from its git mirror at the pinned commit, checked by sha256."""
+    git_dir = mirror / repo.replace("/", "+") / "repo"
+    proc = subprocess.run(["git", f"--git-dir={git_dir}", "show", f"{commit}:{path}"], capture_output=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{repo}@{commit[:8]}:{path} not in {git_dir} ({proc.stderr.decode()[:200].strip()}); "
+                         f"fetch github:{repo} first, or pass --mirror{hint}")
+    if hashlib.sha256(proc.stdout).hexdigest() != digest:
+        raise SystemExit(f"{repo}@{commit[:8]}:{path}: sha256 differs from the pinned {digest[:12]}...")
+    return proc.stdout
+
+
 def copy_references(mirror: Path, dest: Path) -> dict[str, str]:
     """Each reference file from its repository's git mirror at the pinned commit, checked by sha256."""
     folder = dest / "reference"
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, (repo, commit, path, digest) in REFERENCES.items():
-        git_dir = mirror / repo.replace("/", "+") / "repo"
-        proc = subprocess.run(["git", f"--git-dir={git_dir}", "show", f"{commit}:{path}"], capture_output=True,
-                              check=False)
-        if proc.returncode != 0:
-            raise SystemExit(f"{repo}@{commit[:8]}:{path} not in {git_dir} ({proc.stderr.decode()[:200].strip()}); "
-                             f"fetch github:{repo} first, or pass --mirror / --no-references")
-        if hashlib.sha256(proc.stdout).hexdigest() != digest:
-            raise SystemExit(f"{repo}@{commit[:8]}:{path}: sha256 differs from the pinned {digest[:12]}...")
-        (folder / name).write_bytes(proc.stdout)
+        (folder / name).write_bytes(reference_bytes(mirror, repo, commit, path, digest, " / --no-references"))
         written[name] = f"https://github.com/{repo}/blob/{commit}/{path}"
     return written
 
