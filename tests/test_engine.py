@@ -61,6 +61,25 @@ def test_time_budget_foresees_the_test_pass_before_the_first_epoch(easy10_parque
     assert probe["epochs_run"] == 1 and history(tmp_path / "probe")[0]["images"] == 32  # the probe alike
 
 
+def test_time_budget_keeps_room_for_the_test_pass_without_a_validation_split(easy10_parquet, tmp_path, monkeypatch):
+    """With --val-fraction 0 there is no validation pass to time, so the budget kept no room for the test pass and
+    a run ended past its limit by that pass: a pass over a few training images (4 eval batches) times it instead.
+    The epoch's figures still come from training."""
+    from cifar_tl.optim import Budget
+
+    timed = []
+    foresee = Budget.foresee_final_passes
+    monkeypatch.setattr(Budget, "foresee_final_passes",  # every pass foretells 55 s: more than the budget leaves
+                        lambda self, *args: (timed.append(args[1:]), foresee(self, *args),
+                                             setattr(self, "final_passes_seconds", 55.0)))
+    metrics = run(easy10_parquet, tmp_path, "--epochs", "3", "--val-fraction", "0", "--time-limit-minutes", "1")
+    assert metrics["epochs_run"] == 1 and metrics["stopped"] == "time limit 1.0 min"
+    assert metrics["train_images_per_second"] * metrics["train_seconds"] == pytest.approx(32)  # one step
+    assert timed and all(images == (4 * 64, metrics["n"]) for images in timed)  # 4 x --eval-batch-size, the test
+    (row,) = history(tmp_path)
+    assert (row["val_loss"], row["val_top1"]) == (row["train_loss"], row["train_top1"])
+
+
 def test_outputs_and_model_folder(cifar100_parquet, tmp_path):
     metrics = run(cifar100_parquet, tmp_path, "--epochs", "2", "--val-fraction", "0.25", "--tta")
     for key in ("top1", "top5", "coarse_top1", "best_epoch", "epochs_run", "train_seconds",
