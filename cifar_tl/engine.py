@@ -298,7 +298,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
     train_loader = make_loader(on_device(bundle.train, accelerator.device), cfg.batch_size, shuffle=True,
                                seed=cfg.seed, drop_last=len(bundle.train) > cfg.batch_size)
     # without a validation split a time budget times its passes on a few training images instead: it must still
-    # keep room for the test pass (which ran past a 10-minute budget by its ~40 s)
+    # keep room for the test pass, which otherwise started when the budget ran out
     val = bundle.val if len(bundle.val) or not budget.seconds else bundle.train.subset(
         torch.arange(min(len(bundle.train), 4 * cfg.eval_batch_size)))
     val_loader = make_loader(on_device(val, accelerator.device), cfg.eval_batch_size, shuffle=False)
