@@ -78,6 +78,14 @@ def test_time_budget_keeps_room_for_the_test_pass_without_a_validation_split(eas
     assert timed and all(images == (4 * 64, metrics["n"]) for images in timed)  # 4 x --eval-batch-size, the test
     (row,) = history(tmp_path)
     assert (row["val_loss"], row["val_top1"]) == (row["train_loss"], row["train_top1"])
+    timed.clear()  # the probe alike: 4 eval batches of training maps are timed, not the whole training split
+    probe = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "probe"), "--model",
+                              "test_efficientnet", "--no-pretrained", "--linear-probe", "--probe-stages", "1",
+                              "--image-size", "32", "--batch-size", "32", "--eval-batch-size", "16", "--epochs", "3",
+                              "--val-fraction", "0", "--time-limit-minutes", "1"]))
+    assert probe["epochs_run"] == 1 and timed and all(images == (4 * 16, probe["n"]) for images in timed)
+    (row,) = history(tmp_path / "probe")
+    assert row["images"] == 32 and (row["val_loss"], row["val_top1"]) == (row["train_loss"], row["train_top1"])
 
 
 def test_outputs_and_model_folder(cifar100_parquet, tmp_path):
