@@ -300,7 +300,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
     # without a validation split a time budget times its passes on a few training images instead: it must still
     # keep room for the test pass, which otherwise started when the budget ran out
     val = bundle.val if len(bundle.val) or not budget.seconds else bundle.train.subset(
-        torch.arange(min(len(bundle.train), 4 * cfg.eval_batch_size)))
+        torch.arange(min(len(bundle.train), Budget.TIMING_BATCHES * cfg.eval_batch_size)))
     val_loader = make_loader(on_device(val, accelerator.device), cfg.eval_batch_size, shuffle=False)
     optimizer = build_optimizer(cfg, model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)

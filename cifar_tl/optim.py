@@ -88,6 +88,7 @@ class Budget:
     (the LR schedule follows it)."""
 
     AFTER_TRAINING_SECONDS = 10.0  # report, plots and model folder
+    TIMING_BATCHES = 4  # without a validation split, this many eval batches of training data are timed instead
 
     def __init__(self, minutes: float | None, start: float | None = None):
         self.seconds = 60 * minutes if minutes else None

@@ -272,12 +272,13 @@ def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoc
 
 
 def _validate(top, feats: dict, bundle, device, batch_size: int, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validation logits and labels; with no validation split, those of a few training maps (4 batches), only to
-    time the pass (the whole training split, run each epoch before, took ~5 of cpu_fast_transfer's 15 minutes at
-    ~175 maps/s on a loaded 2-core CPU). The pass's time foretells the last validation and the test pass (the test features and, with --tta, their mirror,
-    which run the same way) to the time budget, which keeps room for them."""
-    x_val, y_val = ((feats["val"], bundle.val.fine) if "val" in feats
-                    else (feats["train"][:4 * batch_size], bundle.train.fine[:4 * batch_size]))
+    """Validation logits and labels; with no validation split, those of a few training maps
+    (`Budget.TIMING_BATCHES` batches), only to time the pass (the whole training split, run each epoch before,
+    took ~5 of cpu_fast_transfer's 15 minutes at ~175 maps/s on a loaded 2-core CPU). The pass's time foretells
+    the last validation and the test pass (the test features and, with --tta, their mirror, which run the same
+    way) to the time budget, which keeps room for them."""
+    n = Budget.TIMING_BATCHES * batch_size
+    x_val, y_val = ((feats["val"], bundle.val.fine) if "val" in feats else (feats["train"][:n], bundle.train.fine[:n]))
     started = time.time()
     logits = _logits(top, x_val, device, batch_size)
     budget.foresee_final_passes(time.time() - started, len(x_val), len(feats["test"]) + len(feats.get("test_flip", ())))
