@@ -42,6 +42,13 @@ RECIPES: dict[str, dict] = {
                 "batch_size": 64, "augment": "crop", "shift": 0.0625, "early_stopping_patience": 0},
 }
 
+# options of full training that the cached-feature probe (--linear-probe) does not use, with their "off" value
+PROBE_IGNORES: dict[str, object] = {
+    "mixup": 0.0, "cutmix": 0.0, "cutout": 0, "alternating_flip": False, "lookahead": False, "layer_decay": None,
+    "grad_accum_steps": 1, "max_grad_norm": None, "whiten_bias_epochs": 0.0, "unfreeze_after": 0, "bn_eval": False,
+    "tta_level": 1,
+}
+
 
 @dataclass
 class TrainConfig:
@@ -249,6 +256,13 @@ class TrainConfig:
             if self.linear_probe:
                 raise ConfigError("--progressive-resize does not apply to --linear-probe (features are cached at "
                                   "one size)")
+        if self.linear_probe:  # options the cached-feature probe has no use for: an error, not silently dropped
+            ignored = [f"--{_flag(name)}" for name, off in PROBE_IGNORES.items() if getattr(self, name) != off]
+            if ignored:
+                raise ConfigError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to "
+                                  "--linear-probe (it trains on cached features with AdamW, mirrored maps as its "
+                                  "only augmentation and flip TTA); drop "
+                                  + ("it" if len(ignored) == 1 else "them") + " or train without --linear-probe")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

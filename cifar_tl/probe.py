@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import depthwise
 from .config import ConfigError
 from .data import cache_dir, make_loader
+from .ema import ModelEma
 from .files import atomic_path, atomic_write_text
 from .optim import Budget, EarlyStopping, warmup_cosine
 
@@ -181,8 +182,9 @@ def run(cfg, accelerator, model, bundle, transform, out: Path, budget: Budget) -
 
 
 def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, key: str) -> dict:
-    """AdamW with warm-up + cosine over the cached features, from the last checkpoint with --resume, each epoch
-    checkpointed; the best weights restored; returns the run's summary."""
+    """AdamW with warm-up + cosine over the cached features (with --ema-decay, validated, kept and tested as
+    the weight average), from the last checkpoint with --resume, each epoch checkpointed; the best weights
+    restored; returns the run's summary."""
     top.train()
     for p in top.parameters():
         p.requires_grad_(True)
@@ -196,7 +198,8 @@ def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, 
         time_progress=budget.progress if budget.seconds else None))
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout masks must not depend on whether features came from the cache
-    state = {"epoch": 0, "early": EarlyStopping(cfg.early_stopping_patience), "best_state": None, "history": []}
+    state = {"epoch": 0, "early": EarlyStopping(cfg.early_stopping_patience), "best_state": None, "history": [],
+             "ema": ModelEma(top, cfg.ema_decay) if cfg.ema_decay else None}
     ckpt = out / "checkpoints" / "probe-last.pt"
     if cfg.resume and ckpt.is_file():
         _resume(ckpt, key, top, optimizer, scheduler, gen, state)
@@ -208,12 +211,13 @@ def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, 
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if state["early"].should_stop or (budget.expired() and history):
             break
-        record = _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoch, budget)
+        record = _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoch, budget, state["ema"])
         seconds = time.time() - t0
         history.append({**record, "seconds": seconds - (history[-1]["elapsed_seconds"] if history else 0),
                         "elapsed_seconds": seconds, "timestamp": time.time()})
         if state["early"].update(epoch, record["val_loss"], keep_last="val" not in feats):
-            state["best_state"] = {k: v.detach().clone().cpu() for k, v in top.state_dict().items()}
+            weights = state["ema"].averaged_state() if state["ema"] else top.state_dict()
+            state["best_state"] = {k: v.detach().clone().cpu() for k, v in weights.items()}
         state["epoch"] = epoch
         if accelerator.is_main_process:  # a crash loses at most the epoch in progress
             _save(ckpt, key, top, optimizer, scheduler, gen, state)
@@ -231,9 +235,10 @@ def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, 
     return summary
 
 
-def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoch: int, budget: Budget) -> dict:
+def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoch: int, budget: Budget,
+           ema: ModelEma | None = None) -> dict:
     """One epoch over the cached training features (with --probe-stages, each map or its mirror image, at random),
-    then validation; cut short when the time budget runs out."""
+    then validation (of the weight average with `ema`); cut short when the time budget runs out."""
     device = accelerator.device
     x_train, y_train = feats["train"], bundle.train.fine
     perm = torch.randperm(len(x_train), generator=gen)
@@ -254,11 +259,14 @@ def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoc
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update()
         total_loss += loss.item() * len(idx)
         seen += len(idx)
         if budget.expired():
             break
-    val_logits, y_val = _validate(top, feats, bundle, device, cfg.eval_batch_size, budget)
+    with ema.applied() if ema is not None else nullcontext():
+        val_logits, y_val = _validate(top, feats, bundle, device, cfg.eval_batch_size, budget)
     if "val" in feats:
         val_loss = F.cross_entropy(val_logits, y_val).item()
         val_acc = (val_logits.argmax(-1) == y_val).float().mean().item()
@@ -290,7 +298,8 @@ def _save(path: Path, key: str, top, optimizer, scheduler, gen, state: dict) -> 
         torch.save({"key": key, "top": top.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
                     "torch_rng": torch.get_rng_state(),
-                    "state": {**state, "early": state["early"].state_dict()}}, tmp)
+                    "state": {**state, "early": state["early"].state_dict(),
+                              "ema": state["ema"].state_dict() if state["ema"] else None}}, tmp)
 
 
 def _resume(path: Path, key: str, top, optimizer, scheduler, gen, state: dict) -> None:
@@ -298,13 +307,19 @@ def _resume(path: Path, key: str, top, optimizer, scheduler, gen, state: dict) -
     if saved["key"] != key:
         raise ConfigError(f"--resume: {path} was trained on other features (model, weights, size, stages or "
                           "data differ); use another --output-dir")
+    ema, saved_ema = state["ema"], saved["state"].get("ema")  # none in checkpoints before --ema-decay
+    if (ema is None) != (saved_ema is None):
+        raise ConfigError(f"--resume: {path} was trained {'without' if ema else 'with'} --ema-decay; resume with "
+                          f"the same setting or use another --output-dir")
     top.load_state_dict(saved["top"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     gen.set_state(saved["generator"])
     torch.set_rng_state(saved["torch_rng"])
-    state.update(saved["state"], early=state["early"])
+    state.update(saved["state"], early=state["early"], ema=ema)
     state["early"].load_state_dict(saved["state"]["early"])
+    if ema is not None:
+        ema.load_state_dict(saved_ema)
 
 
 def _test_logits(top, feats: dict, bundle, device, batch_size: int) -> dict[bool, dict]:

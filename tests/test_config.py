@@ -47,6 +47,9 @@ def test_reference_presets_reproduce_the_study():
     (["--push-to-hub"], "--hub-model-id"),
     (["--probe-stages", "2"], "--probe-stages 2 needs --linear-probe"),
     (["--bias-lr-scale", "0"], "--bias-lr-scale"),
+    (["--linear-probe", "--mixup", "0.2"], "^--mixup does not apply to --linear-probe"),
+    (["--linear-probe", "--probe-stages", "2", "--layer-decay", "0.8", "--tta-level", "2"],
+     "^--layer-decay, --tta-level do not apply to --linear-probe"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -284,6 +284,31 @@ def test_probe_resumes_from_its_last_epoch(easy10_parquet, tmp_path):
         train(parse_args([*args, "--epochs", "6", "--resume", "--image-size", "40"]))
 
 
+
+def test_probe_keeps_tests_and_exports_the_weight_average_with_ema_decay(easy10_parquet, tmp_path):
+    """--ema-decay in the cached partial fine-tune: an average updated after every step, validated, exported and
+    checkpointed (a --resume continues it); a resume that changes the setting is refused in one line."""
+    from cifar_tl.config import ConfigError
+
+    args = ["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path), "--model", "test_efficientnet",
+            "--no-pretrained", "--linear-probe", "--probe-stages", "1", "--image-size", "32", "--lr", "3e-3",
+            "--batch-size", "32", "--val-fraction", "0", "--ema-decay", "0.9"]  # no val split: the last epoch is kept
+    train(parse_args([*args, "--epochs", "2"]))
+    ckpt = torch.load(tmp_path / "checkpoints" / "probe-last.pt", weights_only=True)
+    ema = ckpt["state"]["ema"]
+    steps = -(-history(tmp_path)[0]["images"] // 32)  # optimiser steps per epoch
+    assert ema["updates"] == 2 * steps
+    exported = load_file(str(tmp_path / "model" / "model.safetensors"))
+    prefix = "model."  # the probe's top holds the whole model; the export is the model itself
+    trained = {k[len(prefix):]: v for k, v in ckpt["top"].items()}
+    last = [k for k in ema["average"] if ".conv_pw.weight" in k and k[len(prefix):] in exported]
+    assert last and all(torch.equal(exported[k[len(prefix):]], ema["average"][k]) for k in last)
+    assert any(not torch.equal(exported[k], trained[k]) for k in (k[len(prefix):] for k in last))  # not the raw weights
+    train(parse_args([*args, "--epochs", "3", "--resume"]))
+    assert torch.load(tmp_path / "checkpoints" / "probe-last.pt", weights_only=True)["state"]["ema"]["updates"] == 3 * steps
+    with pytest.raises(ConfigError, match="with --ema-decay"):
+        train(parse_args([*args[:-2], "--epochs", "4", "--resume"]))
+
 def test_onnx_feature_extraction_matches_pytorch():
     from functools import partial
 
