@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "report_to": ("none", "wandb", "tensorboard", "all"),
     "wandb_log_model": ("all", "best", "end", "none"),
+    "head_init": ("zero", "timm"),
 }
 
 
@@ -143,6 +144,10 @@ class TrainConfig:
                                              "evaluation (its time predicted from validation's) to end within it; "
                                              "a cosine or linear schedule anneals to the budget"})
     # transfer learning
+    head_init: str | None = field(default=None, metadata={"help": "the new classifier's initial weights: zero "
+                                  "(the default with pretrained weights or --weights: the pretrained features get "
+                                  "no random gradients while the head starts; BiT's init) or timm (the "
+                                  "architecture's own random init; the default from scratch)"})
     freeze_backbone: bool = field(default=False, metadata={"help": "train the classifier head only"})
     unfreeze_after: int = field(default=0, metadata={"help": "staged schedule: head only for N epochs, "
                                 "then the whole network"})
@@ -187,6 +192,11 @@ class TrainConfig:
             origin["pretrained"] = "auto: " + ("the model has ImageNet weights" if self.pretrained
                                                else "the model has no pretrained weights")
         recipe = "transfer" if self.pretrained or self.weights else "scratch"
+        if self.head_init is None:
+            self.head_init = "zero" if recipe == "transfer" else "timm"
+            origin["head_init"] = f"auto: {'pretrained weights' if recipe == 'transfer' else 'from scratch'}"
+        else:
+            origin["head_init"] = f"--head-init {self.head_init}"
         optimiser_set = sorted(explicit & set(OPTIMISER_OPTIONS))
         origin["recipe"] = (f"{recipe} defaults" if not optimiser_set else "your settings"
                             if len(optimiser_set) == len(OPTIMISER_OPTIONS) else

@@ -130,7 +130,8 @@ def timed_seconds(summary: dict, results: dict, tta: bool) -> dict[str, float]:
 def choice_summary(cfg: TrainConfig) -> dict[str, str]:
     """What the run resolved and who chose it: initial weights, optimiser recipe, precision."""
     weights = (f"file {cfg.weights}" if cfg.weights else "ImageNet" if cfg.pretrained else "from scratch")
-    return {"weights": f"{weights} ({cfg.origin['pretrained']})",
+    return {"weights": f"{weights} ({cfg.origin['pretrained']}), head init {cfg.head_init} "
+                       f"({cfg.origin['head_init']})",
             "recipe": f"{cfg.optimizer} lr {cfg.lr:g}, {cfg.scheduler} ({cfg.origin['recipe']})",
             "mixed_precision": f"{cfg.mixed_precision} ({cfg.origin['mixed_precision']})"}
 
@@ -178,7 +179,7 @@ def build_model(cfg: TrainConfig, bundle: DatasetBundle) -> tuple[torch.nn.Modul
     """The model with its input size and normalisation; fast_cnn's whitening stem is fitted to the data, and
     the parameters the run never trains are frozen (`freeze_untrained`)."""
     model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=bundle.num_classes,
-                         weights=cfg.weights, drop_rate=cfg.drop_rate)
+                         weights=cfg.weights, drop_rate=cfg.drop_rate, head_init=cfg.head_init)
     freeze_untrained(cfg, model)
     dcfg = data_config(model, cfg.image_size)
     size, mean, std = dcfg["image_size"], dcfg["mean"], dcfg["std"]
@@ -415,7 +416,7 @@ def train_one_epoch(run: Training, epoch: int) -> EpochStats:
     # running sums stay on the device: reading them every step would wait for the GPU
     loss_sum = torch.zeros((), device=accelerator.device)
     correct = torch.zeros((), device=accelerator.device)
-    seen = 0
+    seen, shown = 0, t0
     bar = tqdm(run.train_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
     try:
@@ -424,9 +425,11 @@ def train_one_epoch(run: Training, epoch: int) -> EpochStats:
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(-1) == y).sum()
             seen += len(y)
-            if step % 25 == 0:
+            if step % 25 == 0 or time.time() - shown > 1.0:  # a GPU sync: every 25 steps, sooner on slow steps
                 check_finite(run, loss.item(), f"at epoch {epoch}, step {step}")
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",  # the epoch's mean so far, as its summary
+                                lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+                shown = time.time()
             if run.budget.expired():
                 run.state.stopped = f"time limit {cfg.time_limit_minutes} min"
                 break

@@ -26,10 +26,12 @@ class WeightsError(RuntimeError):
 
 
 def create_model(name: str, pretrained: bool = False, num_classes: int = 100, weights: str | None = None,
-                 drop_rate: float = 0.2, **kwargs) -> nn.Module:
+                 drop_rate: float = 0.2, head_init: str = "timm", **kwargs) -> nn.Module:
     """Build `name` with a fresh `num_classes` head. With `pretrained`, weights come from, in order: `weights`
     (a file), timm (`pretrained=True`: the Hub, or with HF_HUB_OFFLINE=1 the local Hub cache), then an offline
-    package. Never silently random."""
+    package. Never silently random. `head_init="zero"` zeroes a head the weights did not provide (BiT's
+    fine-tuning init): a random head's large logits would send random gradients into the pretrained features
+    for the first steps (a 10-class timm head starts at ~5 nats of loss against ln 10 = 2.3)."""
     if not timm.is_model(name):
         raise WeightsError(f"--model {name}: unknown model; use baseline_cnn (the study's CNN), "
                            "baseline_cnn_bn[_small|_wide], fast_cnn[_wide|_96] or a timm name (see timm.list_models())")
@@ -37,10 +39,14 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 100, we
         if not has_pretrained_weights(name):
             raise WeightsError(f"--pretrained: {name} has no pretrained weights; leave --pretrained out (auto "
                                "trains it from scratch), pass --no-pretrained, or --weights FILE")
-        return _timm_pretrained(name, num_classes, drop_rate, **kwargs)
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
-    if weights:
-        load_weights(model, weights)
+        model, new_head = _timm_pretrained(name, num_classes, drop_rate, **kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+        new_head = load_weights(model, weights) if weights else True
+    if head_init == "zero" and new_head:
+        with torch.no_grad():
+            for p in model.get_classifier().parameters():
+                p.zero_()
     return model
 
 
@@ -71,13 +77,14 @@ def cpu_bf16_pays(name: str) -> bool:
                    for m in model.modules())
 
 
-def _timm_pretrained(name: str, num_classes: int, drop_rate: float, **kwargs) -> nn.Module:
+def _timm_pretrained(name: str, num_classes: int, drop_rate: float, **kwargs) -> tuple[nn.Module, bool]:
     """ImageNet weights from timm (the Hub, or with HF_HUB_OFFLINE=1 the local Hub cache), else an offline
-    package; the error names every source tried."""
+    package; the error names every source tried. Also returns whether the head is new (not the weights')."""
     tried = []
     if timm.models.is_model_pretrained(name):
         try:
-            return timm.create_model(name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+            return model, num_classes != model.pretrained_cfg.get("num_classes", 1000)  # timm keeps a same-size head
         except Exception as err:  # network, auth or missing-file errors all mean "try the offline sources"
             repo = timm.models.get_pretrained_cfg(name).hf_hub_id or name
             if isinstance(err, LocalEntryNotFoundError):
@@ -95,13 +102,14 @@ def _timm_pretrained(name: str, num_classes: int, drop_rate: float, **kwargs) ->
                            f"timm; timm.create_model('{name}', pretrained=True)\"), or --no-pretrained to train "
                            "from scratch.")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
-    _load_state(model, source(), f"offline package weights for {name}")
+    new_head = _load_state(model, source(), f"offline package weights for {name}")
     log.info("loaded ImageNet weights for %s from an offline package (%s)", name, "; ".join(tried) or "no Hub tag")
-    return model
+    return model, new_head
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a weights file into `model`; a classifier of another class count is re-initialised."""
+def load_weights(model: nn.Module, path: str | os.PathLike) -> bool:
+    """Load a weights file into `model`; a classifier of another class count (or none in the file) keeps its
+    fresh initialisation: returns whether it did."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"--weights {path}: file not found")
@@ -121,10 +129,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         raise WeightsError(f"--weights {path}: not a state dict")
     if any(k.startswith("_blocks.") for k in state):
         state = lite0_to_timm(state)
-    _load_state(model, state, f"--weights {path}")
+    return _load_state(model, state, f"--weights {path}")
 
 
-def _load_state(model: nn.Module, state: dict, where: str) -> None:
+def _load_state(model: nn.Module, state: dict, where: str) -> bool:
+    """Load `state` into `model` (a head of another size dropped); returns whether the head is not the state's."""
     own = model.state_dict()
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     head_keys = {n for n, p in model.named_parameters() if head is not None
@@ -139,6 +148,7 @@ def _load_state(model: nn.Module, state: dict, where: str) -> None:
                            f"unexpected {result.unexpected_keys[:5]}")
     if dropped:
         log.info("%s: classifier re-initialised for %d classes", where, own[dropped[0]].shape[0])
+    return bool(dropped) or any(k in head_keys for k in result.missing_keys)
 
 
 # --------------------------------------------------------------------------------------------- offline weights

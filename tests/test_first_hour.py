@@ -42,6 +42,9 @@ def test_pretrained_is_auto_and_picks_the_recipe():
     with pytest.raises(WeightsError, match="--pretrained: baseline_cnn has no pretrained weights"):
         create_model("baseline_cnn", pretrained=True)  # asked for explicitly: still an error
     assert parse_args(["--model", "baseline_cnn", "--weights", "w.safetensors"]).optimizer == "adam"  # fine-tune
+    # a new head starts at zero when there are weights to fine-tune, at the architecture's init from scratch
+    assert (b0.head_init, cnn.head_init) == ("zero", "timm") and b0.origin["head_init"].startswith("auto")
+    assert parse_args(["--model", "test_efficientnet", "--head-init", "timm"]).head_init == "timm"
 
 
 def test_help_says_which_defaults_depend_on_the_model():

