@@ -256,8 +256,8 @@ def timm_command(ctx: Context, out_dir: Path) -> list[str]:
     model?"), and name `--amp`, `--channels-last`, `-j` and `--pin-mem` for speed (hfdocs/source/
     training_script.mdx, train.py's help). Everything else is our preset's recipe in timm's own flags (its own
     progressive resizing, `--train-img-sizes ... --train-size-schedule progressive`; layer decay; EMA with
-    warm-up; our zero-initialised head as `--head-init-scale 0`), with the crop and colour settings that fit whole, upscaled CIFAR images: the ratio then compares
-    the pipelines, not two recipes."""
+    warm-up; our zero-initialised head as `--head-init-scale 0`), with the crop and colour settings that fit
+    whole, upscaled CIFAR images: the ratio then compares the pipelines, not two recipes."""
     sizes, epochs, batch = (["32", "48"], "2", "50") if ctx.smoke else (["128", "160", "192", "224"], "14", "256")
     weights = BUILD / "weights" / prepare_gpu_run.LITE0_FILE
     cmd = [ctx.python(), str(BUILD / "reference" / "timm_train.py"), "--data-dir",
@@ -267,8 +267,8 @@ def timm_command(ctx: Context, out_dir: Path) -> list[str]:
            "-b", batch, "-vb", "500", "--epochs", epochs, "--opt", "sgd", "--momentum", "0.9", "--lr", "0.05",
            "--weight-decay", "5e-5", "--layer-decay", "0.8", "--sched", "cosine", "--warmup-epochs", "1",
            "--smoothing", "0.1", "--mixup", "0.1", "--drop", "0.2", "--model-ema", "--model-ema-decay", "0.998",
-           "--model-ema-warmup", "--head-init-scale", "0", "--crop-pct", "1.0", "--scale", "0.64", "1.0", "--ratio", "0.9", "1.1",
-           "--color-jitter", "0", "--train-interpolation", "bilinear", "--interpolation", "bilinear",
+           "--model-ema-warmup", "--head-init-scale", "0", "--crop-pct", "1.0", "--scale", "0.64", "1.0",
+           "--ratio", "0.9", "1.1", "--color-jitter", "0", "--train-interpolation", "bilinear", "--interpolation", "bilinear",
            "--sched-on-updates", "--channels-last", "--output", str(out_dir), "--experiment", "timm",
            "--checkpoint-hist", "1",
            "--log-interval", "50", "--seed", "42"]

@@ -47,7 +47,7 @@ RECIPES: dict[str, dict] = {
 PROBE_IGNORES: dict[str, object] = {
     "mixup": 0.0, "cutmix": 0.0, "cutout": 0, "alternating_flip": False, "lookahead": False, "layer_decay": None,
     "grad_accum_steps": 1, "max_grad_norm": None, "whiten_bias_epochs": 0.0, "unfreeze_after": 0, "bn_eval": False,
-    "tta_level": 1,
+    "tta_level": 1, "progressive_resize": None,  # features are cached at one size
 }
 
 
@@ -263,9 +263,6 @@ class TrainConfig:
                                   f"between 8 and it; got --image-size {self.image_size}")
             if not 0.0 < self.resize_full_at <= 1.0:
                 raise ConfigError(f"--resize-full-at must be in (0, 1]; got {self.resize_full_at}")
-            if self.linear_probe:
-                raise ConfigError("--progressive-resize does not apply to --linear-probe (features are cached at "
-                                  "one size)")
         if self.linear_probe:  # options the cached-feature probe has no use for: an error, not silently dropped
             ignored = [f"--{_flag(name)}" for name, off in PROBE_IGNORES.items() if getattr(self, name) != off]
             if ignored:

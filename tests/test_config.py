@@ -50,6 +50,8 @@ def test_reference_presets_reproduce_the_study():
     (["--linear-probe", "--mixup", "0.2"], "^--mixup does not apply to --linear-probe"),
     (["--linear-probe", "--probe-stages", "2", "--layer-decay", "0.8", "--tta-level", "2"],
      "^--layer-decay, --tta-level do not apply to --linear-probe"),
+    (["--linear-probe", "--image-size", "32", "--progressive-resize", "16"],
+     "^--progressive-resize does not apply to --linear-probe"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):

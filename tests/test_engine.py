@@ -284,7 +284,6 @@ def test_probe_resumes_from_its_last_epoch(easy10_parquet, tmp_path):
         train(parse_args([*args, "--epochs", "6", "--resume", "--image-size", "40"]))
 
 
-
 def test_probe_keeps_tests_and_exports_the_weight_average_with_ema_decay(easy10_parquet, tmp_path):
     """--ema-decay in the cached partial fine-tune: an average updated after every step, validated, exported and
     checkpointed (a --resume continues it); a resume that changes the setting is refused in one line."""
@@ -309,6 +308,7 @@ def test_probe_keeps_tests_and_exports_the_weight_average_with_ema_decay(easy10_
     assert resumed["state"]["ema"]["updates"] == 3 * steps  # the average went on from where it was
     with pytest.raises(ConfigError, match="with --ema-decay"):
         train(parse_args([*args[:-2], "--epochs", "4", "--resume"]))
+
 
 def test_onnx_feature_extraction_matches_pytorch():
     from functools import partial

@@ -76,7 +76,6 @@ def test_weights_file_roundtrip_and_head_reinit(tmp_path):
                        src.features[0].weight)
 
 
-
 def test_zero_head_init_zeroes_only_a_head_the_weights_did_not_provide(tmp_path):
     """--head-init zero (the default for fine-tuning): a new head starts at zero, so the first steps send no
     random gradients into the pretrained features; a head the weights provide is kept."""
@@ -96,6 +95,7 @@ def test_zero_head_init_zeroes_only_a_head_the_weights_did_not_provide(tmp_path)
     assert not lite0.get_classifier().weight.any() and lite0.conv_stem.weight.any()
     imagenet = create_model("tf_efficientnet_lite0", pretrained=True, num_classes=1000, head_init="zero")
     assert imagenet.get_classifier().weight.any()  # ImageNet's own classifier: not new, not zeroed
+
 
 def test_bad_weights_files(tmp_path):
     m = create_model("baseline_cnn", num_classes=10)
