@@ -77,6 +77,9 @@ class TrainConfig:
     weights: str | None = field(default=None, metadata={"help": "initial weights file (.safetensors or .pth)"})
     image_size: int | None = field(default=None, metadata={"help": "model input size (default: the model's own)"})
     drop_rate: float = 0.2
+    drop_path_rate: float = field(default=0.0, metadata={"help": "stochastic depth for timm models: each residual "
+                                  "block is skipped at random in training, at a rate growing with depth up to "
+                                  "RATE (timm's drop_path_rate; 0.1-0.2 is usual for fine-tuning); 0 = off"})
     # optimisation (None: a model-aware default, see RECIPES)
     batch_size: int | None = None
     eval_batch_size: int = 256
@@ -228,6 +231,13 @@ class TrainConfig:
         for name in ("image_size", "store_size"):
             if getattr(self, name) is not None and getattr(self, name) < 8:
                 raise ConfigError(f"--{_flag(name)} must be >= 8 pixels; got {getattr(self, name)}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"--drop-path-rate must be in [0, 1); got {self.drop_path_rate}")
+        from .architectures import is_own  # timm's registry, as in resolve()
+
+        if self.drop_path_rate and is_own(self.model):
+            raise ConfigError(f"--drop-path-rate: {self.model} has no residual blocks to drop (stochastic depth "
+                              "is for timm models such as the EfficientNets); leave it at 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing must be in [0, 1); got {self.label_smoothing}")
         if self.tta_level not in (1, 2):

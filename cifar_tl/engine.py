@@ -178,8 +178,14 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator) -> DatasetBundle:
 def build_model(cfg: TrainConfig, bundle: DatasetBundle) -> tuple[torch.nn.Module, tuple[int, tuple, tuple]]:
     """The model with its input size and normalisation; fast_cnn's whitening stem is fitted to the data, and
     the parameters the run never trains are frozen (`freeze_untrained`)."""
-    model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=bundle.num_classes,
-                         weights=cfg.weights, drop_rate=cfg.drop_rate, head_init=cfg.head_init)
+    try:
+        model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=bundle.num_classes,
+                             weights=cfg.weights, drop_rate=cfg.drop_rate, head_init=cfg.head_init,
+                             **({"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}))
+    except TypeError as err:  # a timm architecture without stochastic depth rejects the keyword
+        if "drop_path_rate" not in str(err):
+            raise
+        raise ConfigError(f"--drop-path-rate: {cfg.model} has no stochastic depth; leave it at 0") from None
     freeze_untrained(cfg, model)
     dcfg = data_config(model, cfg.image_size)
     size, mean, std = dcfg["image_size"], dcfg["mean"], dcfg["std"]

@@ -50,6 +50,8 @@ def test_reference_presets_reproduce_the_study():
     (["--linear-probe", "--mixup", "0.2"], "^--mixup does not apply to --linear-probe"),
     (["--linear-probe", "--probe-stages", "2", "--layer-decay", "0.8", "--tta-level", "2"],
      "^--layer-decay, --tta-level do not apply to --linear-probe"),
+    (["--drop-path-rate", "1"], "--drop-path-rate must be in"),
+    (["--model", "fast_cnn", "--drop-path-rate", "0.1"], "--drop-path-rate: fast_cnn has no residual blocks"),
     (["--linear-probe", "--image-size", "32", "--progressive-resize", "16"],
      "^--progressive-resize does not apply to --linear-probe"),
 ])

@@ -189,6 +189,31 @@ def test_staged_unfreezing(easy10_parquet, tmp_path):
     assert metrics["epochs_run"] == 2
 
 
+def test_drop_path_rate_reaches_the_residual_blocks():
+    """--drop-path-rate: stochastic depth in training (rates growing with depth), none in evaluation; a timm
+    model without it gets a one-line error."""
+    from types import SimpleNamespace
+
+    from timm.layers import DropPath
+
+    from cifar_tl.config import ConfigError
+    from cifar_tl.engine import build_model
+
+    argv = ["--model", "test_efficientnet", "--no-pretrained", "--image-size", "32", "--drop-path-rate", "0.2"]
+    model, _ = build_model(parse_args(argv), SimpleNamespace(num_classes=10))
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    assert rates == sorted(rates) and 0 < rates[0] < rates[-1] <= 0.2
+    x = torch.randn(8, 3, 32, 32)
+    torch.manual_seed(0)
+    model.train()
+    assert not torch.allclose(model(x), model(x))  # blocks skipped at random
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    with pytest.raises(ConfigError, match="--drop-path-rate: vgg11 has no stochastic depth"):
+        build_model(parse_args(["--model", "vgg11", "--no-pretrained", "--drop-path-rate", "0.1"]),
+                    SimpleNamespace(num_classes=10))
+
+
 def test_linear_probe_caches_features(easy10_parquet, tmp_path, monkeypatch):
     args = ["--model", "test_efficientnet", "--no-pretrained", "--linear-probe", "--image-size", "32",
             "--epochs", "30", "--lr", "1e-2", "--batch-size", "64"]
