@@ -19,7 +19,7 @@ from .inference import MAX_PIXELS, Predictor
 from .integrity import DamagedFileError
 
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
 MODEL_ENV = "CIFAR_TL_MODEL"
 
 
@@ -62,6 +62,7 @@ def load_predictor(source: str | Path, backend: str = "torch", device: str | tor
     defaults to CUDA when present; `threads` caps the CPU threads of either runtime)."""
     if backend not in BACKENDS:
         raise ModelLoadError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+    backend = resolve_backend(backend, device)
     if threads:
         torch.set_num_threads(threads)
     onnx_file = str(source).endswith(".onnx")
@@ -81,6 +82,15 @@ def load_predictor(source: str | Path, backend: str = "torch", device: str | tor
         raise ModelLoadError(f"--model {source}: {err}") from None
     except Exception as err:  # missing files, bad configs, weights that do not fit: one clear line
         raise ModelLoadError(f"--model {source}: cannot be loaded ({type(err).__name__}: {err})") from None
+
+
+def resolve_backend(backend: str, device: str | torch.device | None = None) -> str:
+    """"auto" -> onnx on a CPU, where ONNX Runtime is the fastest backend measured (2-8x eager PyTorch for the
+    EfficientNets: BENCHMARKS.md "Inference"), torch on a GPU; other choices unchanged."""
+    if backend != "auto":
+        return backend
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return "onnx" if device.type == "cpu" else "torch"
 
 
 def default_model(runs: str | Path = "runs") -> tuple[str | None, str]:
@@ -103,7 +113,8 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     parser.add_argument("--model", required=required, help="model folder, Hugging Face Hub id or exported .onnx file"
                         + ("" if required else f" (default: ${MODEL_ENV}, else the newest finished run under runs/)"))
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
-                        help="torch, or onnx (exported once to the cache, then run on onnxruntime)")
+                        help="torch, onnx (exported once to the cache, then run on onnxruntime), or auto (onnx "
+                        "on a CPU, torch on a GPU)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: the runtime's, one per core); on a CPU shared "

@@ -107,6 +107,18 @@ class OnnxPredictor(Predictor):
         return out
 
 
+class SessionModule(torch.nn.Module):
+    """An OnnxPredictor's session as a module (uint8 thumbnails in, logits out), for code written for torch
+    models: evaluation runs it with the identity as its transform."""
+
+    def __init__(self, predictor: OnnxPredictor):
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.predictor._run(images.cpu())
+
+
 def _fingerprint(predictor: Predictor) -> str:
     digest = hashlib.sha256(json.dumps(predictor.config, sort_keys=True).encode())
     digest.update(torch.__version__.encode())  # a newer exporter may write a different graph

@@ -177,6 +177,7 @@ def test_evaluate_cli_writes_metrics_report_and_plots(cnn_model_dir, cifar100_pa
                           "test", "--output-dir", str(out), "--tta", "--batch-size", "64"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 200 and metrics["split"] == "test" and metrics["model"] == str(cnn_model_dir)
+    assert metrics["backend"] == "onnx"  # auto: ONNX Runtime on a CPU
     assert len(metrics["dataset_fingerprint"]) == 16
     expected = {"top1", "top5", "coarse_top1", "loss", "ece", "per_class", "per_superclass", "tta"}
     assert expected <= set(metrics)
@@ -196,6 +197,26 @@ def test_evaluate_cli_writes_metrics_report_and_plots(cnn_model_dir, cifar100_pa
     assert "| fine top-1 |" in text and "flip TTA" in text and "Worst 10 classes" in text
     for png in ("confusion", "predictions", "reliability"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 5000
+
+
+def test_evaluate_backends_agree(cnn_model_dir, cifar100_parquet, tmp_path):
+    """torch, onnx (the CPU default) and an exported .onnx file give the same metrics, TTA included."""
+    from cifar_tl.onnx_backend import export_onnx
+
+    onnx_file = export_onnx(Predictor.from_dir(cnn_model_dir, device="cpu"), tmp_path / "model.onnx")
+    runs = {}
+    for name, model, backend in [("torch", cnn_model_dir, "torch"), ("onnx", cnn_model_dir, "onnx"),
+                                 ("file", onnx_file, "auto")]:
+        out = tmp_path / name
+        assert evaluate.main(["--model", str(model), "--dataset", str(cifar100_parquet), "--output-dir", str(out),
+                              "--tta", "--backend", backend]) == 0
+        runs[name] = json.loads((out / "metrics.json").read_text())
+    assert [runs[n]["backend"] for n in runs] == ["torch", "onnx", "onnx"]
+    for name in ("onnx", "file"):
+        for result in (runs[name], runs[name]["tta"]):
+            reference = runs["torch"] if result is runs[name] else runs["torch"]["tta"]
+            for key in ("top1", "top5", "coarse_top1", "loss", "ece"):
+                assert result[key] == pytest.approx(reference[key], abs=1e-4), (name, key)
 
 
 @pytest.fixture
