@@ -97,6 +97,28 @@ def test_imagenet_weights_from_the_local_hub_cache_offline(timm_weights_cache, t
     assert got["classifier.weight"].shape == (10, source["classifier.weight"].shape[1])  # a new head
 
 
+def test_no_network_reads_the_local_hub_cache_at_once(timm_weights_cache, tmp_path, monkeypatch):
+    """No network and no HF_HUB_OFFLINE (a laptop offline): the weights come from the local Hub cache, or the
+    next source, at once; asking timm cost 17-47 s of huggingface_hub's retries and ten warnings."""
+    import huggingface_hub.constants as hub
+    import timm.models._builder as builder
+    from safetensors.torch import load_file
+
+    from cifar_tl import models
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(timm_weights_cache))
+    monkeypatch.setattr(models, "_hub_resolves", lambda: False)
+    monkeypatch.setattr(builder, "load_state_dict_from_hf", lambda *a, **k: pytest.fail("asked the Hub"))
+    model = create_model("test_efficientnet", pretrained=True, num_classes=10)
+    (cached,) = timm_weights_cache.rglob("model.safetensors")
+    assert model.conv_stem.weight.equal(load_file(str(cached))["conv_stem.weight"])
+    assert model.get_classifier().weight.shape[0] == 10  # a new head
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(WeightsError, match="not in the local Hub cache and huggingface.co is unreachable"):
+        create_model("efficientnet_b0", pretrained=True)
+
+
 def test_no_weights_anywhere_names_every_source():
     with pytest.raises(WeightsError) as err:
         create_model("efficientnet_b0", pretrained=True)  # offline, empty Hub cache, no package ships B0
