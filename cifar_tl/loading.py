@@ -17,6 +17,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .inference import MAX_PIXELS, Predictor
 from .integrity import DamagedFileError
+from .offline import hub_offline
 
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]
 BACKENDS = ("auto", "torch", "onnx")
@@ -46,7 +47,8 @@ def model_folder(source: str | Path) -> Path:
     if path.exists() or text.startswith((".", "/", "~")) or not is_hub_id(text):
         raise ModelLoadError(f"--model {source}: no such model folder, nor a Hub id user/name")
     try:
-        return Path(snapshot_download(text, allow_patterns=DOWNLOAD_PATTERNS))
+        with hub_offline():  # no network: the local Hub cache at once, not after the Hub client's retries
+            return Path(snapshot_download(text, allow_patterns=DOWNLOAD_PATTERNS))
     except LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE=1)" if is_offline_mode() else ""
         raise ModelLoadError(f"--model {text}: no such folder, and not in the local Hub cache while the Hub is "

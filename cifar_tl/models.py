@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import timm
 import torch
-from huggingface_hub import constants, is_offline_mode, try_to_load_from_cache
+from huggingface_hub import is_offline_mode
 from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 
 from . import architectures  # noqa: F401  (registers baseline_cnn*, fast_cnn* with timm)
+from .offline import hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +83,18 @@ def _timm_pretrained(name: str, num_classes: int, drop_rate: float, **kwargs) ->
     package; the error names every source tried. Also returns whether the head is new (not the weights')."""
     tried = []
     if timm.models.is_model_pretrained(name):
-        repo = timm.models.get_pretrained_cfg(name).hf_hub_id or name
-        overlay = _timm_source(timm.models.get_pretrained_cfg(name).hf_hub_id)
-        if overlay is None:
-            tried.append(f"timm / the Hub: {repo} is not in the local Hub cache and "
-                         f"{urlparse(constants.ENDPOINT).hostname} is unreachable")
-        else:
-            try:
+        try:
+            with hub_offline():  # no network: the local Hub cache at once, not after the Hub client's retries
                 model = timm.create_model(name, pretrained=True, num_classes=num_classes, drop_rate=drop_rate,
-                                          pretrained_cfg_overlay=overlay, **kwargs)
-                return model, num_classes != model.pretrained_cfg.get("num_classes", 1000)  # same size: kept
-            except Exception as err:  # network, auth or missing-file errors all mean "try the offline sources"
-                if isinstance(err, LocalEntryNotFoundError):
-                    tried.append(f"timm / the Hub: {repo} is not in the local Hub cache"
-                                 + (" (HF_HUB_OFFLINE=1)" if is_offline_mode() else " and the Hub is unreachable"))
-                else:
-                    tried.append(f"timm / the Hub ({repo}): {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                                          **kwargs)
+            return model, num_classes != model.pretrained_cfg.get("num_classes", 1000)  # timm keeps a same-size head
+        except Exception as err:  # network, auth or missing-file errors all mean "try the offline sources"
+            repo = timm.models.get_pretrained_cfg(name).hf_hub_id or name
+            if isinstance(err, LocalEntryNotFoundError):
+                tried.append(f"timm / the Hub: {repo} is not in the local Hub cache"
+                             + (" (HF_HUB_OFFLINE=1)" if is_offline_mode() else " and the Hub is unreachable"))
+            else:
+                tried.append(f"timm / the Hub ({repo}): {type(err).__name__}: {str(err).splitlines()[0][:160]}")
     source = OFFLINE_SOURCES.get(name)
     if source is None:
         tried.append(f"offline packages: none ships {name} (they ship {', '.join(OFFLINE_SOURCES)}: "
@@ -113,25 +108,6 @@ def _timm_pretrained(name: str, num_classes: int, drop_rate: float, **kwargs) ->
     new_head = _load_state(model, source(), f"offline package weights for {name}")
     log.info("loaded ImageNet weights for %s from an offline package (%s)", name, "; ".join(tried) or "no Hub tag")
     return model, new_head
-
-
-def _timm_source(repo: str | None) -> dict | None:
-    """Where timm should read `repo`'s weights: {} = its own way (the Hub, or with HF_HUB_OFFLINE=1 the local
-    Hub cache). With no network and no HF_HUB_OFFLINE, {"file": the cached weights}, or None when the cache has
-    none: asked anyway, timm would sit through huggingface_hub's retries (~20 s of warnings) before failing."""
-    if repo is None or is_offline_mode() or _hub_resolves():
-        return {}
-    cached = try_to_load_from_cache(repo, "model.safetensors")
-    return {"file": cached} if isinstance(cached, str) else None
-
-
-def _hub_resolves() -> bool:
-    """Whether the Hub's host name resolves: a test for "no network" that waits on no retries."""
-    try:
-        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
-    except OSError:
-        return False
-    return True
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> bool:

@@ -373,9 +373,12 @@ def _load_cifar_pickle(dataset: str, kind: str, splits, sizing: Sizing) -> RawDa
 def _open_hf(dataset: str, kind: str):
     import datasets
 
+    from .offline import hub_offline
+
     datasets.logging.set_verbosity_error()
     try:
-        ds = datasets.load_from_disk(dataset) if kind == "save-to-disk" else datasets.load_dataset(dataset)
+        with hub_offline():  # no network: the local datasets cache at once, not after the Hub client's retries
+            ds = datasets.load_from_disk(dataset) if kind == "save-to-disk" else datasets.load_dataset(dataset)
     except Exception as err:  # datasets raises many types; keep the reason, drop the deep traceback
         if kind == "hub":
             from huggingface_hub import is_offline_mode

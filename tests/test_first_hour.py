@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,26 +98,35 @@ def test_imagenet_weights_from_the_local_hub_cache_offline(timm_weights_cache, t
     assert got["classifier.weight"].shape == (10, source["classifier.weight"].shape[1])  # a new head
 
 
-def test_no_network_reads_the_local_hub_cache_at_once(timm_weights_cache, tmp_path, monkeypatch):
-    """No network and no HF_HUB_OFFLINE (a laptop offline): the weights come from the local Hub cache, or the
-    next source, at once; asking timm cost 17-47 s of huggingface_hub's retries and ten warnings."""
+def test_no_network_reads_the_local_caches_at_once(timm_weights_cache, tmp_path, monkeypatch):
+    """No network and no HF_HUB_OFFLINE (a laptop offline): weights, datasets and Hub models come from the local
+    caches, or the next source or a clear error, at once; the Hub client's retries took 17-47 s before."""
+    import datasets
     import huggingface_hub.constants as hub
-    import timm.models._builder as builder
     from safetensors.torch import load_file
 
-    from cifar_tl import models
+    from cifar_tl import offline
+    from cifar_tl.loading import ModelLoadError, model_folder
+    from cifar_tl.sources import DataError, read_source
 
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    for module in (hub, datasets.config):  # as when HF_HUB_OFFLINE is not set
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(timm_weights_cache))
-    monkeypatch.setattr(models, "_hub_resolves", lambda: False)
-    monkeypatch.setattr(builder, "load_state_dict_from_hf", lambda *a, **k: pytest.fail("asked the Hub"))
+    monkeypatch.setattr(offline, "hub_resolves", lambda: False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # a request would be refused, then retried
+    started = time.monotonic()
     model = create_model("test_efficientnet", pretrained=True, num_classes=10)
     (cached,) = timm_weights_cache.rglob("model.safetensors")
     assert model.conv_stem.weight.equal(load_file(str(cached))["conv_stem.weight"])
-    assert model.get_classifier().weight.shape[0] == 10  # a new head
+    assert not hub.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE  # offline only while loading
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
-    with pytest.raises(WeightsError, match="not in the local Hub cache and huggingface.co is unreachable"):
+    with pytest.raises(WeightsError, match="not in the local Hub cache and the Hub is unreachable"):
         create_model("efficientnet_b0", pretrained=True)
+    with pytest.raises(ModelLoadError, match="not in the local Hub cache while the Hub is unreachable"):
+        model_folder("someone/no-such-model")
+    with pytest.raises(DataError, match="--dataset someone/no-such-data: not a local path and the Hub could not"):
+        read_source("someone/no-such-data")
+    assert time.monotonic() - started < 15  # one request retried would take ~23 s
 
 
 def test_no_weights_anywhere_names_every_source():
