@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder or its parent, as train.py writes it)")
     p.add_argument("--batch-size", type=int, default=256, help="images per process and step")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="auto = onnx on a CPU (the model exported "
-                   "once to the cache and run on ONNX Runtime: 3.5x PyTorch for Lite0 at 128 px), torch on a GPU "
+                   "once to the cache and run on ONNX Runtime: 4x PyTorch per pass for Lite0 at 128 px), torch on a GPU "
                    "or with several processes")
     p.add_argument("--val-fraction", type=float, help="default: the model's training value, else 0.1")
     p.add_argument("--seed", type=int, help="split seed; default: the model's training value, else 42")

@@ -23,18 +23,18 @@ def hub_resolves() -> bool:
 
 
 @contextmanager
-def hub_offline() -> Iterator[bool]:
+def hub_offline() -> Iterator[None]:
     """Inside: huggingface_hub (timm, snapshot_download) and datasets in offline mode when the Hub is
-    unreachable; yields whether offline mode is on (set by the user or by this)."""
+    unreachable; unchanged when it resolves or offline mode is already on."""
     if is_offline_mode() or hub_resolves():
-        yield is_offline_mode()
+        yield
         return
     modules = [constants] + ([sys.modules["datasets"].config] if "datasets" in sys.modules else [])
     saved = [m.HF_HUB_OFFLINE for m in modules]
     for m in modules:
         m.HF_HUB_OFFLINE = True
     try:
-        yield True
+        yield
     finally:
         for m, value in zip(modules, saved):
             m.HF_HUB_OFFLINE = value
