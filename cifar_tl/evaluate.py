@@ -24,7 +24,7 @@ from .console import one_line_errors, setup_logging
 from .crosscheck import CrosscheckError, crosscheck
 from .data import DatasetBundle, load_bundle, make_loader
 from .files import WriteError, atomic_write_text
-from .loading import BACKENDS, ModelLoadError, load_predictor, model_folder, resolve_backend
+from .loading import BACKENDS, ModelLoadError, load_predictor, model_folder
 from .metrics import EvaluationError, align_labels, compute_metrics, load_label_map
 from .report import write_report
 from .sources import DataError, Sizing, Split
@@ -144,8 +144,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     history = find_history(args)
     accelerator = Accelerator()
     backend = "torch" if args.backend == "auto" and accelerator.num_processes > 1 else args.backend
-    backend = "onnx" if args.model.endswith(".onnx") else resolve_backend(backend, accelerator.device)
     predictor = load_predictor(args.model, backend, device=accelerator.device)
+    backend = "torch" if isinstance(predictor.model, torch.nn.Module) else "onnx"  # as resolved (.onnx: onnx)
     extra = predictor.config.get("cifar_tl", {})
     bundle, data = load_split(args, extra.get("train_config") or {}, predictor.data_size, accelerator)
     columns = align_labels(predictor.fine_names, bundle.fine_names, label_map)

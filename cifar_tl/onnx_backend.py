@@ -116,7 +116,7 @@ class SessionModule(torch.nn.Module):
         self.predictor = predictor
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.predictor._run(images.cpu())
+        return self.predictor.logits(images.cpu())
 
 
 def _fingerprint(predictor: Predictor) -> str:

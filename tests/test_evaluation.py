@@ -213,8 +213,7 @@ def test_evaluate_backends_agree(cnn_model_dir, cifar100_parquet, tmp_path):
         runs[name] = json.loads((out / "metrics.json").read_text())
     assert [runs[n]["backend"] for n in runs] == ["torch", "onnx", "onnx"]
     for name in ("onnx", "file"):
-        for result in (runs[name], runs[name]["tta"]):
-            reference = runs["torch"] if result is runs[name] else runs["torch"]["tta"]
+        for result, reference in [(runs[name], runs["torch"]), (runs[name]["tta"], runs["torch"]["tta"])]:
             for key in ("top1", "top5", "coarse_top1", "loss", "ece"):
                 assert result[key] == pytest.approx(reference[key], abs=1e-4), (name, key)
 
