@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,31 @@ def import_graph() -> dict[str, set[str]]:
                 deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("cifar_tl.")}
         graph[path.stem] = deps - {path.stem}
     return graph
+
+
+def module_map() -> list[tuple[list[str], str]]:
+    """docs/DEVELOPING.md's module map: (the package modules a row describes, its "imports" column)."""
+    rows = []
+    for line in (ROOT / "docs" / "DEVELOPING.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        modules = [m for m in re.findall(r"(\w+)\.py`", cells[0]) if m in MODULES] if len(cells) == 3 else []
+        if modules:
+            rows.append((modules, cells[2]))
+    return rows
+
+
+def test_developing_module_map_matches_the_imports():
+    """The map a newcomer reads first names every module once, and each row's imports are the code's."""
+    rows, graph = module_map(), import_graph()
+    described = [m for modules, _ in rows for m in modules]
+    assert sorted(described) == MODULES, "modules missing from (or twice in) docs/DEVELOPING.md's module map"
+    wrong = {}
+    for modules, column in rows:
+        listed = set() if column in ("–", "") else {name.strip() for name in column.split(",")}
+        actual = set().union(*(graph[m] for m in modules)) - set(modules)
+        if listed != actual:
+            wrong[", ".join(modules)] = {"not imported": sorted(listed - actual), "not listed": sorted(actual - listed)}
+    assert not wrong, f"docs/DEVELOPING.md's import column is out of date: {wrong}"
 
 
 def test_import_graph_has_no_cycle():
