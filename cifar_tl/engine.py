@@ -275,7 +275,8 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bund
     """Epoch loop with early stopping, LR scheduling and resumable checkpoints; leaves the best weights in
     `model` and returns the run summary."""
     run = setup(cfg, accelerator, model, bundle, eval_tf, out, budget)
-    test_views = len(bundle.test) * (1 + (len(tta_views(torch.zeros(1, 3, 4, 4), cfg.tta_level)) if cfg.tta else 0))
+    # the test pass's forwards: one per view with TTA (its first view is the plain pass's), else one
+    test_views = len(bundle.test) * (len(tta_views(torch.zeros(1, 3, 4, 4), cfg.tta_level)) if cfg.tta else 1)
     if budget.seconds:  # foretell the final passes before epoch 1 as well: a budget shorter than an epoch
         validate(run, test_views)  # would otherwise go to it whole and the test pass run past it
     for epoch in range(run.state.epoch + 1, cfg.epochs + 1):

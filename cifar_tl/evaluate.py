@@ -35,17 +35,47 @@ from .tta import multiview_logits
 def collect_logits(model, loader, transform, accelerator, tta: bool | int = False) -> dict[str, torch.Tensor]:
     """Run `model` over `loader` on every process; gather_for_metrics drops the sampler's padding, so the
     result holds each sample exactly once, in order. `tta`: True or 1 averages each image with its mirror
-    image, 2 adds 1 px shifts (airbench's 6 views; `tta.tta_views`)."""
+    image, 2 adds 1 px shifts (airbench's 6 views; `tta.tta_views`). With `tta` the same pass also returns the
+    image's own logits (`plain_logits`: the first view) and `plain_seconds`, the share of the pass that
+    computed them (transform and that view's forward; a plain pass of its own would repeat that work)."""
     model.eval()
     outs: dict[str, list[torch.Tensor]] = {}
+    plain_seconds = 0.0
     for batch in loader:
+        started = time.perf_counter()
         x = transform(batch["image"])
         with accelerator.autocast():
-            logits = multiview_logits(model, x, int(tta))
-        tensors = {"logits": logits, **{k: batch[k] for k in ("fine", "coarse") if k in batch}}
+            plain = model(x).float()
+        tensors = {"logits": plain}
+        if tta:
+            if plain.device.type == "cuda":  # the kernels run asynchronously: wait for the first view's
+                torch.cuda.synchronize(plain.device)
+            plain_seconds += time.perf_counter() - started
+            with accelerator.autocast():
+                tensors = {"logits": multiview_logits(model, x, int(tta), first=plain), "plain_logits": plain}
+        tensors.update({k: batch[k] for k in ("fine", "coarse") if k in batch})
         for key, value in accelerator.gather_for_metrics(tensors).items():
             outs.setdefault(key, []).append(value.cpu())
-    return {k: torch.cat(v) for k, v in outs.items()}
+    out = {k: torch.cat(v) for k, v in outs.items()}
+    if tta:
+        out["plain_seconds"] = plain_seconds
+    return out
+
+
+def split_passes(model, loader, transform, accelerator, tta: bool | int,
+                precomputed: dict[bool, dict] | None) -> dict[bool, dict]:
+    """{False: the plain pass, True: the TTA pass (with `tta`)}, each {"logits", "fine", ["coarse",] "seconds"}:
+    those `precomputed` holds, the others from one pass over `loader` (a TTA pass yields the plain logits too)."""
+    passes = dict(precomputed or {})
+    if all(flip in passes for flip in ([False, True] if tta else [False])):
+        return passes
+    started = time.perf_counter()  # collect_logits copies each batch's logits to the host: no sync needed
+    gathered = collect_logits(model, loader, transform, accelerator, tta=int(tta))
+    gathered["seconds"] = time.perf_counter() - started
+    labels = {k: gathered[k] for k in ("fine", "coarse") if k in gathered}
+    computed = {True: gathered, False: {"logits": gathered.pop("plain_logits"), **labels,
+                                        "seconds": gathered.pop("plain_seconds")}} if tta else {False: gathered}
+    return {**computed, **passes}
 
 
 def evaluate_split(model, split: Split, bundle: DatasetBundle, transform, accelerator, *, batch_size: int,
@@ -55,21 +85,20 @@ def evaluate_split(model, split: Split, bundle: DatasetBundle, transform, accele
     and the plain logits in the split's order. `columns` picks and orders the model outputs that predict the
     dataset's classes (`metrics.align_labels`); `precomputed` holds logits already computed per TTA setting
     (the linear probe's, from cached features). `tta`: the TTA level of the "tta" results (True = 1, mirror).
-    Each result's `seconds` is its pass's time (model, views, gathering; metrics not included)."""
+    Each result's `seconds` is its pass's time (model, views, gathering; metrics not included); with `tta`
+    one pass computes both, and the plain result's `seconds` is its share (`collect_logits`)."""
     loader = accelerator.prepare(make_loader(split, batch_size, shuffle=False))
+    passes = split_passes(model, loader, transform, accelerator, tta, precomputed)
     results, plain = {}, None
     for flip in [False, True] if tta else [False]:
-        started = time.perf_counter()  # collect_logits copies each batch's logits to the host: no sync needed
-        gathered = (precomputed or {}).get(flip) or collect_logits(model, loader, transform, accelerator,
-                                                                   tta=int(tta) if flip else 0)
-        seconds = gathered.get("seconds", time.perf_counter() - started)  # precomputed: the time it took then
+        gathered = passes[flip]
         if not torch.equal(gathered["fine"].cpu(), split.fine.cpu()):  # every image exactly once, in order
             raise RuntimeError(f"gathered {len(gathered['fine'])} labels that differ from the split's {len(split)}")
         logits = gathered["logits"] if columns is None else gathered["logits"][:, columns]
         results["tta" if flip else "plain"] = compute_metrics(
             logits, split.fine, coarse=split.coarse, fine_names=bundle.fine_names,
             coarse_names=bundle.coarse_names, fine_to_coarse=bundle.fine_to_coarse)
-        results["tta" if flip else "plain"]["seconds"] = seconds  # the pass alone (model, views, gathering)
+        results["tta" if flip else "plain"]["seconds"] = gathered["seconds"]
         plain = logits if not flip else plain
     return results, plain
 

@@ -37,10 +37,12 @@ def tta_views(x: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:
     return views
 
 
-def multiview_logits(model: torch.nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
-    """Weighted mean of the model's fp32 logits over `tta_views(x, level)`."""
+def multiview_logits(model: torch.nn.Module, x: torch.Tensor, level: int,
+                     first: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean of the model's fp32 logits over `tta_views(x, level)`. The first view is `x` itself:
+    `first`, its logits when the caller already has them (a plain pass's), is used instead of a second forward."""
     out = None
-    for weight, view in tta_views(x, level):
-        logits = model(view).float() * weight
+    for i, (weight, view) in enumerate(tta_views(x, level)):
+        logits = (first if i == 0 and first is not None else model(view)).float() * weight
         out = logits if out is None else out + logits
     return out

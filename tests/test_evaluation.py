@@ -142,12 +142,52 @@ def _gather_in_two_processes():
     out = collect_logits(model, loader, lambda x: x.float(), accelerator)
     assert torch.equal(out["fine"], split.fine)
     assert torch.allclose(out["logits"], model(split.images.float()), atol=1e-6)
+    flip = collect_logits(model, loader, lambda x: x.float(), accelerator, tta=1)  # plain logits gathered too
+    assert torch.equal(flip["fine"], split.fine) and torch.allclose(flip["plain_logits"], out["logits"])
+    x = split.images.float()
+    assert torch.allclose(flip["logits"], (model(x) + model(x.flip(-1))) / 2, atol=1e-6)
 
 
 def test_collect_logits_exact_with_two_processes():
     from accelerate import debug_launcher
 
     debug_launcher(_gather_in_two_processes, num_processes=2)
+
+
+class CountingModel(torch.nn.Module):
+    """A linear classifier of 4x4 images that counts the images it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.images = torch.nn.Linear(48, 3), 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("level, views", [(1, 2), (2, 6)])
+def test_tta_evaluation_runs_one_pass_that_gives_the_plain_results_too(level, views):
+    """With TTA the split is run once: the first view is the image itself, so the plain results come from the
+    same forwards (they used to cost a pass of their own), and they equal a plain evaluation's."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    split = Split(torch.randint(0, 255, (10, 3, 4, 4), dtype=torch.uint8), torch.arange(10) % 3)
+    bundle = DatasetBundle(split, split, split, ["a", "b", "c"], None, None, "f" * 16, "toy")
+    model, accelerator = CountingModel().eval(), Accelerator(cpu=True)
+    transform = lambda x: x.float() / 255
+    plain, plain_logits = evaluate.evaluate_split(model, split, bundle, transform, accelerator, batch_size=4)
+    assert model.images == 10
+    model.images = 0
+    both, logits = evaluate.evaluate_split(model, split, bundle, transform, accelerator, batch_size=4, tta=level)
+    assert model.images == 10 * views  # one forward per view, none repeated for the plain results
+    assert torch.allclose(logits, plain_logits) and both["plain"]["top1"] == plain["plain"]["top1"]
+    assert 0 < both["plain"]["seconds"] < both["tta"]["seconds"]  # the plain share of the one pass
+    from cifar_tl.tta import multiview_logits
+    with torch.no_grad():
+        expected = multiview_logits(model, transform(split.images), level)
+    assert both["tta"]["top1"] == compute_metrics(expected, split.fine, fine_names=bundle.fine_names)["top1"]
 
 
 def test_write_report_without_superclasses(tmp_path):

@@ -118,6 +118,7 @@ def test_multiview_logits_average_the_views():
         expected = sum(w * model(v) for w, v in tta_views(x, 2))
         assert torch.allclose(multiview_logits(model, x, 2), expected, atol=1e-6)
         assert torch.allclose(multiview_logits(model, x, 0), model(x))
+        assert torch.allclose(multiview_logits(model, x, 2, first=model(x)), expected, atol=1e-6)  # reused
         # a model that ignores the image's layout sees six identical views: TTA changes nothing
         pooled = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2))
         const = torch.ones(2, 3, 8, 8) * torch.randn(2, 3, 1, 1)
