@@ -115,10 +115,11 @@ def scalars(result: dict) -> dict:
 
 
 def timed_seconds(summary: dict, results: dict, tta: bool) -> dict[str, float]:
-    """The final test pass's time (`test_seconds`; with --tta the TTA pass's, `tta_test_seconds`) and
-    airbench's measure of a run, `timed_seconds`: training (`train_seconds`: the epochs' training loops, without
-    per-epoch validation, checkpoints, data loading, model building or CUDA-graph capture and cuDNN's tuning in
-    it) plus the final test pass that is reported (the TTA one when on)."""
+    """The final test pass's time (`test_seconds`; with --tta the TTA pass's, `tta_test_seconds`, of which
+    `test_seconds` is then the plain view's share: one pass gives both) and airbench's measure of a run,
+    `timed_seconds`: training (`train_seconds`: the epochs' training loops, without per-epoch validation,
+    checkpoints, data loading, model building or CUDA-graph capture and cuDNN's tuning in it) plus the final
+    test pass that is reported (the TTA one when on)."""
     plain = results["plain"].get("seconds", 0.0)
     timed = {"test_seconds": plain}
     if tta:
