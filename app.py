@@ -1,4 +1,4 @@
-"""`python app.py --model DIR_OR_HUB_ID [--host 127.0.0.1 --port 7860] [--backend onnx]`: the Gradio demo."""
+"""`python app.py --model DIR_OR_HUB_ID [--host 127.0.0.1 --port 7860] [--backend auto|torch|onnx]`: the Gradio demo."""
 import sys
 
 from cifar_tl.demo import main

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .inference import MAX_PIXELS, ImageError, Predictor, open_image
-from .loading import ModelLoadError, add_model_args, default_model, load_predictor
+from .loading import ModelLoadError, add_model_args, backend_of, default_model, load_predictor
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples" / "cifar100"  # package data
 DELETE_CACHE = (300, 900)  # gradio's (sweep every N s, delete files older than M s)
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print(f"backend: {backend_of(predictor)} (--backend {args.backend})", flush=True)
     demo = build_demo(predictor, examples_dir=args.examples, max_pixels=args.max_pixels,
                       max_batch_size=args.max_batch_size, concurrency_limit=args.concurrency_limit,
                       serving=f"`{source}` ({why})")

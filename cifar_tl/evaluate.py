@@ -24,7 +24,7 @@ from .console import one_line_errors, setup_logging
 from .crosscheck import CrosscheckError, crosscheck
 from .data import DatasetBundle, load_bundle, make_loader
 from .files import WriteError, atomic_write_text
-from .loading import BACKENDS, ModelLoadError, load_predictor, model_folder
+from .loading import BACKENDS, ModelLoadError, backend_of, load_predictor, model_folder
 from .metrics import EvaluationError, align_labels, compute_metrics, load_label_map
 from .report import write_report
 from .sources import DataError, Sizing, Split
@@ -174,7 +174,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     accelerator = Accelerator()
     backend = "torch" if args.backend == "auto" and accelerator.num_processes > 1 else args.backend
     predictor = load_predictor(args.model, backend, device=accelerator.device)
-    backend = "torch" if isinstance(predictor.model, torch.nn.Module) else "onnx"  # as resolved (.onnx: onnx)
+    backend = backend_of(predictor)  # as resolved (.onnx: onnx; auto: torch when the export failed)
     extra = predictor.config.get("cifar_tl", {})
     bundle, data = load_split(args, extra.get("train_config") or {}, predictor.data_size, accelerator)
     columns = align_labels(predictor.fine_names, bundle.fine_names, label_map)

@@ -7,6 +7,7 @@ From the Hub only safetensors, JSON and Markdown files are downloaded (never pic
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .integrity import DamagedFileError
 from .offline import hub_offline
 
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]
+logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "onnx")
 MODEL_ENV = "CIFAR_TL_MODEL"
 
@@ -61,10 +63,11 @@ def model_folder(source: str | Path) -> Path:
 def load_predictor(source: str | Path, backend: str = "torch", device: str | torch.device | None = None,
                    threads: int | None = None) -> Predictor:
     """A model folder, a Hub id or an exported .onnx file -> a Predictor on the chosen backend (the device
-    defaults to CUDA when present; `threads` caps the CPU threads of either runtime)."""
+    defaults to CUDA when present; `threads` caps the CPU threads of either runtime). With "auto", a model the
+    ONNX exporter cannot express is served by PyTorch, with a warning."""
     if backend not in BACKENDS:
         raise ModelLoadError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
-    backend = resolve_backend(backend, device)
+    requested, backend = backend, resolve_backend(backend, device)
     if threads:
         torch.set_num_threads(threads)
     onnx_file = str(source).endswith(".onnx")
@@ -78,12 +81,23 @@ def load_predictor(source: str | Path, backend: str = "torch", device: str | tor
         if backend == "onnx":
             from .onnx_backend import OnnxPredictor  # onnxruntime only when asked for
 
-            return OnnxPredictor.from_predictor(predictor, threads=threads)
+            try:
+                return OnnxPredictor.from_predictor(predictor, threads=threads)
+            except Exception as err:  # an op the exporter cannot express: the same answers, more slowly
+                if requested == "onnx":
+                    raise
+                logger.warning("--backend auto: ONNX export of %s failed (%s: %s); serving with PyTorch", source,
+                               type(err).__name__, (str(err).splitlines() or [""])[0][:160])
         return predictor
     except DamagedFileError as err:  # truncated, altered: the message names the file and what is wrong
         raise ModelLoadError(f"--model {source}: {err}") from None
     except Exception as err:  # missing files, bad configs, weights that do not fit: one clear line
         raise ModelLoadError(f"--model {source}: cannot be loaded ({type(err).__name__}: {err})") from None
+
+
+def backend_of(predictor: Predictor) -> str:
+    """The backend a loaded predictor runs on: "torch" or "onnx"."""
+    return "torch" if isinstance(predictor.model, torch.nn.Module) else "onnx"
 
 
 def resolve_backend(backend: str, device: str | torch.device | None = None) -> str:
@@ -114,9 +128,10 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     """The flags that choose and run a model, shared by the predict CLI and the demo."""
     parser.add_argument("--model", required=required, help="model folder, Hugging Face Hub id or exported .onnx file"
                         + ("" if required else f" (default: ${MODEL_ENV}, else the newest finished run under runs/)"))
-    parser.add_argument("--backend", choices=BACKENDS, default="torch",
-                        help="torch, onnx (exported once to the cache, then run on onnxruntime), or auto (onnx "
-                        "on a CPU, torch on a GPU)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto: onnx on a CPU (exported once to the cache, then run on ONNX Runtime: EfficientNet-B0 "
+                        "at 224 px answers the demo in 27 ms p50 against PyTorch's 54 ms; PyTorch when the export "
+                        "fails), torch on a GPU; or torch / onnx")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: the runtime's, one per core); on a CPU shared "

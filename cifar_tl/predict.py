@@ -2,8 +2,8 @@
 
 Batch prediction: one JSON line per readable image, {"path", "fine": [{"label", "score"}, ...top-k],
 "coarse": {"label", "score"} | null}, to --output or stdout. Folders are searched recursively for image files;
-unreadable files are reported on stderr and skipped. `--backend onnx` runs the same preprocessing on
-onnxruntime."""
+unreadable files are reported on stderr and skipped. On a CPU the model runs on ONNX Runtime (`--backend auto`;
+`--backend torch` for PyTorch), with the same preprocessing."""
 from __future__ import annotations
 
 import argparse

@@ -96,7 +96,7 @@ def test_uploads_do_not_outlive_their_use(cnn_model_dir):
 
 def test_cli_defaults_leave_host_and_port_to_gradio():
     args = parse_args(["--model", "some/model"])
-    assert args.host is None and args.port is None and args.backend == "torch"
+    assert args.host is None and args.port is None and args.backend == "auto"  # onnx on a CPU
     assert args.max_sessions == MAX_SESSIONS < 10000  # gradio's own default holds ~0.25 GB of session copies
 
 

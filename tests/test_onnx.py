@@ -39,6 +39,25 @@ def test_backend_export_is_cached_and_threads_apply(cnn_model_dir):
     assert again.onnx_path == first and first.stat().st_mtime_ns == mtime
 
 
+def test_auto_backend_is_onnx_on_a_cpu_and_falls_back_to_torch(cnn_model_dir, monkeypatch, caplog):
+    """The demo's and predict's default: ONNX Runtime on a CPU; a model the exporter cannot express is served by
+    PyTorch with a warning under auto, and is an error only when onnx was asked for by name."""
+    from cifar_tl.loading import ModelLoadError, backend_of
+
+    assert backend_of(load_predictor(str(cnn_model_dir), backend="auto", device="cpu")) == "onnx"
+    assert backend_of(load_predictor(str(cnn_model_dir), backend="torch", device="cpu")) == "torch"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("an op the exporter cannot express")
+
+    monkeypatch.setattr(OnnxPredictor, "from_predictor", fail)
+    with caplog.at_level("WARNING", logger="cifar_tl.loading"):
+        fallback = load_predictor(str(cnn_model_dir), backend="auto", device="cpu")
+    assert backend_of(fallback) == "torch" and "serving with PyTorch" in caplog.text
+    with pytest.raises(ModelLoadError, match="cannot express"):
+        load_predictor(str(cnn_model_dir), backend="onnx", device="cpu")
+
+
 def test_export_cli_writes_a_self_contained_file(cnn_model_dir, cifar100_arrays, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     assert main(["--model", str(cnn_model_dir), "--output", str(out)]) == 0
