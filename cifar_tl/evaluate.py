@@ -63,7 +63,7 @@ def collect_logits(model, loader, transform, accelerator, tta: bool | int = Fals
 
 
 def split_passes(model, loader, transform, accelerator, tta: bool | int,
-                precomputed: dict[bool, dict] | None) -> dict[bool, dict]:
+                 precomputed: dict[bool, dict] | None) -> dict[bool, dict]:
     """{False: the plain pass, True: the TTA pass (with `tta`)}, each {"logits", "fine", ["coarse",] "seconds"}:
     those `precomputed` holds, the others from one pass over `loader` (a TTA pass yields the plain logits too)."""
     passes = dict(precomputed or {})
