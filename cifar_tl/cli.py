@@ -5,13 +5,8 @@ import os
 import sys
 import time
 
-from .checkpoints import ResumeError
 from .config import ConfigError, parse_args
-from .console import one_line_errors, setup_logging
-from .files import WriteError
-from .hub import HubError
-from .models import WeightsError
-from .sources import DataError
+from .console import error_line, one_line_errors, setup_logging
 
 
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
@@ -19,10 +14,19 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     started = time.time() if started is None else started
     setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:  # before the imports below (torch, timm, datasets: ~15 s on a slow CPU), so --help and a misspelt
+        cfg = parse_args(argv)  # option in the flags or the --config file answer at once
+    except ConfigError as err:
+        return error_line(err)
+    from .checkpoints import ResumeError
     from .engine import TrainingError, train
+    from .files import WriteError
+    from .hub import HubError
+    from .models import WeightsError
+    from .sources import DataError
 
     def run() -> None:
-        train(parse_args(argv), started=started)
+        train(cfg, started=started)
 
     try:
         return one_line_errors(run, ConfigError, DataError, WeightsError, TrainingError, ResumeError, HubError,

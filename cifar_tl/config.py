@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -289,6 +290,11 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _did_you_mean(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _base_type(tp) -> type:
     """`int | None` -> int; the type argparse should convert a flag's text to."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
@@ -349,7 +355,8 @@ def load_yaml(path: str | Path) -> dict:
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}"
+                          + _did_you_mean(unknown[0], sorted(known)))
     hints = typing.get_type_hints(TrainConfig)
     for key, value in data.items():
         base = _base_type(hints[key])
@@ -364,7 +371,12 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [option for action in parser._actions for option in action.option_strings]
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + _did_you_mean(unknown[0].split("=")[0], flags))
+    args = vars(namespace)
     config_path = args.pop("config", None)
     values = load_yaml(config_path) if config_path else {}
     values.update(args)  # flags override the file

@@ -20,5 +20,9 @@ def one_line_errors(body: Callable[[], int | None], *errors: type[BaseException]
     try:
         return body() or 0
     except errors as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_line(err)
+
+
+def error_line(err: BaseException) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,27 @@ def test_bad_yaml(tmp_path):
 def test_invalid_choice_exits():
     with pytest.raises(SystemExit):
         parse_args(["--optimizer", "lion"])
+
+
+def test_misspelt_options_get_a_suggestion(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--optimzer", "sgd"])
+    assert "unrecognized arguments: --optimzer sgd (did you mean --optimizer?)" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimzer: sgd\n")
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) optimzer \(did you mean optimizer\?\)"):
+        parse_args(["--config", str(bad)])
+
+
+def test_train_answers_help_and_bad_options_before_loading_torch(tmp_path):
+    """`train.py --help` or a misspelt option must not wait ~15 s for torch, timm and datasets to import."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimzer: sgd\n")
+    code = ("import sys\nfrom cifar_tl.cli import main\n"
+            "for argv in (['--help'], ['--optimzer', 'sgd']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            f"assert main(['--config', {str(bad)!r}]) == 2\n"
+            "print(sorted(m for m in ('torch', 'timm', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "did you mean optimizer?" in out.stderr
