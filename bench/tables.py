@@ -216,7 +216,26 @@ def soak_table(d: dict) -> list[str]:
     return lines
 
 
+def time_to_accuracy_table(d: dict) -> list[str]:
+    """One row per run: the figures of BENCHMARKS.md's "Time to accuracy" rows; each run's command in the file."""
+    def pct(x):
+        return "–" if x is None else f"{100 * x:.2f} %"
+
+    def minutes(x):
+        return "–" if x is None else f"{x:.2f} min"
+
+    lines = ["| run | CPU | seed | precision | epochs | training | wall | test top-1 | + TTA |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in d["runs"].items():
+        cpu = (r.get("machine") or d.get("machine") or {}).get("cpu", "–")
+        lines.append(f"| {name} | {cpu} | {r.get('seed', '–')} | {r.get('mixed_precision') or '–'} | "
+                     f"{r.get('epochs_run', '–')} | {minutes(r.get('train_minutes'))} | {minutes(r.get('wall_minutes'))} "
+                     f"| {pct(r.get('test_top1'))} | {pct(r.get('tta_top1'))} |")
+    return lines
+
+
 RENDER = {
+    "time_to_accuracy": time_to_accuracy_table,
     "cpu_precision": precision_table,
     "train_throughput": train_table,
     "inference": inference_table,

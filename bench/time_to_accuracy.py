@@ -84,7 +84,7 @@ def main() -> None:
 
     env = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_before": os.getloadavg()[0]}
-    results = {"machine": env, "runs": {}}
+    results = {"benchmark": "time_to_accuracy", "machine": env, "runs": {}}
     out_path = Path(args.output)
     if out_path.is_file():  # keep earlier presets' results
         results["runs"] = json.loads(out_path.read_text()).get("runs", {})

@@ -13,11 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: str, *args: str) -> None:
+def run_script(script: str, *args: str) -> str:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 def run_bench(script: str, *args: str, out: Path) -> dict:
@@ -95,9 +96,13 @@ def test_time_to_accuracy_runs_a_preset_as_a_user_would(easy10_parquet, tmp_path
                "--runs-dir", str(tmp_path / "runs"), "--output", str(out), "--name", "smoke", "--", "--epochs", "2",
                "--time-limit-minutes", "none", "--warmup-epochs", "0", "--batch-size", "64",
                "--eval-batch-size", "100", "--no-tta")
-    run = json.loads(out.read_text())["runs"]["smoke"]
+    result = json.loads(out.read_text())
+    run = result["runs"]["smoke"]
     assert run["epochs_run"] == 2 and [c["epoch"] for c in run["curve"]] == [1, 2]
     assert 0 <= run["test_top1"] <= 1 and run["val_top1_by"]["5min"] is not None
+    tables = run_script("tables.py", str(out))
+    row = next(line for line in tables.splitlines() if line.startswith("| smoke |"))
+    assert f"{100 * run['test_top1']:.2f} %" in row and f"{run['wall_minutes']:.2f} min" in row
 
 
 def test_gpu_time_to_accuracy_rehearses_our_parts_on_a_cpu(easy10_parquet, tmp_path):
@@ -212,3 +217,4 @@ def test_tables_render_every_committed_result(capsys):
     assert tables.main([str(f) for f in renderable]) == 0
     out = capsys.readouterr().out
     assert out.count("\n### ") + out.startswith("### ") == len(renderable) and "| model |" in out
+    assert "| cpu_quick_seed1 | " in out  # the time-to-accuracy runs too
