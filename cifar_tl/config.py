@@ -374,7 +374,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
-        flags = [option for action in parser._actions for option in action.option_strings]
+        flags = ["--config"] + [f"--{_flag(f.name)}" for f in fields(TrainConfig)]
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + _did_you_mean(unknown[0].split("=")[0], flags))
     args = vars(namespace)
     config_path = args.pop("config", None)
