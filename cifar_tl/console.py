@@ -23,6 +23,7 @@ def one_line_errors(body: Callable[[], int | None], *errors: type[BaseException]
         return error_line(err)
 
 
-def error_line(err: BaseException) -> int:
+def error_line(err: BaseException | str) -> int:
+    """A command's known failure as one line on stderr; its exit code."""
     print(f"error: {err}", file=sys.stderr)
     return 2

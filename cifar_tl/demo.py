@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from .console import error_line
 from .inference import MAX_PIXELS, ImageError, Predictor, open_image
 from .loading import ModelLoadError, add_model_args, backend_of, default_model, load_predictor
 
@@ -244,14 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     source, why = (args.model, "--model") if args.model else default_model()
     if source is None:
-        print(f"error: {why}", file=sys.stderr)
-        return 2
+        return error_line(why)
     print(f"serving {source} ({why})", flush=True)
     try:
         predictor = load_predictor(source, args.backend, args.device, args.threads)
     except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_line(err)
     print(f"backend: {backend_of(predictor)} (--backend {args.backend})", flush=True)
     demo = build_demo(predictor, examples_dir=args.examples, max_pixels=args.max_pixels,
                       max_batch_size=args.max_batch_size, concurrency_limit=args.concurrency_limit,

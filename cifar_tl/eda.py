@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .console import error_line
 from .data import load_raw
 from .sources import DataError, RawDataset
 
@@ -99,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                        coarse_label_column=args.coarse_label_column, splits=tuple(args.splits),
                        skip_unreadable=True)
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_line(err)
     balance = class_balance(raw)
     balance.to_csv(out / "class_balance.csv", index=False)
     info = summary(raw, balance)

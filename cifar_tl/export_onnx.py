@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .console import error_line
 from .loading import ModelLoadError, load_predictor
 from .onnx_backend import INPUT_NAME, OUTPUT_NAME, export_onnx
 
@@ -19,8 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = load_predictor(args.model, device="cpu")
     except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_line(err)
     path = export_onnx(predictor, args.output)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): input '{INPUT_NAME}' uint8 "
           f"[batch, 3, {predictor.data_size}, {predictor.data_size}], output '{OUTPUT_NAME}' "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .console import error_line
 from .inference import MAX_PIXELS, ImageError, Predictor, open_image
 from .loading import ModelLoadError, add_model_args, load_predictor
 from .sources import IMAGE_SUFFIXES
@@ -73,13 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     for item in missing:
         print(f"skipped {item}: no such file or folder", file=sys.stderr)
     if not files:
-        print("error: no image files found in the given paths", file=sys.stderr)
-        return 2
+        return error_line("no image files found in the given paths")
     try:
         predictor = load_predictor(args.model, args.backend, args.device, args.threads)
     except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_line(err)
 
     from tqdm import tqdm
 

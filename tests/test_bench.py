@@ -96,8 +96,7 @@ def test_time_to_accuracy_runs_a_preset_as_a_user_would(easy10_parquet, tmp_path
                "--runs-dir", str(tmp_path / "runs"), "--output", str(out), "--name", "smoke", "--", "--epochs", "2",
                "--time-limit-minutes", "none", "--warmup-epochs", "0", "--batch-size", "64",
                "--eval-batch-size", "100", "--no-tta")
-    result = json.loads(out.read_text())
-    run = result["runs"]["smoke"]
+    run = json.loads(out.read_text())["runs"]["smoke"]
     assert run["epochs_run"] == 2 and [c["epoch"] for c in run["curve"]] == [1, 2]
     assert 0 <= run["test_top1"] <= 1 and run["val_top1_by"]["5min"] is not None
     tables = run_script("tables.py", str(out))
