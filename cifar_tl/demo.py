@@ -17,14 +17,18 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gradio as gr
 import numpy as np
 from PIL import Image
 
 from .console import error_line
-from .inference import MAX_PIXELS, ImageError, Predictor, open_image
-from .loading import ModelLoadError, add_model_args, backend_of, default_model, load_predictor
+from .model_flags import MAX_PIXELS, add_model_args, default_model
+
+if TYPE_CHECKING:  # gradio and torch take seconds to import: `app.py --help` and a bad flag answer without them
+    import gradio as gr
+
+    from .inference import Predictor
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples" / "cifar100"  # package data
 DELETE_CACHE = (300, 900)  # gradio's (sweep every N s, delete files older than M s)
@@ -153,6 +157,8 @@ def make_classifier(predictor: Predictor, top_k: int = 5,
                     max_pixels: int = MAX_PIXELS) -> Callable[[list[dict | None]], tuple[list, list, list, list]]:
     """The batched event function: a list of uploads (gradio FileData dicts, unprocessed) -> one list per
     output: top-k fine classes, superclass, thumbnail preview (a PNG path), message."""
+    from .inference import ImageError, open_image
+
     scale = max(1, PREVIEW_SIDE // predictor.data_size)
     previews_dir = tempfile.TemporaryDirectory(prefix="cifar_tl_previews_")  # removed when the app exits
     next_sweep = [time.monotonic() + 60]
@@ -187,6 +193,8 @@ def make_classifier(predictor: Predictor, top_k: int = 5,
 def build_demo(predictor: Predictor, *, examples_dir: Path = EXAMPLES_DIR, top_k: int = 5,
                max_pixels: int = MAX_PIXELS, max_batch_size: int = 16, concurrency_limit: int = 1,
                serving: str | None = None) -> gr.Blocks:
+    import gradio as gr
+
     size = f"{predictor.data_size}×{predictor.data_size}"
     classify = make_classifier(predictor, top_k, max_pixels)
     # delete_cache: uploads are needed only while their request runs, so every 5 minutes files over 15 minutes
@@ -246,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     if source is None:
         return error_line(why)
     print(f"serving {source} ({why})", flush=True)
+    from .loading import ModelLoadError, backend_of, load_predictor
+
     try:
         predictor = load_predictor(source, args.backend, args.device, args.threads)
     except ModelLoadError as err:

@@ -8,13 +8,15 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from .console import error_line
-from .data import load_raw
-from .sources import DataError, RawDataset
+
+if TYPE_CHECKING:  # torch and datasets take seconds to import: --help and a bad flag answer without them
+    from .sources import RawDataset
 
 
 def class_balance(raw: RawDataset) -> pd.DataFrame:
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from .data import load_raw
+    from .sources import DataError
+
     try:
         raw = load_raw(args.dataset, image_column=args.image_column, label_column=args.label_column,
                        coarse_label_column=args.coarse_label_column, splits=tuple(args.splits),

@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 
 from .console import error_line
-from .loading import ModelLoadError, load_predictor
-from .onnx_backend import INPUT_NAME, OUTPUT_NAME, export_onnx
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="model folder or Hugging Face Hub id")
     parser.add_argument("--output", required=True, type=Path, help="where to write the .onnx file")
     args = parser.parse_args(argv)
+    from .loading import ModelLoadError, load_predictor  # torch: seconds to import, not needed for --help
+    from .onnx_backend import INPUT_NAME, OUTPUT_NAME, export_onnx
+
     try:
         predictor = load_predictor(args.model, device="cpu")
     except ModelLoadError as err:

@@ -13,10 +13,9 @@ from PIL import Image
 
 from .augment import eval_transform
 from .data import coarse_probs
+from .model_flags import MAX_PIXELS
 from .model_folder import load_model
 from .sources import decode_image, fit_square
-
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # ~89 MP: PIL's own decompression-bomb threshold
 
 
 class ImageError(ValueError):

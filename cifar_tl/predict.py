@@ -11,17 +11,21 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .console import error_line
-from .inference import MAX_PIXELS, ImageError, Predictor, open_image
-from .loading import ModelLoadError, add_model_args, load_predictor
-from .sources import IMAGE_SUFFIXES
+from .model_flags import MAX_PIXELS, add_model_args
+
+if TYPE_CHECKING:  # torch takes seconds to import: --help and a bad flag answer without it
+    import numpy as np
+
+    from .inference import Predictor
 
 
 def collect_files(inputs: list[str]) -> tuple[list[Path], list[str]]:
     """Named files as given, folders searched recursively for image suffixes; returns (files, missing)."""
+    from .sources import IMAGE_SUFFIXES
+
     files, missing = [], []
     for item in inputs:
         path = Path(item)
@@ -40,6 +44,8 @@ def predict_files(predictor: Predictor, files: list[Path], *, top_k: int = 5, ba
     """Yield (path, prediction) for each file in order, or (path, reason) for a file that is not a usable
     image. Files are decoded to thumbnails one at a time, so a batch never holds full-size images."""
     from tqdm import tqdm
+
+    from .inference import ImageError, open_image
 
     batch: list[tuple[Path, np.ndarray]] = []
     with tqdm(total=len(files), unit="img", disable=not progress, file=sys.stderr) as bar:
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {item}: no such file or folder", file=sys.stderr)
     if not files:
         return error_line("no image files found in the given paths")
+    from .loading import ModelLoadError, load_predictor
+
     try:
         predictor = load_predictor(args.model, args.backend, args.device, args.threads)
     except ModelLoadError as err:

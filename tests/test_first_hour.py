@@ -19,7 +19,7 @@ from cifar_tl import precision
 from cifar_tl.config import RECIPES, build_parser, parse_args
 from cifar_tl.data import load_bundle, load_raw
 from cifar_tl.engine import train
-from cifar_tl.loading import default_model
+from cifar_tl.model_flags import default_model
 from cifar_tl.models import WeightsError, create_model
 from cifar_tl.sources import Sizing, fit_square
 
@@ -196,6 +196,22 @@ def test_app_without_model_says_what_to_do(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "app.py")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, check=False, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "python train.py" in proc.stderr
+
+
+def test_clis_answer_help_and_mistakes_before_loading_torch(tmp_path):
+    """`app.py --help`, a misspelt flag, no model to serve: each answers without waiting ~15 s for torch, gradio
+    and datasets to import."""
+    code = ("import sys\nfrom cifar_tl import demo, eda, export_onnx, predict\n"
+            "for main, argv in ((demo.main, ['--help']), (demo.main, ['--prot', '1']), (predict.main, ['--help']),"
+            " (export_onnx.main, ['--help']), (eda.main, ['--help'])):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "assert demo.main([]) == 2\n"
+            "print(sorted(m for m in ('torch', 'gradio', 'datasets', 'timm') if m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if k != "CIFAR_TL_MODEL"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "unrecognized arguments: --prot" in out.stderr and "no model to serve" in out.stderr
 
 
 def test_page_says_what_it_serves(cnn_model_dir):
