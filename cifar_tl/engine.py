@@ -30,7 +30,7 @@ from .checkpoints import Checkpoints, TrainState
 from .config import ConfigError, TrainConfig, save_yaml
 from .data import DatasetBundle, load_bundle, make_loader, on_device
 from .ema import ModelEma
-from .evaluate import collect_logits, evaluate_split
+from .evaluation import collect_logits, evaluate_split
 from .files import atomic_write_text, read_jsonl, write_errors
 from .lookahead import Lookahead
 from .metrics import confusion_matrix

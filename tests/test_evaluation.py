@@ -11,9 +11,9 @@ import pytest
 import torch
 from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
 
-from cifar_tl import evaluate
+from cifar_tl import evaluate, evaluation
 from cifar_tl.data import DatasetBundle, Split
-from cifar_tl.evaluate import collect_logits
+from cifar_tl.evaluation import collect_logits
 from cifar_tl.inference import Predictor
 from cifar_tl.metrics import (
     EvaluationError,
@@ -177,10 +177,10 @@ def test_tta_evaluation_runs_one_pass_that_gives_the_plain_results_too(level, vi
     bundle = DatasetBundle(split, split, split, ["a", "b", "c"], None, None, "f" * 16, "toy")
     model, accelerator = CountingModel().eval(), Accelerator(cpu=True)
     transform = lambda x: x.float() / 255
-    plain, plain_logits = evaluate.evaluate_split(model, split, bundle, transform, accelerator, batch_size=4)
+    plain, plain_logits = evaluation.evaluate_split(model, split, bundle, transform, accelerator, batch_size=4)
     assert model.images == 10
     model.images = 0
-    both, logits = evaluate.evaluate_split(model, split, bundle, transform, accelerator, batch_size=4, tta=level)
+    both, logits = evaluation.evaluate_split(model, split, bundle, transform, accelerator, batch_size=4, tta=level)
     assert model.images == 10 * views  # one forward per view, none repeated for the plain results
     assert torch.allclose(logits, plain_logits) and both["plain"]["top1"] == plain["plain"]["top1"]
     assert 0 < both["plain"]["seconds"] < both["tta"]["seconds"]  # the plain share of the one pass
