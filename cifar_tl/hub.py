@@ -16,14 +16,25 @@ import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi, SpaceCard, SpaceCardData, get_token, is_offline_mode
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .console import one_line_errors
 from .files import WriteError
-from .loading import DOWNLOAD_PATTERNS, is_hub_id
-from .model_folder import write_card
 
+DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]  # what `loading` fetches of a Hub model
 UPLOAD_PATTERNS = [*DOWNLOAD_PATTERNS, "*.png"]  # + the card's plots; never pickles, never code
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def is_hub_id(text: str) -> bool:
+    """`namespace/name`, as the Hub spells a repository (a bare name would land in whichever account is logged
+    in)."""
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return text.count("/") == 1
 
 
 class HubError(RuntimeError):
@@ -73,6 +84,8 @@ def push_model_dir(model_dir: str | Path, repo_id: str, *, private: bool = False
     so its loading snippets name the repo. Returns the commit URL."""
     config = read_model_folder(model_dir)
     check_push_access(repo_id)
+    from .model_folder import write_card  # torch and timm: not needed for --help or the other commands
+
     write_card(model_dir, config, repo_id=repo_id)
     api = HfApi()
     try:  # upload_folder has the Hub validate README.md's metadata before any file is sent

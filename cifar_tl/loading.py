@@ -11,30 +11,19 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import is_offline_mode, snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import LocalEntryNotFoundError
 
+from .hub import DOWNLOAD_PATTERNS, is_hub_id
 from .inference import Predictor
 from .integrity import DamagedFileError
 from .model_flags import BACKENDS
 from .offline import hub_offline
 
-DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]
 logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message names the source and the cause."""
-
-
-def is_hub_id(text: str) -> bool:
-    """`namespace/name`, as the Hub spells a repository (a bare name would land in whichever account is logged
-    in)."""
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return False
-    return text.count("/") == 1
 
 
 def model_folder(source: str | Path) -> Path:
