@@ -374,7 +374,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
-        flags = ["--config"] + [f"--{_flag(f.name)}" for f in fields(TrainConfig)]
+        hints = typing.get_type_hints(TrainConfig)
+        flags = ["--config"] + [f"--{prefix}{_flag(f.name)}" for f in fields(TrainConfig)
+                                for prefix in ("", "no-") if not prefix or _base_type(hints[f.name]) is bool]
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + _did_you_mean(unknown[0].split("=")[0], flags))
     args = vars(namespace)
     config_path = args.pop("config", None)

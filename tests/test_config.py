@@ -83,6 +83,9 @@ def test_misspelt_options_get_a_suggestion(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--optimzer", "sgd"])
     assert "unrecognized arguments: --optimzer sgd (did you mean --optimizer?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a misspelt --no-X is not pointed at its opposite
+        parse_args(["--no-pretraned"])
+    assert "(did you mean --no-pretrained?)" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("optimzer: sgd\n")
     with pytest.raises(ConfigError, match=r"unknown option\(s\) optimzer \(did you mean optimizer\?\)"):
