@@ -75,7 +75,7 @@ def load_bundle(
     image_column: str | None = None,
     label_column: str | None = None,
     coarse_label_column: str | None = None,
-    train_split: str = "train",
+    train_split: str | None = "train",
     test_split: str = "test",
     val_fraction: float = 0.1,
     max_train_samples: int | None = None,
@@ -83,21 +83,26 @@ def load_bundle(
     cache: bool = True,
     sizing: Sizing | None = None,
 ) -> DatasetBundle:
-    """Load a source and split its train split into stratified train/val; test stays untouched."""
+    """Load a source and split its train split into stratified train/val; test stays untouched.
+    `train_split=None` reads the test split alone (an evaluation of a test-only source): train and val are empty."""
+    splits = (train_split, test_split) if train_split is not None else (test_split,)
     raw = load_raw(dataset, image_column=image_column, label_column=label_column,
-                   coarse_label_column=coarse_label_column, splits=(train_split, test_split), cache=cache,
-                   sizing=sizing)
-    train_all, test = raw.splits[train_split], raw.splits[test_split]
-    train_idx, val_idx = stratified_split(train_all.fine, val_fraction, seed)
-    if val_fraction > 0 and len(val_idx) == 0:
-        raise DataError(f"--val-fraction {val_fraction} leaves no validation images from {len(train_all)} "
-                        "training images; raise it or use more data")
-    train = train_all.subset(train_idx)
-    if max_train_samples is not None and max_train_samples < len(train):
-        keep, _ = stratified_split(train.fine, 1 - max_train_samples / len(train), seed)
-        train = train.subset(keep)
-    bundle = DatasetBundle(train, train_all.subset(val_idx), test, raw.fine_names, raw.coarse_names,
-                           raw.fine_to_coarse, raw.fingerprint, raw.source, source_kind(dataset),
+                   coarse_label_column=coarse_label_column, splits=splits, cache=cache, sizing=sizing)
+    test = raw.splits[test_split]
+    if train_split is None:
+        train_all = train = val = test.subset(slice(0, 0))
+    else:
+        train_all = raw.splits[train_split]
+        train_idx, val_idx = stratified_split(train_all.fine, val_fraction, seed)
+        if val_fraction > 0 and len(val_idx) == 0:
+            raise DataError(f"--val-fraction {val_fraction} leaves no validation images from {len(train_all)} "
+                            "training images; raise it or use more data")
+        train, val = train_all.subset(train_idx), train_all.subset(val_idx)
+        if max_train_samples is not None and max_train_samples < len(train):
+            keep, _ = stratified_split(train.fine, 1 - max_train_samples / len(train), seed)
+            train = train.subset(keep)
+    bundle = DatasetBundle(train, val, test, raw.fine_names, raw.coarse_names, raw.fine_to_coarse,
+                           raw.fingerprint, raw.source, source_kind(dataset),
                            {"train": len(train_all), "test": len(test)})
     bundle.drop_partial_coarse()
     return bundle

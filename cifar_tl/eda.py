@@ -93,24 +93,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-column")
     parser.add_argument("--label-column")
     parser.add_argument("--coarse-label-column")
-    parser.add_argument("--splits", nargs="+", default=["train", "test"])
+    parser.add_argument("--splits", nargs="+", help="default: train and test, or the splits the source has")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     from .data import load_raw
-    from .sources import DataError
+    from .sources import DataError, MissingSplitError
 
+    def load(splits: list[str]):
+        return load_raw(args.dataset, image_column=args.image_column, label_column=args.label_column,
+                        coarse_label_column=args.coarse_label_column, splits=tuple(splits), skip_unreadable=True)
+
+    splits = args.splits or ["train", "test"]
     try:
-        raw = load_raw(args.dataset, image_column=args.image_column, label_column=args.label_column,
-                       coarse_label_column=args.coarse_label_column, splits=tuple(args.splits),
-                       skip_unreadable=True)
+        try:
+            raw = load(splits)
+        except MissingSplitError as err:
+            if args.splits or not err.have:
+                raise DataError(f"--dataset {args.dataset}: has no split {err.split!r} (it has "
+                                f"{', '.join(err.have) or 'none'}); choose with --splits") from None
+            splits = err.have  # no --splits: whatever the source has (a test-only set, a folder of class folders)
+            raw = load(splits)
     except DataError as err:
         return error_line(err)
     balance = class_balance(raw)
     balance.to_csv(out / "class_balance.csv", index=False)
     info = summary(raw, balance)
     (out / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
-    sample_grid(raw, out / "samples.png", split=args.splits[0])
+    sample_grid(raw, out / "samples.png", split=splits[0])
     print(json.dumps({k: info[k] for k in ("sizes", "num_fine_classes", "num_coarse_classes", "duplicates",
                                            "unreadable_rows")}))
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from functools import partial
@@ -20,8 +21,10 @@ from .files import atomic_write_text
 from .loading import backend_of, load_predictor, model_folder
 from .metrics import EvaluationError, align_labels, compute_metrics, load_label_map
 from .report import write_report
-from .sources import Sizing, Split
+from .sources import MissingSplitError, Sizing, Split
 from .tta import multiview_logits
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -113,11 +116,21 @@ def load_split(args: argparse.Namespace, trained: dict, data_size: int, accelera
     images stored at the model's data size when their sizes vary."""
     val_fraction = args.val_fraction if args.val_fraction is not None else trained.get("val_fraction", 0.1)
     seed = args.seed if args.seed is not None else trained.get("seed", 42)
+    load = partial(load_bundle, args.dataset, image_column=args.image_column, label_column=args.label_column,
+                   coarse_label_column=args.coarse_label_column, test_split=args.test_split,
+                   val_fraction=val_fraction, seed=seed, sizing=Sizing(trained.get("store_size"), data_size))
     with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
-        bundle = load_bundle(args.dataset, image_column=args.image_column, label_column=args.label_column,
-                             coarse_label_column=args.coarse_label_column, train_split=args.train_split,
-                             test_split=args.test_split, val_fraction=val_fraction, seed=seed,
-                             sizing=Sizing(trained.get("store_size"), data_size))
+        try:
+            bundle = load(train_split=args.train_split)
+        except MissingSplitError as err:  # a test-only source: its test split is all a test evaluation needs
+            if err.split == args.test_split and err.have:  # e.g. a folder of class folders: one split, "train"
+                raise EvaluationError(f"{err}; e.g. --test-split {err.have[0]} evaluates all of its "
+                                      f"{err.have[0]!r} split") from None
+            if args.split != "test" or err.split != args.train_split:
+                raise
+            log.info("%s has no %r split (it has %s): evaluating its %r split alone", args.dataset,
+                     args.train_split, ", ".join(err.have), args.test_split)
+            bundle = load(train_split=None)
     data = getattr(bundle, args.split)
     if len(data) == 0:
         hint = " (val comes from --val-fraction of the train split)" if args.split == "val" else ""

@@ -42,6 +42,15 @@ class DataError(ValueError):
     """The dataset cannot be used as given; the message names the source, split, column or flag."""
 
 
+class MissingSplitError(DataError):
+    """A split asked for is not in the source; `have` names the splits it has (a CLI may choose among them)."""
+
+    def __init__(self, dataset: str, split: str, flag: str, have: Iterable[str]):
+        self.split, self.have = split, sorted(have)
+        super().__init__(f"--dataset {dataset}: has no split {split!r} (it has {', '.join(self.have) or 'none'}); "
+                         f"choose another with {flag}")
+
+
 @dataclass
 class Split:
     images: torch.Tensor  # uint8 [N, 3, H, W]
@@ -249,10 +258,8 @@ def _cifar_pickle_dir(path: Path) -> Path | None:
     return None
 
 
-def _missing_split(dataset: str, split: str, splits: tuple[str, ...], have: Iterable[str]) -> DataError:
-    flag = "--test-split" if split == splits[-1] else "--train-split"
-    return DataError(f"--dataset {dataset}: has no split {split!r} (it has {', '.join(have) or 'none'}); "
-                     f"choose another with {flag}")
+def _missing_split(dataset: str, split: str, splits: tuple[str, ...], have: Iterable[str]) -> MissingSplitError:
+    return MissingSplitError(dataset, split, "--test-split" if split == splits[-1] else "--train-split", have)
 
 
 # --------------------------------------------------------------------------------------------- image folders
@@ -263,7 +270,10 @@ def _load_image_folder(dataset: str, splits, skip_unreadable: bool, sizing: Sizi
     folder names, files anywhere below a class folder belong to it."""
     root = Path(dataset)
     tops = sorted(p for p in root.iterdir() if p.is_dir())  # is_dir follows links
-    layout = {p.name: p for p in tops} if {p.name for p in tops} & SPLIT_FOLDERS else {"train": root}
+    named = [p for p in tops if p.name in SPLIT_FOLDERS]
+    # split folders hold class folders; a class that happens to be called "train" (CIFAR-100 has one) holds images
+    by_split = named and (len(named) == len(tops) or any(c.is_dir() for p in named for c in p.iterdir()))
+    layout = {p.name: p for p in tops} if by_split else {"train": root}
     files = {}
     for split in splits:
         if split not in layout:

@@ -57,6 +57,21 @@ def test_image_folder(tmp_path, cifar100_arrays):
     assert raw.splits["train"].images.shape[1:] == (3, 32, 32)
 
 
+def test_image_folder_with_a_class_called_train(tmp_path, cifar100_arrays):
+    """CIFAR-100 has a class "train": as a class folder of images it is a class, not the train split; top-level
+    split folders with no class folders below them are still read as splits (and refused)."""
+    images, _, _ = cifar100_arrays["train"]
+    for i, name in enumerate(["train", "table", "tractor"] * 4):
+        (tmp_path / "flat" / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(tmp_path / "flat" / name / f"{i}.png")
+        (tmp_path / "unlabelled" / ("train" if i % 2 else "test")).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(tmp_path / "unlabelled" / ("train" if i % 2 else "test") / f"{i}.png")
+    raw = load_raw(str(tmp_path / "flat"), splits=("train",), cache=False)
+    assert raw.fine_names == ["table", "tractor", "train"] and len(raw.splits["train"]) == 12
+    with pytest.raises(DataError, match="split 'train' has no images in class folders"):
+        load_raw(str(tmp_path / "unlabelled"), cache=False)
+
+
 def test_stratified_split_is_reproducible_and_keeps_shares():
     labels = torch.arange(10).repeat_interleave(torch.arange(10, 110, 10))  # class c has 10*(c+1) items
     keep1, held1 = stratified_split(labels, 0.1, seed=3)

@@ -46,3 +46,17 @@ def test_eda_reports_unreadable_rows_and_duplicates(tmp_path):
 def test_eda_bad_dataset_is_one_line(tmp_path, capsys):
     assert main(["--dataset", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_eda_takes_the_splits_a_source_has(cifar100_arrays, tmp_path, capsys):
+    """Without --splits, a test-only source (or a folder of class folders: one split) is described as it is;
+    an explicit --splits that the source lacks is one line naming the flag."""
+    from conftest import write_parquet
+
+    test_only = write_parquet({"test": cifar100_arrays["test"]}, tmp_path / "test_only")
+    assert main(["--dataset", str(test_only), "--output-dir", str(tmp_path / "eda")]) == 0
+    summary = json.loads((tmp_path / "eda" / "summary.json").read_text())
+    assert summary["sizes"] == {"test": 200} and summary["num_coarse_classes"] == 20
+    assert (tmp_path / "eda" / "samples.png").is_file()
+    assert main(["--dataset", str(test_only), "--splits", "train", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "has no split 'train' (it has test); choose with --splits" in capsys.readouterr().err

@@ -258,6 +258,40 @@ def test_evaluate_backends_agree(cnn_model_dir, cifar100_parquet, tmp_path):
                 assert result[key] == pytest.approx(reference[key], abs=1e-4), (name, key)
 
 
+def test_evaluate_reads_a_test_only_source(cnn_model_dir, cifar100_arrays, cifar100_parquet, tmp_path, capsys):
+    """A source with a test split and no train split (a held-out set on its own) is evaluated as it is; only a
+    split that comes from the train split (val, train) needs one."""
+    from conftest import write_parquet
+
+    test_only = write_parquet({"test": cifar100_arrays["test"]}, tmp_path / "test_only")
+    runs = {}
+    for name, dataset in [("full", cifar100_parquet), ("test_only", test_only)]:
+        assert evaluate.main(["--model", str(cnn_model_dir), "--dataset", str(dataset), "--output-dir",
+                              str(tmp_path / name)]) == 0
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert runs["test_only"]["n"] == 200
+    for key in ("top1", "top5", "coarse_top1", "loss"):
+        assert runs["test_only"][key] == pytest.approx(runs["full"][key], abs=1e-6), key
+    capsys.readouterr()
+    assert evaluate.main(["--model", str(cnn_model_dir), "--dataset", str(test_only), "--split", "val",
+                          "--output-dir", str(tmp_path / "val")]) == 2
+    assert "has no split 'train' (it has test)" in capsys.readouterr().err.splitlines()[-1]
+    # a folder of class folders (one split, "train"): the error says how to evaluate all of it, and that works
+    from PIL import Image
+
+    images, fine, _ = cifar100_arrays["test"]
+    for i, (image, label) in enumerate(zip(images, fine.tolist())):
+        (tmp_path / "photos" / FINE_NAMES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "photos" / FINE_NAMES[label] / f"{i}.png")
+    args = ["--model", str(cnn_model_dir), "--dataset", str(tmp_path / "photos"), "--output-dir",
+            str(tmp_path / "photos_eval")]
+    assert evaluate.main(args) == 2
+    assert "e.g. --test-split train evaluates all of its 'train' split" in capsys.readouterr().err
+    assert evaluate.main([*args, "--test-split", "train"]) == 0
+    metrics = json.loads((tmp_path / "photos_eval" / "metrics.json").read_text())
+    assert metrics["n"] == 200 and metrics["top1"] == pytest.approx(runs["full"]["top1"], abs=1e-6)
+
+
 @pytest.fixture
 def renamed_model_dir(cnn_model_dir, tmp_path):
     """The fixture model with one class renamed: its labels no longer match the dataset's."""
