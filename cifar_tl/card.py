@@ -177,7 +177,8 @@ def _dataset_id(data: dict, names: list[str], coarse_names: list[str] | None,
 def _data_used(data: dict, dataset_id: str | None, name: str, train: dict) -> str:
     """One paragraph on the data this run used, from the sizes recorded at training time."""
     source, kind = f"`{data['source']}`", data.get("kind")
-    used = data["train"] + data["val"] if "train" in data else 0
+    held = data.get("test_held_out")  # the source had no test split: part of its train split became the test
+    used = data["train"] + data["val"] + (data["test"] if held else 0) if "train" in data else 0
     source_train = (data.get("source_sizes") or {}).get("train", used)
     subset = used < source_train
     what = "a subset of " if subset else ""
@@ -197,10 +198,13 @@ def _data_used(data: dict, dataset_id: str | None, name: str, train: dict) -> st
         return (f"{what}{sample}, held out a stratified {share} of the training split for validation and "
                 f"early stopping, and reports results on the untouched test split.{fingerprint}")
     sample = f" (a stratified subsample: `--max-train-samples {train.get('max_train_samples')}`)" if subset else ""
-    val = (f"{data['val']:,} validation images (a stratified {share} of its {source_train:,} "
+    pool = source_train - data["test"] if held else source_train
+    val = (f"{data['val']:,} validation images (a stratified {share} of its {pool:,} "
            "training images, for early stopping)" if data["val"] else "no validation images")
-    return (f"{what}: {data['train']:,} training images{sample}, {val} and {data['test']:,} test images, on "
-            f"which the results below are reported.{fingerprint}")
+    test = (f" (the source has no test split: a stratified {100 * held:g} % of its {source_train:,} images, held "
+            "out before training)" if held else "")
+    return (f"{what}: {data['train']:,} training images{sample}, {val} and {data['test']:,} test images{test}, "
+            f"on which the results below are reported.{fingerprint}")
 
 
 def _origin(train: dict, base_model: str | None) -> str:

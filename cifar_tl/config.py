@@ -64,6 +64,9 @@ class TrainConfig:
     train_split: str = "train"
     test_split: str = "test"
     val_fraction: float = field(default=0.1, metadata={"help": "stratified validation share of the train split"})
+    test_fraction: float = field(default=0.1, metadata={"help": "a source with no --test-split split (a folder of "
+                                 "class folders): this stratified share of its train split, drawn the same way "
+                                 "in every run and in evaluate, is the test split; 0: an error instead"})
     max_train_samples: int | None = field(default=None, metadata={"help": "stratified subsample of train"})
     data_cache: bool = field(default=True, metadata={"help": "cache the decoded uint8 tensor store on disk"})
     store_size: int | None = field(default=None, metadata={"help": "decode every image to SIZE x SIZE (short side "
@@ -218,8 +221,9 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in [0, 1); got {self.val_fraction}")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{_flag(name)} must be in [0, 1); got {getattr(self, name)}")
         for name in ("batch_size", "eval_batch_size", "epochs", "grad_accum_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1; got {getattr(self, name)}")

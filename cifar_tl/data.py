@@ -11,13 +11,23 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .files import atomic_path
-from .sources import DataError, RawDataset, Sizing, Split, read_source, source_kind, walk_files
+from .sources import (
+    DataError,
+    MissingSplitError,
+    RawDataset,
+    Sizing,
+    Split,
+    read_source,
+    source_kind,
+    walk_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,7 @@ class DatasetBundle:
     source: str
     kind: str = ""  # how the source was read: hub, parquet, save-to-disk, cifar-pickle, cifar-tar, imagefolder
     source_sizes: dict[str, int] = field(default_factory=dict)  # images per split of the source, before any split
+    test_held_out: float | None = None  # the source had no test split: this share of its train split is the test
 
     @property
     def num_classes(self) -> int:
@@ -46,7 +57,8 @@ class DatasetBundle:
         each split the run used (train after --max-train-samples) and in the source's own splits."""
         return {"source": self.source, "kind": self.kind, "fingerprint": self.fingerprint,
                 "train": len(self.train), "val": len(self.val), "test": len(self.test),
-                "source_sizes": dict(self.source_sizes), "num_classes": self.num_classes,
+                "source_sizes": dict(self.source_sizes), "test_held_out": self.test_held_out,
+                "num_classes": self.num_classes,
                 "num_coarse": len(self.coarse_names) if self.coarse_names else 0}
 
     @property
@@ -69,6 +81,9 @@ class DatasetBundle:
 # --------------------------------------------------------------------------------------------- public API
 
 
+TEST_SEED = 0  # a held-out test share depends on the data alone, not on a run's --seed: runs stay comparable
+
+
 def load_bundle(
     dataset: str,
     *,
@@ -78,21 +93,38 @@ def load_bundle(
     train_split: str | None = "train",
     test_split: str = "test",
     val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
     max_train_samples: int | None = None,
     seed: int = 42,
     cache: bool = True,
     sizing: Sizing | None = None,
 ) -> DatasetBundle:
     """Load a source and split its train split into stratified train/val; test stays untouched.
-    `train_split=None` reads the test split alone (an evaluation of a test-only source): train and val are empty."""
-    splits = (train_split, test_split) if train_split is not None else (test_split,)
-    raw = load_raw(dataset, image_column=image_column, label_column=label_column,
-                   coarse_label_column=coarse_label_column, splits=splits, cache=cache, sizing=sizing)
-    test = raw.splits[test_split]
+    A source with no test split (a folder of class folders) gets one: a stratified `test_fraction` of its train
+    split, drawn with a fixed seed. `train_split=None` reads the test split alone (an evaluation of a test-only
+    source): train and val are empty."""
+    load = partial(load_raw, dataset, image_column=image_column, label_column=label_column,
+                   coarse_label_column=coarse_label_column, cache=cache, sizing=sizing)
+    held_out = None
     if train_split is None:
+        raw = load(splits=(test_split,))
+        test = raw.splits[test_split]
         train_all = train = val = test.subset(slice(0, 0))
     else:
-        train_all = raw.splits[train_split]
+        try:
+            raw = load(splits=(train_split, test_split))
+            train_all, test = raw.splits[train_split], raw.splits[test_split]
+        except MissingSplitError as err:
+            if err.split != test_split or train_split not in err.have:
+                raise
+            if test_fraction <= 0:
+                raise DataError(f"{err}, or hold out a share of its {train_split!r} split with --test-fraction") from None
+            raw = load(splits=(train_split,))
+            keep, test_idx = stratified_split(raw.splits[train_split].fine, test_fraction, TEST_SEED)
+            train_all, test = raw.splits[train_split].subset(keep), raw.splits[train_split].subset(test_idx)
+            held_out = test_fraction
+            log.info("%s has no %r split: a stratified %g %% of its %r split (%d images) is held out as the test "
+                     "split (--test-fraction)", dataset, test_split, 100 * test_fraction, train_split, len(test))
         train_idx, val_idx = stratified_split(train_all.fine, val_fraction, seed)
         if val_fraction > 0 and len(val_idx) == 0:
             raise DataError(f"--val-fraction {val_fraction} leaves no validation images from {len(train_all)} "
@@ -101,9 +133,9 @@ def load_bundle(
         if max_train_samples is not None and max_train_samples < len(train):
             keep, _ = stratified_split(train.fine, 1 - max_train_samples / len(train), seed)
             train = train.subset(keep)
+    sizes = {"train": len(train_all) + len(test)} if held_out else {"train": len(train_all), "test": len(test)}
     bundle = DatasetBundle(train, val, test, raw.fine_names, raw.coarse_names, raw.fine_to_coarse,
-                           raw.fingerprint, raw.source, source_kind(dataset),
-                           {"train": len(train_all), "test": len(test)})
+                           raw.fingerprint, raw.source, source_kind(dataset), sizes, held_out)
     bundle.drop_partial_coarse()
     return bundle
 

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "once to the cache and run on ONNX Runtime: 4x PyTorch per pass for Lite0 at 128 px), torch on a GPU "
                    "or with several processes")
     p.add_argument("--val-fraction", type=float, help="default: the model's training value, else 0.1")
+    p.add_argument("--test-fraction", type=float, help="a source with no test split: the share of its train split "
+                   "held out as the test split, as train.py holds it out; default: the model's training value, else "
+                   "0.1 (--test-split train evaluates all of it)")
     p.add_argument("--seed", type=int, help="split seed; default: the model's training value, else 42")
     for flag in ("image-column", "label-column", "coarse-label-column"):
         p.add_argument(f"--{flag}", help="as in train.py")

@@ -115,17 +115,15 @@ def load_split(args: argparse.Namespace, trained: dict, data_size: int, accelera
     """The dataset split as the model's training run split it (same validation share and seed by default), its
     images stored at the model's data size when their sizes vary."""
     val_fraction = args.val_fraction if args.val_fraction is not None else trained.get("val_fraction", 0.1)
+    test_fraction = args.test_fraction if args.test_fraction is not None else trained.get("test_fraction", 0.1)
     seed = args.seed if args.seed is not None else trained.get("seed", 42)
     load = partial(load_bundle, args.dataset, image_column=args.image_column, label_column=args.label_column,
                    coarse_label_column=args.coarse_label_column, test_split=args.test_split,
-                   val_fraction=val_fraction, seed=seed, sizing=Sizing(trained.get("store_size"), data_size))
+                   val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, sizing=Sizing(trained.get("store_size"), data_size))
     with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
         try:
             bundle = load(train_split=args.train_split)
         except MissingSplitError as err:  # a test-only source: its test split is all a test evaluation needs
-            if err.split == args.test_split and err.have:  # e.g. a folder of class folders: one split, "train"
-                raise EvaluationError(f"{err}; e.g. --test-split {err.have[0]} evaluates all of its "
-                                      f"{err.have[0]!r} split") from None
             if args.split != "test" or err.split != args.train_split:
                 raise
             log.info("%s has no %r split (it has %s): evaluating its %r split alone", args.dataset,

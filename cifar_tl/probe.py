@@ -86,6 +86,8 @@ def feature_key(cfg, bundle, image_size: int) -> str:
         weights = "pretrained"
     parts = [cfg.model, weights, image_size, bundle.fingerprint, cfg.seed, cfg.val_fraction,
              cfg.max_train_samples, cfg.probe_stages]
+    if bundle.test_held_out:  # the test split is a share of the train split: its size moves every split
+        parts.append(bundle.test_held_out)
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:20]
 
 

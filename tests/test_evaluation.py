@@ -276,7 +276,7 @@ def test_evaluate_reads_a_test_only_source(cnn_model_dir, cifar100_arrays, cifar
     assert evaluate.main(["--model", str(cnn_model_dir), "--dataset", str(test_only), "--split", "val",
                           "--output-dir", str(tmp_path / "val")]) == 2
     assert "has no split 'train' (it has test)" in capsys.readouterr().err.splitlines()[-1]
-    # a folder of class folders (one split, "train"): the error says how to evaluate all of it, and that works
+    # a folder of class folders (one split, "train"): a held-out share by default, all of it on request
     from PIL import Image
 
     images, fine, _ = cifar100_arrays["test"]
@@ -285,9 +285,9 @@ def test_evaluate_reads_a_test_only_source(cnn_model_dir, cifar100_arrays, cifar
         Image.fromarray(image).save(tmp_path / "photos" / FINE_NAMES[label] / f"{i}.png")
     args = ["--model", str(cnn_model_dir), "--dataset", str(tmp_path / "photos"), "--output-dir",
             str(tmp_path / "photos_eval")]
-    assert evaluate.main(args) == 2
-    assert "e.g. --test-split train evaluates all of its 'train' split" in capsys.readouterr().err
-    assert evaluate.main([*args, "--test-split", "train"]) == 0
+    assert evaluate.main(args) == 0  # its held-out 10 %, as train.py holds it out
+    assert json.loads((tmp_path / "photos_eval" / "metrics.json").read_text())["n"] == 20
+    assert evaluate.main([*args, "--test-split", "train"]) == 0  # all of it
     metrics = json.loads((tmp_path / "photos_eval" / "metrics.json").read_text())
     assert metrics["n"] == 200 and metrics["top1"] == pytest.approx(runs["full"]["top1"], abs=1e-6)
 

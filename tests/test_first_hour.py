@@ -4,6 +4,7 @@ offline, Accelerate's precision honoured, `app.py` without --model, nothing left
 folders of mixed sizes and linked folders."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from cifar_tl import precision
@@ -72,8 +74,9 @@ def test_a_run_that_fails_on_its_data_leaves_nothing(tmp_path, cifar100_arrays):
     bad = write_parquet({"train": (images[:20], fine[:20], coarse[:20])}, tmp_path / "no_test_split")
     out = tmp_path / "runs" / "latest"
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--dataset", str(bad), "--output-dir", str(out),
-                           *TINY], capture_output=True, text=True, check=False, timeout=300)
-    assert proc.returncode == 2 and "has no split 'test'" in proc.stderr and "Traceback" not in proc.stderr
+                           "--test-fraction", "0", *TINY], capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "has no split 'test'" in proc.stderr and "--test-fraction" in proc.stderr
     assert not out.exists() and not (tmp_path / "runs").exists()
 
 
@@ -268,6 +271,26 @@ def test_mixed_size_linked_photo_folder_trains(linked_photo_folder, tmp_path, ca
     metrics = train(parse_args(["--dataset", str(linked_photo_folder), "--output-dir", str(tmp_path / "run"),
                                 "--model", "baseline_cnn_bn_small", "--epochs", "1", "--batch-size", "8"]))
     assert metrics["n"] == 6 and metrics["image_size"] == 32  # stored at the model's 32 px
+
+
+def test_a_folder_of_class_folders_gets_a_held_out_test_split(linked_photo_folder, tmp_path):
+    """No train/ and test/: a stratified 10 % is held out as the test split, drawn the same way whatever the
+    run's --seed, in train.py and in evaluate; the model card says so."""
+    from cifar_tl import evaluate
+
+    flat = linked_photo_folder / "train"  # cat/ and dog/, 8 photos each
+    one, two = (load_bundle(str(flat), cache=False, seed=seed, sizing=Sizing(mixed=32)) for seed in (1, 2))
+    assert len(one.test) == 2 and one.test.fine.tolist() == [0, 1]  # round(16 * 0.1), one image per class
+    assert torch.equal(one.test.images, two.test.images) and len(one.train) + len(one.val) == 14
+    metrics = train(parse_args(["--dataset", str(flat), "--output-dir", str(tmp_path / "run"), "--model",
+                                "baseline_cnn_bn_small", "--epochs", "1", "--batch-size", "8"]))
+    assert metrics["n"] == 2
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "2 test images (the source has no test split: a stratified 10 % of its 16 images" in card
+    assert evaluate.main(["--model", str(tmp_path / "run" / "model"), "--dataset", str(flat), "--output-dir",
+                          str(tmp_path / "eval")]) == 0
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["n"] == 2 and again["top1"] == pytest.approx(metrics["top1"])
 
 
 def test_the_predictor_sees_what_the_store_holds():
