@@ -98,11 +98,13 @@ def load_bundle(
     seed: int = 42,
     cache: bool = True,
     sizing: Sizing | None = None,
+    partial_coarse: bool = False,
 ) -> DatasetBundle:
     """Load a source and split its train split into stratified train/val; test stays untouched.
     A source with no test split (a folder of class folders) gets one: a stratified `test_fraction` of its train
     split, drawn with a fixed seed. `train_split=None` reads the test split alone (an evaluation of a test-only
-    source): train and val are empty."""
+    source): train and val are empty. A fine->coarse map the data leaves partial (classes it never shows) turns
+    superclass labels off, unless `partial_coarse` keeps it for the caller to complete (evaluation)."""
     load = partial(load_raw, dataset, image_column=image_column, label_column=label_column,
                    coarse_label_column=coarse_label_column, cache=cache, sizing=sizing)
     held_out = None
@@ -136,7 +138,8 @@ def load_bundle(
     sizes = {"train": len(train_all) + len(test)} if held_out else {"train": len(train_all), "test": len(test)}
     bundle = DatasetBundle(train, val, test, raw.fine_names, raw.coarse_names, raw.fine_to_coarse,
                            raw.fingerprint, raw.source, source_kind(dataset), sizes, held_out)
-    bundle.drop_partial_coarse()
+    if not partial_coarse:
+        bundle.drop_partial_coarse()
     return bundle
 
 

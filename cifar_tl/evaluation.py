@@ -119,7 +119,7 @@ def load_split(args: argparse.Namespace, trained: dict, data_size: int, accelera
     seed = args.seed if args.seed is not None else trained.get("seed", 42)
     load = partial(load_bundle, args.dataset, image_column=args.image_column, label_column=args.label_column,
                    coarse_label_column=args.coarse_label_column, test_split=args.test_split,
-                   val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, sizing=Sizing(trained.get("store_size"), data_size))
+                   val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, partial_coarse=True, sizing=Sizing(trained.get("store_size"), data_size))
     with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
         try:
             bundle = load(train_split=args.train_split)
@@ -136,6 +136,23 @@ def load_split(args: argparse.Namespace, trained: dict, data_size: int, accelera
     return bundle, data
 
 
+def complete_coarse(bundle: DatasetBundle, predictor, columns: list[int]) -> None:
+    """A small labelled sample (CIFAR-100's first 20 test images) leaves most fine classes unseen, so the map
+    its rows give is partial: the model's own map completes it when both name the same superclasses and agree
+    on every class the sample shows. Otherwise superclass metrics are off, as in training."""
+    seen = bundle.fine_to_coarse
+    if seen is None or -1 not in seen:
+        return
+    if predictor.has_coarse and predictor.coarse_names == bundle.coarse_names:
+        model_map = [predictor.fine_to_coarse[c] for c in columns]  # in the dataset's class order
+        if all(s in (-1, m) for s, m in zip(seen, model_map)):
+            bundle.fine_to_coarse = model_map
+            log.info("%s: the superclasses of the %d fine classes it does not show come from the model's map",
+                     bundle.source, seen.count(-1))
+            return
+    bundle.drop_partial_coarse()
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
 
@@ -150,6 +167,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     extra = predictor.config.get("cifar_tl", {})
     bundle, data = load_split(args, extra.get("train_config") or {}, predictor.data_size, accelerator)
     columns = align_labels(predictor.fine_names, bundle.fine_names, label_map)
+    complete_coarse(bundle, predictor, columns)
     if backend == "onnx":  # the graph holds the eval transform: it takes the uint8 thumbnails as stored
         from .onnx_backend import SessionModule
 

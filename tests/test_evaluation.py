@@ -292,6 +292,30 @@ def test_evaluate_reads_a_test_only_source(cnn_model_dir, cifar100_arrays, cifar
     assert metrics["n"] == 200 and metrics["top1"] == pytest.approx(runs["full"]["top1"], abs=1e-6)
 
 
+def test_a_small_sample_gets_superclass_metrics_from_the_models_map(cnn_model_dir, cifar100_arrays, tmp_path):
+    """20 labelled CIFAR-100 images show ~20 of the 100 classes: the model's map supplies the other superclasses
+    (rows that contradict it turn superclass metrics off instead)."""
+    from conftest import write_parquet
+
+    images, fine, coarse = cifar100_arrays["test"]
+    pick = list(range(0, 200, 10))  # 20 images: at most 20 of the 100 classes
+    sample = write_parquet({"test": (images[pick], fine[pick], coarse[pick])}, tmp_path / "sample")
+    assert evaluate.main(["--model", str(cnn_model_dir), "--dataset", str(sample), "--output-dir",
+                          str(tmp_path / "ok")]) == 0
+    metrics = json.loads((tmp_path / "ok" / "metrics.json").read_text())
+    predictor = Predictor.from_dir(cnn_model_dir, device="cpu")
+    probs = predictor.logits(torch.from_numpy(images[pick]).permute(0, 3, 1, 2)).softmax(-1)
+    super_probs = torch.zeros(20, 20).index_add_(1, torch.tensor(FINE_TO_COARSE), probs)
+    expected = (super_probs.argmax(-1) == torch.as_tensor(coarse[pick])).float().mean().item()
+    assert metrics["n"] == 20 and metrics["coarse_top1"] == pytest.approx(expected, abs=1e-6)
+    wrong = coarse[pick].copy()
+    wrong[0] = (wrong[0] + 1) % 20  # a row that puts its class under another superclass than the model does
+    contradicts = write_parquet({"test": (images[pick], fine[pick], wrong)}, tmp_path / "contradicts")
+    assert evaluate.main(["--model", str(cnn_model_dir), "--dataset", str(contradicts), "--output-dir",
+                          str(tmp_path / "off")]) == 0
+    assert "coarse_top1" not in json.loads((tmp_path / "off" / "metrics.json").read_text())
+
+
 @pytest.fixture
 def renamed_model_dir(cnn_model_dir, tmp_path):
     """The fixture model with one class renamed: its labels no longer match the dataset's."""
