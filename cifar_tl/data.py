@@ -125,8 +125,10 @@ def load_bundle(
             keep, test_idx = stratified_split(raw.splits[train_split].fine, test_fraction, TEST_SEED)
             train_all, test = raw.splits[train_split].subset(keep), raw.splits[train_split].subset(test_idx)
             held_out = test_fraction
+            others = [name for name in err.have if name != train_split]
             log.info("%s has no %r split: a stratified %g %% of its %r split (%d images) is held out as the test "
-                     "split (--test-fraction)", dataset, test_split, 100 * test_fraction, train_split, len(test))
+                     "split (--test-fraction)%s", dataset, test_split, 100 * test_fraction, train_split, len(test),
+                     f"; --test-split {others[0]} would use its own {others[0]!r} split instead" if others else "")
         train_idx, val_idx = stratified_split(train_all.fine, val_fraction, seed)
         if val_fraction > 0 and len(val_idx) == 0:
             raise DataError(f"--val-fraction {val_fraction} leaves no validation images from {len(train_all)} "
