@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_path
+from .files import WriteError, atomic_path
 from .sources import (
     DataError,
     MissingSplitError,
@@ -197,7 +197,10 @@ def load_raw(
                       coarse_label_column=coarse_label_column, splits=splits, skip_unreadable=skip_unreadable,
                       sizing=sizing)
     if cache:
-        _write_store(raw, store)
+        try:
+            _write_store(raw, store)
+        except WriteError as err:  # a cache, not an output: a full or read-only cache disk costs speed, not the run
+            log.warning("%s; the decoded images stay in memory, uncached (CIFAR_TL_CACHE moves the cache)", err)
     return raw
 
 

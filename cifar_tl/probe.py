@@ -30,7 +30,7 @@ from . import depthwise
 from .config import ConfigError
 from .data import cache_dir, make_loader
 from .ema import ModelEma
-from .files import atomic_path, atomic_write_text
+from .files import WriteError, atomic_path, atomic_write_text
 from .optim import Budget, EarlyStopping, warmup_cosine
 
 EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
@@ -150,8 +150,11 @@ def cached_features(cfg, accelerator, model, bundle, transform, key: str) -> dic
     accelerator.print(f"linear probe: extracted {sum(len(v) for v in feats.values())} images' features in "
                       f"{time.time() - t0:.0f}s -> {path}")
     if accelerator.is_main_process:
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
+        try:
+            with atomic_path(path) as tmp:
+                save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
+        except WriteError as err:  # a cache: the run goes on with the features in memory
+            accelerator.print(f"linear probe: {err}; the features are not cached (CIFAR_TL_CACHE moves the cache)")
     return feats
 
 

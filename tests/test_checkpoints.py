@@ -372,3 +372,26 @@ def test_model_folder_write_failing_partway_leaves_the_old_folder(model_copy, mo
     assert torch.equal(reloaded.get_classifier().weight, model.get_classifier().weight)
     assert saved["cifar_tl"]["files"]["model.safetensors"]["sha256"] != config["cifar_tl"]["files"][
         "model.safetensors"]["sha256"]
+
+
+def test_a_full_cache_disk_costs_speed_not_the_run(easy10_parquet, tmp_path, monkeypatch, caplog, capsys):
+    """The decoded-image store and the probe's cached features are caches, not outputs: when the cache disk is
+    full the run says so and goes on with them in memory, leaving no partial file behind."""
+    from cifar_tl import data as data_mod
+    from cifar_tl import probe
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(data_mod, "save_file", full_disk)
+    monkeypatch.setattr(probe, "save_file", full_disk)
+    dataset = shutil.copytree(easy10_parquet, tmp_path / "data")  # a source the session has not cached yet
+    metrics = train(parse_args(["--dataset", str(dataset), "--output-dir", str(tmp_path / "run"), "--model",
+                                "test_efficientnet", "--no-pretrained", "--linear-probe", "--image-size", "32",
+                                "--epochs", "2", "--batch-size", "64"]))
+    assert metrics["epochs_run"] == 2 and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert "No space left on device; the decoded images stay in memory" in caplog.text
+    assert "No space left on device; the features are not cached" in capsys.readouterr().out
+    cache = data_mod.cache_dir()
+    assert not [p for p in (cache / "stores").glob(".*tmp*")] and not [p for p in cache.rglob("*.tmp*")]
