@@ -6,7 +6,8 @@ import logging
 import sys
 from collections.abc import Callable
 
-NOISY_LOGGERS = ("httpx", "huggingface_hub", "datasets", "filelock", "accelerate", "matplotlib", "onnx_ir", "onnxscript")
+NOISY_LOGGERS = ("httpx", "huggingface_hub", "datasets", "filelock", "accelerate", "matplotlib", "onnx_ir",
+                 "onnxscript")
 
 
 def setup_logging() -> None:

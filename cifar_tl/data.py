@@ -120,7 +120,8 @@ def load_bundle(
             if err.split != test_split or train_split not in err.have:
                 raise
             if test_fraction <= 0:
-                raise DataError(f"{err}, or hold out a share of its {train_split!r} split with --test-fraction") from None
+                raise DataError(f"{err}, or hold out a share of its {train_split!r} split with --test-fraction"
+                                ) from None
             raw = load(splits=(train_split,))
             keep, test_idx = stratified_split(raw.splits[train_split].fine, test_fraction, TEST_SEED)
             train_all, test = raw.splits[train_split].subset(keep), raw.splits[train_split].subset(test_idx)

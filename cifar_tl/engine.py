@@ -166,7 +166,8 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator) -> DatasetBundle:
         bundle = load_bundle(cfg.dataset, image_column=cfg.image_column, label_column=cfg.label_column,
                              coarse_label_column=cfg.coarse_label_column, train_split=cfg.train_split,
                              test_split=cfg.test_split, val_fraction=cfg.val_fraction,
-                             test_fraction=cfg.test_fraction, max_train_samples=cfg.max_train_samples, seed=cfg.seed, cache=cfg.data_cache,
+                             test_fraction=cfg.test_fraction, max_train_samples=cfg.max_train_samples,
+                             seed=cfg.seed, cache=cfg.data_cache,
                              sizing=Sizing(cfg.store_size, min(cfg.image_size or default_input_size(cfg.model),
                                                                MAX_STORE_SIZE)))
     accelerator.print(f"data: {bundle.source} train {len(bundle.train)} / val {len(bundle.val)} / test "

@@ -119,7 +119,8 @@ def load_split(args: argparse.Namespace, trained: dict, data_size: int, accelera
     seed = args.seed if args.seed is not None else trained.get("seed", 42)
     load = partial(load_bundle, args.dataset, image_column=args.image_column, label_column=args.label_column,
                    coarse_label_column=args.coarse_label_column, test_split=args.test_split,
-                   val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, partial_coarse=True, sizing=Sizing(trained.get("store_size"), data_size))
+                   val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, partial_coarse=True,
+                   sizing=Sizing(trained.get("store_size"), data_size))
     with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
         try:
             bundle = load(train_split=args.train_split)
