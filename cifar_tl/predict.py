@@ -24,12 +24,12 @@ if TYPE_CHECKING:  # torch takes seconds to import: --help and a bad flag answer
 
 def collect_files(inputs: list[str]) -> tuple[list[Path], list[str]]:
     """Named files as given, folders searched recursively for image suffixes; returns (files, missing)."""
-    from .sources import IMAGE_SUFFIXES
-
     files, missing = [], []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if path.is_dir():  # sources imports torch: only a folder needs it, a mistyped path does not
+            from .sources import IMAGE_SUFFIXES
+
             files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.is_file():
             files.append(path)

@@ -202,20 +202,21 @@ def test_app_without_model_says_what_to_do(tmp_path):
 
 
 def test_clis_answer_help_and_mistakes_before_loading_torch(tmp_path):
-    """`app.py --help`, a misspelt flag, no model to serve, the other CLIs' --help: each answers without waiting
-    ~15 s for torch, gradio and datasets to import."""
+    """`app.py --help`, a misspelt flag, no model to serve, a mistyped image path, the other CLIs' --help: each
+    answers without waiting ~15 s for torch, gradio and datasets to import."""
     code = ("import sys\nfrom cifar_tl import demo, eda, evaluate, export_onnx, hub, predict\n"
             "for main, argv in ((demo.main, ['--help']), (demo.main, ['--prot', '1']), (predict.main, ['--help']),"
             " (export_onnx.main, ['--help']), (eda.main, ['--help']), (evaluate.main, ['--help']),"
             " (hub.main, ['push', '--help'])):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "assert demo.main([]) == 2\n"
+            "assert demo.main([]) == 2 and predict.main(['--model', 'm', 'missing.png']) == 2\n"
             "print(sorted(m for m in ('torch', 'gradio', 'datasets', 'timm') if m in sys.modules))")
     env = {k: v for k, v in os.environ.items() if k != "CIFAR_TL_MODEL"}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert "unrecognized arguments: --prot" in out.stderr and "no model to serve" in out.stderr
+    assert "skipped missing.png: no such file or folder" in out.stderr and "no image files found" in out.stderr
 
 
 def test_page_says_what_it_serves(cnn_model_dir):
