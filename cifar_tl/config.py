@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+from .console import FlagParser, did_you_mean
 
 
 class ConfigError(ValueError):
@@ -294,11 +295,6 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _did_you_mean(word: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(word, known, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def _base_type(tp) -> type:
     """`int | None` -> int; the type argparse should convert a flag's text to."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
@@ -312,7 +308,7 @@ def _optional(text: str, convert):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         description="Train an image classifier (baseline CNN or timm transfer learning) with Accelerate.",
         epilog="Model-aware defaults: --pretrained is auto (ImageNet weights where the model has them), and with "
                "no --config file and none of the optimiser options (--optimizer, --lr, --momentum, "
@@ -360,7 +356,7 @@ def load_yaml(path: str | Path) -> dict:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}"
-                          + _did_you_mean(unknown[0], sorted(known)))
+                          + did_you_mean(unknown[0], sorted(known)))
     hints = typing.get_type_hints(TrainConfig)
     for key, value in data.items():
         base = _base_type(hints[key])
@@ -375,14 +371,7 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = build_parser()
-    namespace, unknown = parser.parse_known_args(argv)
-    if unknown:
-        hints = typing.get_type_hints(TrainConfig)
-        flags = ["--config"] + [f"--{prefix}{_flag(f.name)}" for f in fields(TrainConfig)
-                                for prefix in ("", "no-") if not prefix or _base_type(hints[f.name]) is bool]
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + _did_you_mean(unknown[0].split("=")[0], flags))
-    args = vars(namespace)
+    args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config", None)
     values = load_yaml(config_path) if config_path else {}
     values.update(args)  # flags override the file

@@ -1,10 +1,13 @@
 """How the command-line entry points talk to a person: library logging kept quiet, and the errors that mean
-"bad input" printed as one line (`error: ...`, exit code 2), never as a traceback."""
+"bad input" printed as one line (`error: ...`, exit code 2), never as a traceback, and a misspelt option
+answered with the nearest real one."""
 from __future__ import annotations
 
+import argparse
+import difflib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 NOISY_LOGGERS = ("httpx", "huggingface_hub", "datasets", "filelock", "accelerate", "matplotlib", "onnx_ir",
                  "onnxscript")
@@ -28,3 +31,28 @@ def error_line(err: BaseException | str) -> int:
     """A command's known failure as one line on stderr; its exit code."""
     print(f"error: {err}", file=sys.stderr)
     return 2
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse that names the nearest real option for a misspelt one: `--prot` -> "did you mean --port?"."""
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}"
+                       + did_you_mean(unknown[0].split("=")[0], list(_options(self))))
+        return namespace
+
+
+def did_you_mean(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _options(parser: argparse.ArgumentParser) -> Iterator[str]:
+    """Every option string of a parser and its subcommands (`--no-X` of boolean flags included)."""
+    for action in parser._actions:
+        yield from action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _options(sub)

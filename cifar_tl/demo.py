@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from .console import error_line
+from .console import FlagParser, error_line
 from .model_flags import MAX_PIXELS, add_model_args, default_model
 
 if TYPE_CHECKING:  # gradio and torch take seconds to import: `app.py --help` and a bad flag answer without them
@@ -233,7 +233,7 @@ def build_demo(predictor: Predictor, *, examples_dir: Path = EXAMPLES_DIR, top_k
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="app.py", description="Gradio demo of a cifar-tl model.")
+    parser = FlagParser(prog="app.py", description="Gradio demo of a cifar-tl model.")
     add_model_args(parser, required=False)
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")

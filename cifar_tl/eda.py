@@ -3,7 +3,6 @@ class_balance.csv (fine/coarse name and count per split), summary.json (sizes, c
 duplicates, unreadable rows) and samples.png (a labelled grid)."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .console import error_line
+from .console import FlagParser, error_line
 
 if TYPE_CHECKING:  # torch and datasets take seconds to import: --help and a bad flag answer without them
     from .sources import RawDataset
@@ -87,7 +86,7 @@ def sample_grid(raw: RawDataset, path: Path, split: str = "train", n: int = 40, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split()))
+    parser = FlagParser(description=" ".join(__doc__.split()))
     parser.add_argument("--dataset", default="uoft-cs/cifar100")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--image-column")

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .console import one_line_errors, setup_logging
+from .console import FlagParser, one_line_errors, setup_logging
 from .model_flags import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cifar_tl.evaluate", description="Evaluate a model folder or "
+    p = FlagParser(prog="python -m cifar_tl.evaluate", description="Evaluate a model folder or "
                                 "Hub model on a dataset split: metrics.json, report.md and plots.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors) or Hub id")

@@ -10,14 +10,13 @@ Labels, preprocessing and the training config always come from the run's model/c
 written by `model_folder.write_model_folder`."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .console import one_line_errors
+from .console import FlagParser, one_line_errors
 from .files import WriteError
 from .integrity import DamagedFileError, manifest_problems
 from .model_folder import load_model, write_model_folder
@@ -69,7 +68,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLi
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cifar_tl.export", description="Export a model folder "
+    parser = FlagParser(prog="python -m cifar_tl.export", description="Export a model folder "
                                      "(model.safetensors, config.json, README.md) from a training run.")
     parser.add_argument("--checkpoint", required=True, help="run output dir, model folder, "
                         "RUN/checkpoints/best.safetensors or RUN/checkpoints/epoch-NNNN")

@@ -3,15 +3,14 @@ uint8 thumbnails [B, 3, data_size, data_size] in, fine-class logits out, with co
 (`onnx_backend.export_onnx`; `python app.py --model model.onnx` and `cifar_tl.predict` run it)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from .console import error_line
+from .console import FlagParser, error_line
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cifar_tl.export_onnx", description=__doc__.split("\n\n")[0])
+    parser = FlagParser(prog="python -m cifar_tl.export_onnx", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model folder or Hugging Face Hub id")
     parser.add_argument("--output", required=True, type=Path, help="where to write the .onnx file")
     args = parser.parse_args(argv)

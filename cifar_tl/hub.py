@@ -7,7 +7,6 @@ card's PNG plots) ever travel, and nothing runs remote code.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import shutil
@@ -19,7 +18,7 @@ from huggingface_hub import HfApi, SpaceCard, SpaceCardData, get_token, is_offli
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .console import one_line_errors
+from .console import FlagParser, one_line_errors
 from .files import WriteError
 
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]  # what `loading` fetches of a Hub model
@@ -206,7 +205,7 @@ def space_requirements() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cifar_tl.hub", description="Push a model folder to the "
+    parser = FlagParser(prog="python -m cifar_tl.hub", description="Push a model folder to the "
                                      "Hugging Face Hub, or build (and push) a Gradio Space that serves it.")
     sub = parser.add_subparsers(dest="command", required=True)
     push = sub.add_parser("push", help="upload a model folder as one commit")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .console import error_line
+from .console import FlagParser, error_line
 from .model_flags import MAX_PIXELS, add_model_args
 
 if TYPE_CHECKING:  # torch takes seconds to import: --help and a bad flag answer without it
@@ -63,7 +63,7 @@ def predict_files(predictor: Predictor, files: list[Path], *, top_k: int = 5, ba
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cifar_tl.predict", description=__doc__.split("\n\n")[1],
+    parser = FlagParser(prog="python -m cifar_tl.predict", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="PATH_OR_FOLDER", help="image files and/or folders")
     add_model_args(parser)

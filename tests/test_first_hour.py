@@ -207,7 +207,7 @@ def test_clis_answer_help_and_mistakes_before_loading_torch(tmp_path):
     code = ("import sys\nfrom cifar_tl import demo, eda, evaluate, export_onnx, hub, predict\n"
             "for main, argv in ((demo.main, ['--help']), (demo.main, ['--prot', '1']), (predict.main, ['--help']),"
             " (export_onnx.main, ['--help']), (eda.main, ['--help']), (evaluate.main, ['--help']),"
-            " (hub.main, ['push', '--help'])):\n"
+            " (hub.main, ['push', '--help']), (hub.main, ['push', '--privte', 'a', 'b'])):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "assert demo.main([]) == 2 and predict.main(['--model', 'm', 'missing.png']) == 2\n"
             "print(sorted(m for m in ('torch', 'gradio', 'datasets', 'timm') if m in sys.modules))")
@@ -215,7 +215,9 @@ def test_clis_answer_help_and_mistakes_before_loading_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "[]"
-    assert "unrecognized arguments: --prot" in out.stderr and "no model to serve" in out.stderr
+    assert "unrecognized arguments: --prot 1 (did you mean --port?)" in out.stderr  # every CLI, subcommands too
+    assert "unrecognized arguments: --privte (did you mean --private?)" in out.stderr
+    assert "no model to serve" in out.stderr
     assert "skipped missing.png: no such file or folder" in out.stderr and "no image files found" in out.stderr
 
 
