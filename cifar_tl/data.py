@@ -68,7 +68,8 @@ class DatasetBundle:
     def drop_partial_coarse(self) -> None:
         """Superclass metrics need every fine class mapped; a partial map (unseen classes) disables them."""
         if self.fine_to_coarse is not None and -1 in self.fine_to_coarse:
-            log.warning("%s: superclass labels disabled (the fine->coarse map is incomplete)", self.source)
+            log.warning("%s: superclass labels disabled (the fine->coarse map is incomplete: %d of the %d fine "
+                        "classes never appear)", self.source, self.fine_to_coarse.count(-1), len(self.fine_to_coarse))
             self.coarse_names = self.fine_to_coarse = None
             for split in (self.train, self.val, self.test):
                 split.coarse = None

@@ -527,6 +527,6 @@ def derive_fine_to_coarse(splits: dict[str, Split], fine_names, coarse_names, so
                             f"({', '.join(coarse_names[c] for c in sorted(cs))}); the coarse labels are inconsistent")
     missing = [fine_names[f] for f in range(len(fine_names)) if f not in mapping]
     if missing:  # e.g. a 20-image test set: the map is partial (-1); training then drops coarse labels
-        log.warning("%s: %d fine classes never appear (%s...), so their superclass is unknown", source,
+        log.info("%s: %d fine classes never appear (%s...), so their superclass is unknown", source,
                     len(missing), ", ".join(missing[:3]))
     return [next(iter(mapping[f])) if f in mapping else -1 for f in range(len(fine_names))]
