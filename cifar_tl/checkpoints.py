@@ -19,7 +19,7 @@ import json
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,13 +51,14 @@ class TrainState:
     train_seconds: float = 0.0
     images_seen: int = 0
     stopped: str | None = None
+    data: dict = field(default_factory=dict)  # the data and how it was split: a resume must see the same
 
     def to_json(self) -> dict:
         early = self.early
         return {"epoch": self.epoch, "best_val_loss": early.best_loss, "best_epoch": early.best_epoch,
                 "bad_epochs": early.bad_epochs, "train_seconds": self.train_seconds,
                 "images_seen": self.images_seen, "model": self.model, "fine_names": self.fine_names,
-                "stopped": self.stopped}
+                "stopped": self.stopped, "data": self.data}
 
     def load_json(self, saved: dict) -> None:
         self.early.load_state_dict({"best_loss": saved["best_val_loss"], "best_epoch": saved["best_epoch"],
@@ -217,13 +218,22 @@ class Checkpoints:
 
 
 def mismatch(folder: Path, saved: dict, state: TrainState) -> str | None:
-    """Why this run may not continue `folder` (another model or class list), or None."""
+    """Why this run may not continue `folder` (another model, class list, dataset or split), or None."""
     if saved["model"] != state.model:
         return (f"--resume: {folder} was trained with --model {saved['model']}, not {state.model}; "
                 "use another --output-dir to start a new run")
     if saved["fine_names"] != state.fine_names:
         return (f"--resume: {folder} has {len(saved['fine_names'])} classes that differ from this "
                 f"dataset's {len(state.fine_names)}; use another --output-dir")
+    for key, value in (saved.get("data") or {}).items():  # checkpoints written before it recorded none
+        now = state.data.get(key)
+        if key == "fingerprint" and now != value:
+            return (f"--resume: {folder} was trained on other data (dataset fingerprint {value}, this run's "
+                    f"{now}); use another --output-dir")
+        if now != value:  # another split: validation, early stopping and the test would change mid-run
+            flag = f"--{key.replace('_', '-')}"
+            return (f"--resume: {folder} split its data with {flag} {value}, not {now}; resume with {flag} "
+                    f"{value}, or use another --output-dir")
     return None
 
 

@@ -330,7 +330,9 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
         torch.nn.CrossEntropyLoss(label_smoothing=0.0 if mixup else cfg.label_smoothing),
         mixup, Lookahead(accelerator.unwrap_model(model)) if cfg.lookahead else None, ema,
         budget, steps_per_epoch, Checkpoints(out / "checkpoints", cfg.keep_checkpoints),
-        TrainState(cfg.model, bundle.fine_names, EarlyStopping(cfg.early_stopping_patience)),
+        TrainState(cfg.model, bundle.fine_names, EarlyStopping(cfg.early_stopping_patience),
+                   data={"fingerprint": bundle.fingerprint, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+                         "test_fraction": bundle.test_held_out, "max_train_samples": cfg.max_train_samples}),
         out / "history.jsonl", len(bundle.val) > 0)
     resume(run)
     if cfg.cuda_graphs and accelerator.device.type == "cuda":  # one graph per training size still to come

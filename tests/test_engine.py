@@ -2,12 +2,14 @@
 early stopping, transfer modes, divergence, and a real 2-process (gloo) run."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -144,6 +146,18 @@ def test_mismatched_resume_is_refused(easy10_parquet, tmp_path):
     with pytest.raises(ResumeError, match="--model baseline_cnn_bn, not test_efficientnet"):
         train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path), "--model",
                           "test_efficientnet", "--no-pretrained", "--resume", "--epochs", "2"]))
+    # the same classes but another split (validation and early stopping would change mid-run) or other images
+    with pytest.raises(ResumeError, match="split its data with --seed 42, not 1; resume with --seed 42"):
+        run(easy10_parquet, tmp_path, "--epochs", "2", "--resume", "--seed", "1")
+    with pytest.raises(ResumeError, match="split its data with --val-fraction 0.1, not 0.2"):
+        run(easy10_parquet, tmp_path, "--epochs", "2", "--resume", "--val-fraction", "0.2")
+    other = shutil.copytree(easy10_parquet, tmp_path.parent / f"{tmp_path.name}_other")
+    path = min(other.rglob("*.parquet"))  # one image fewer: the same classes, other data
+    table = pq.read_table(path)
+    pq.write_table(table.slice(0, table.num_rows - 1), path)
+    with pytest.raises(ResumeError, match="was trained on other data"):
+        run(other, tmp_path, "--epochs", "2", "--resume")
+    assert run(easy10_parquet, tmp_path, "--epochs", "2", "--resume")["epochs_run"] == 2
 
 
 def test_resume_after_kill_9(easy10_parquet, tmp_path):
