@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # gradio and torch take seconds to import: `app.py --help` an
 
     from .inference import Predictor
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples" / "cifar100"  # package data
+EXAMPLES_ROOT = Path(__file__).resolve().parent / "examples"  # package data: a gallery per dataset
+EXAMPLE_SETS = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}  # folder -> the dataset its images come from
 DELETE_CACHE = (300, 900)  # gradio's (sweep every N s, delete files older than M s)
 PREVIEW_SIDE = 128  # the thumbnail preview is upscaled with nearest neighbour so its pixels stay visible
 # gradio copies each returned preview into its own cache (swept by delete_cache) as the batch ends, so ours are
@@ -107,6 +108,27 @@ def confusion_highlights(predictor: Predictor, n: int = 5) -> str | None:
 
 def example_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+
+def default_examples(predictor: Predictor) -> Path | None:
+    """The packaged gallery whose true classes the model can all predict (CIFAR-100's for a CIFAR-100 model,
+    CIFAR-10's for a CIFAR-10 one); None for other classes: a gallery the model cannot name would mislead."""
+    for name in EXAMPLE_SETS:
+        files = example_files(EXAMPLES_ROOT / name)
+        if files and {example_label(f) for f in files} <= set(predictor.fine_names):
+            return EXAMPLES_ROOT / name
+    return None
+
+
+def dataset_title(predictor: Predictor) -> str:
+    """"CIFAR-100 image classifier" for a model with exactly CIFAR-100's classes (CIFAR-10 likewise), else
+    "Image classifier"."""
+    from .card import CIFAR10_NAMES, CIFAR100_FINE
+
+    names = sorted(predictor.fine_names)
+    known = {"CIFAR-100": CIFAR100_FINE, "CIFAR-10": CIFAR10_NAMES}
+    return next((f"{title} image classifier" for title, classes in known.items() if names == sorted(classes)),
+                "Image classifier")
 
 
 def example_label(path: Path) -> str:
@@ -190,7 +212,7 @@ def make_classifier(predictor: Predictor, top_k: int = 5,
     return classify
 
 
-def build_demo(predictor: Predictor, *, examples_dir: Path = EXAMPLES_DIR, top_k: int = 5,
+def build_demo(predictor: Predictor, *, examples_dir: Path | None = None, top_k: int = 5,
                max_pixels: int = MAX_PIXELS, max_batch_size: int = 16, concurrency_limit: int = 1,
                serving: str | None = None) -> gr.Blocks:
     import gradio as gr
@@ -199,8 +221,9 @@ def build_demo(predictor: Predictor, *, examples_dir: Path = EXAMPLES_DIR, top_k
     classify = make_classifier(predictor, top_k, max_pixels)
     # delete_cache: uploads are needed only while their request runs, so every 5 minutes files over 15 minutes
     # old go (bench/demo_soak.py: ~0.7 GB of uploads per 1,000 requests; kept a day, a busy Space fills its disk)
-    with gr.Blocks(title="CIFAR-100 classifier", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
-        gr.Markdown("# CIFAR-100 image classifier\n" + model_card(predictor)
+    title = dataset_title(predictor)
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
+        gr.Markdown(f"# {title}\n" + model_card(predictor)
                     + (f"  \n**Serving**: {serving}." if serving else ""), elem_id="model-card")
         with gr.Row():
             with gr.Column():
@@ -219,12 +242,15 @@ def build_demo(predictor: Predictor, *, examples_dir: Path = EXAMPLES_DIR, top_k
         outputs = [fine, coarse, preview, message]
         gr.on([button.click, image.input], classify, inputs=image, outputs=outputs, api_name="classify",
               batch=True, max_batch_size=max_batch_size, concurrency_limit=concurrency_limit, preprocess=False)
-        files = example_files(examples_dir)
+        examples_dir = examples_dir or default_examples(predictor)
+        files = example_files(examples_dir) if examples_dir else []
         if files:
+            packaged = examples_dir.parent == EXAMPLES_ROOT and examples_dir.name in EXAMPLE_SETS
             gr.Examples([[str(f)] for f in files], inputs=image, outputs=outputs, fn=classify, batch=True,
                         preprocess=False, cache_examples=True, cache_mode="lazy", examples_per_page=len(files),
-                        label="CIFAR-100 test images; true classes in order: "
-                              + ", ".join(example_label(f) for f in files), elem_id="examples")
+                        label=(f"{EXAMPLE_SETS[examples_dir.name]} test images" if packaged else "Examples")
+                              + "; true classes in order: " + ", ".join(example_label(f) for f in files),
+                        elem_id="examples")
         highlights = confusion_highlights(predictor)
         if highlights:
             with gr.Accordion("Where this model struggles", open=False):
@@ -237,7 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(parser, required=False)
     parser.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
-    parser.add_argument("--examples", type=Path, default=EXAMPLES_DIR, help="folder of example PNGs")
+    parser.add_argument("--examples", type=Path, help="folder of example PNGs named <id>_<true class>.png (default: "
+                        "the packaged CIFAR-100 or CIFAR-10 test images when the model has those classes)")
     parser.add_argument("--max-file-size", default="20mb", help="largest upload gradio accepts (default: 20mb)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--concurrency-limit", type=int, default=1, help="batches run at once")

@@ -21,7 +21,7 @@ from test_predict import write_image_zoo
 from cifar_tl import demo as demo_module
 from cifar_tl.demo import (
     DELETE_CACHE,
-    EXAMPLES_DIR,
+    EXAMPLES_ROOT,
     MAX_SESSIONS,
     NO_IMAGE,
     build_demo,
@@ -45,7 +45,7 @@ def zoo(cifar100_arrays, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def example_pngs() -> list[Path]:
     """The committed gallery: 20 real CIFAR-100 test images named <index>_<true class>.png."""
-    paths = sorted(EXAMPLES_DIR.glob("*.png"))
+    paths = sorted((EXAMPLES_ROOT / "cifar100").glob("*.png"))
     assert len(paths) == 20 and all(Image.open(p).size == (32, 32) for p in paths)
     return paths
 
@@ -85,6 +85,36 @@ def test_model_card_and_confusion_highlights(cnn_model_dir, tmp_path):
     text = confusion_highlights(Predictor.from_dir(folder, "cpu"))
     assert "pear → apple: 50% (5 images)" in text and "apple → pear: 20%" in text
     assert "Hardest classes** (test accuracy): pear 50%" in text
+
+
+def test_title_and_gallery_follow_the_models_classes(cnn_model_dir, tmp_path):
+    """A CIFAR-100 model gets CIFAR-100's gallery and title, a CIFAR-10 one CIFAR-10's; a model with other classes
+    gets neither (a gallery of classes it cannot name would mislead), unless --examples names a folder."""
+    from types import SimpleNamespace
+
+    from cifar_tl.card import CIFAR10_NAMES
+    from cifar_tl.demo import dataset_title, default_examples
+
+    def page(demo):
+        parts = {c.get("props", {}).get("elem_id"): c.get("props", {}) for c in demo.config["components"]}
+        return demo.config["title"], (parts.get("examples") or {}).get("label")
+
+    title, gallery = page(build_demo(Predictor.from_dir(cnn_model_dir, "cpu")))
+    assert title == "CIFAR-100 image classifier" and gallery.startswith("CIFAR-100 test images; true classes")
+    cifar10 = SimpleNamespace(fine_names=list(reversed(CIFAR10_NAMES)))
+    assert dataset_title(cifar10) == "CIFAR-10 image classifier"
+    assert default_examples(cifar10) == EXAMPLES_ROOT / "cifar10"
+    assert len(list((EXAMPLES_ROOT / "cifar10").glob("*.png"))) == 20
+    model = shutil.copytree(cnn_model_dir, tmp_path / "renamed")
+    config = json.loads((model / "config.json").read_text())
+    config["label_names"] = ["big_apple" if n == "apple" else n for n in config["label_names"]]
+    (model / "config.json").write_text(json.dumps(config))
+    renamed = Predictor.from_dir(model, "cpu")
+    assert page(build_demo(renamed)) == ("Image classifier", None)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    shutil.copy(EXAMPLES_ROOT / "cifar100" / "15_lion.png", mine / "1_lion.png")
+    assert page(build_demo(renamed, examples_dir=mine))[1] == "Examples; true classes in order: lion"
 
 
 def test_uploads_do_not_outlive_their_use(cnn_model_dir):
