@@ -277,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.examples and not example_files(args.examples):
+        return error_line(f"--examples {args.examples}: no .png files there (name them <id>_<true class>.png)")
     source, why = (args.model, "--model") if args.model else default_model()
     if source is None:
         return error_line(why)

@@ -210,6 +210,7 @@ def test_clis_answer_help_and_mistakes_before_loading_torch(tmp_path):
             " (hub.main, ['push', '--help']), (hub.main, ['push', '--privte', 'a', 'b'])):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "assert demo.main([]) == 2 and predict.main(['--model', 'm', 'missing.png']) == 2\n"
+            "assert demo.main(['--examples', 'nowhere']) == 2\n"
             "print(sorted(m for m in ('torch', 'gradio', 'datasets', 'timm') if m in sys.modules))")
     env = {k: v for k, v in os.environ.items() if k != "CIFAR_TL_MODEL"}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -219,6 +220,7 @@ def test_clis_answer_help_and_mistakes_before_loading_torch(tmp_path):
     assert "unrecognized arguments: --privte (did you mean --private?)" in out.stderr
     assert "no model to serve" in out.stderr
     assert "skipped missing.png: no such file or folder" in out.stderr and "no image files found" in out.stderr
+    assert "--examples nowhere: no .png files there" in out.stderr
 
 
 def test_page_says_what_it_serves(cnn_model_dir):
