@@ -19,8 +19,8 @@ from .model_flags import BACKENDS
 
 def build_parser() -> argparse.ArgumentParser:
     p = FlagParser(prog="python -m cifar_tl.evaluate", description="Evaluate a model folder or "
-                                "Hub model on a dataset split: metrics.json, report.md and plots.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                   "Hub model on a dataset split: metrics.json, report.md and plots.",
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors) or Hub id")
     p.add_argument("--dataset", required=True, help="Hub id, parquet/save_to_disk dir, cifar-100-python dir "
                    "or .tar.gz, or an image folder (as train.py)")

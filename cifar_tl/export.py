@@ -69,7 +69,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLi
 
 def main(argv: list[str] | None = None) -> int:
     parser = FlagParser(prog="python -m cifar_tl.export", description="Export a model folder "
-                                     "(model.safetensors, config.json, README.md) from a training run.")
+                        "(model.safetensors, config.json, README.md) from a training run.")
     parser.add_argument("--checkpoint", required=True, help="run output dir, model folder, "
                         "RUN/checkpoints/best.safetensors or RUN/checkpoints/epoch-NNNN")
     parser.add_argument("--output-dir", required=True, help="folder to write (may be the source folder)")

@@ -206,7 +206,7 @@ def space_requirements() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = FlagParser(prog="python -m cifar_tl.hub", description="Push a model folder to the "
-                                     "Hugging Face Hub, or build (and push) a Gradio Space that serves it.")
+                        "Hugging Face Hub, or build (and push) a Gradio Space that serves it.")
     sub = parser.add_subparsers(dest="command", required=True)
     push = sub.add_parser("push", help="upload a model folder as one commit")
     push.add_argument("model_dir")

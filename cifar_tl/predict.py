@@ -64,7 +64,7 @@ def predict_files(predictor: Predictor, files: list[Path], *, top_k: int = 5, ba
 
 def main(argv: list[str] | None = None) -> int:
     parser = FlagParser(prog="python -m cifar_tl.predict", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="PATH_OR_FOLDER", help="image files and/or folders")
     add_model_args(parser)
     parser.add_argument("--top-k", type=int, default=5, help="fine classes per image (default: %(default)s)")
