@@ -35,7 +35,7 @@ from .files import atomic_write_text, read_jsonl, write_errors
 from .lookahead import Lookahead
 from .metrics import confusion_matrix
 from .model_folder import folder_config, write_model_folder
-from .models import create_model, data_config, default_input_size, set_backbone_trainable
+from .models import check_model, create_model, data_config, default_input_size, set_backbone_trainable
 from .optim import Budget, EarlyStopping, build_optimizer, build_scheduler
 from .precision import choose as choose_precision
 from .sources import MAX_STORE_SIZE, Sizing
@@ -62,6 +62,7 @@ def train(cfg: TrainConfig, started: float | None = None) -> dict:
     if cfg.push_to_hub:
         from .hub import check_push_access
         check_push_access(cfg.hub_model_id)  # fail now, not after hours of training
+    check_model(cfg.model, cfg.pretrained, cfg.weights)  # a wrong name or missing weights: now, not after the data
     set_seed(cfg.seed)
     torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
     bundle = load_data(cfg, accelerator)

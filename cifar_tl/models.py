@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import timm
@@ -15,6 +16,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 
 from . import architectures  # noqa: F401  (registers baseline_cnn*, fast_cnn* with timm)
+from .console import did_you_mean
 from .offline import hub_offline
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,9 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 100, we
     fine-tuning init): a random head's large logits would send random gradients into the pretrained features
     for the first steps (a 10-class timm head starts at ~5 nats of loss against ln 10 = 2.3)."""
     if not timm.is_model(name):
-        raise WeightsError(f"--model {name}: unknown model; use baseline_cnn (the study's CNN), "
-                           "baseline_cnn_bn[_small|_wide], fast_cnn[_wide|_96] or a timm name (see timm.list_models())")
+        raise WeightsError(f"--model {name}: unknown model{did_you_mean(name, timm.list_models())}; use baseline_cnn "
+                           "(the study's CNN), baseline_cnn_bn[_small|_wide], fast_cnn[_wide|_96] or a timm name (see "
+                           "timm.list_models())")
     if pretrained and not weights:
         if not has_pretrained_weights(name):
             raise WeightsError(f"--pretrained: {name} has no pretrained weights; leave --pretrained out (auto "
@@ -49,6 +52,19 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 100, we
             for p in model.get_classifier().parameters():
                 p.zero_()
     return model
+
+
+def check_model(name: str, pretrained: bool, weights: str | None = None) -> None:
+    """Raise now what `create_model` would raise after the data is read (minutes of decoding for a large
+    dataset): an unknown name, initial weights that cannot be found or do not fit. It builds a weightless (meta)
+    copy: the weights file is read, nothing is allocated."""
+    logging.disable(logging.INFO)  # the real build logs where its weights came from
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*meta parameter.*no-op")  # loading into meta: intended
+            create_model(name, pretrained=pretrained, num_classes=2, weights=weights)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def has_pretrained_weights(name: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,6 +139,41 @@ def test_no_weights_anywhere_names_every_source():
     text = str(err.value)
     assert "--weights FILE (not given)" in text and "not in the local Hub cache" in text
     assert "offline packages: none ships efficientnet_b0" in text and "--no-pretrained" in text
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--model", "efficentnet_b0"], "--model efficentnet_b0: unknown model (did you mean efficientnet_b0?)"),
+    (["--model", "efficientnet_b0"], "no pretrained weights for efficientnet_b0"),
+    (["--model", "baseline_cnn", "--weights", "WEIGHTS"], "do not fit StudyCNN"),
+])
+def test_the_model_is_checked_before_the_data_is_read(flags, says, easy10_parquet, tmp_path, monkeypatch):
+    """A misspelt model, missing or unfitting weights: answered before the data is decoded (minutes for a large
+    dataset), from a weightless copy of the model."""
+    from safetensors.torch import save_file
+
+    from cifar_tl import engine
+
+    save_file(create_model("fast_cnn", num_classes=10).state_dict(), str(tmp_path / "w.safetensors"))
+    flags = [str(tmp_path / "w.safetensors") if f == "WEIGHTS" else f for f in flags]
+    monkeypatch.setattr(engine, "load_data", lambda *a: pytest.fail("the data was read first"))
+    with pytest.raises(WeightsError, match=re.escape(says)):
+        train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "run"), *flags]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_checking_a_model_reads_its_weights_and_logs_nothing(monkeypatch, caplog):
+    """The check reads the weights into a meta copy and stays silent: the real build logs their source once."""
+    from cifar_tl import models
+
+    calls = []
+    real = models._lite0_state
+    monkeypatch.setitem(models.OFFLINE_SOURCES, "tf_efficientnet_lite0", lambda: calls.append(1) or real())
+    with caplog.at_level("INFO"):
+        models.check_model("tf_efficientnet_lite0", pretrained=True)
+        assert calls == [1] and not caplog.records
+        model = create_model("tf_efficientnet_lite0", pretrained=True, num_classes=10)
+    assert any("from an offline package" in r.getMessage() for r in caplog.records)
+    assert model.conv_stem.weight.equal(real()["conv_stem.weight"])
 
 
 # --------------------------------------------------------------------------------------------- precision
