@@ -161,6 +161,18 @@ def test_the_model_is_checked_before_the_data_is_read(flags, says, easy10_parque
     assert not (tmp_path / "run").exists()
 
 
+def test_a_model_the_meta_device_cannot_build_is_left_to_the_real_build(monkeypatch):
+    from cifar_tl import models
+
+    def meta_hostile(*args, **kwargs):
+        raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+
+    monkeypatch.setattr(models.timm, "create_model", meta_hostile)
+    models.check_model("resnet18", pretrained=False)  # no error: only what the real build would raise counts
+    with pytest.raises(WeightsError, match="unknown model"):
+        models.check_model("resnet_18_typo", pretrained=False)
+
+
 def test_checking_a_model_reads_its_weights_and_logs_nothing(monkeypatch, caplog):
     """The check reads the weights into a meta copy and stays silent: the real build logs their source once."""
     from cifar_tl import models
