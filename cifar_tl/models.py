@@ -58,6 +58,7 @@ def check_model(name: str, pretrained: bool, weights: str | None = None) -> None
     """Raise now what `create_model` would raise after the data is read (minutes of decoding for a large
     dataset): an unknown name, initial weights that cannot be found or do not fit. It builds a weightless (meta)
     copy: the weights file is read, nothing is allocated."""
+    disabled = logging.root.manager.disable
     logging.disable(logging.INFO)  # the real build logs where its weights came from
     try:
         with torch.device("meta"), warnings.catch_warnings():
@@ -68,7 +69,7 @@ def check_model(name: str, pretrained: bool, weights: str | None = None) -> None
     except Exception:  # noqa: S110  a model that cannot be built on the meta device: the real build will tell
         pass
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(disabled)
 
 
 def has_pretrained_weights(name: str) -> bool:
