@@ -1,9 +1,12 @@
 """Resumable training state: the last `keep` epochs as `RUN/checkpoints/epoch-NNNN/` folders behind a `latest`
 pointer, each able to carry the run on alone, and `checkpoints/best.safetensors`, the best epoch's weights.
 
-An epoch folder holds Accelerate's full state (model.safetensors, optimizer.bin, scheduler.bin,
-random_states_N.pkl, ...), its own copy of best.safetensors as of that epoch and, written last, trainer_state.json: the epoch, the early-stopping state and the manifest
-`files: {name: {size, sha256}}` of everything else, plus the `checksum` of its own content.
+An epoch folder holds Accelerate's full state (model.safetensors, optimizer.bin, random_states_N.pkl, ...), the
+state of the run's other objects (the LR schedule, the weight average) as custom_checkpoint_N.pkl, its own copy of
+best.safetensors as of that epoch and, written last, trainer_state.json: the epoch, the early-stopping state and
+the manifest `files: {name: {size, sha256}}` of everything else, plus the `checksum` of its own content. Every
+file is read back with torch.load(weights_only=True) or safetensors: a checkpoint is data, and the manifest only
+catches damage, not a file someone replaced (with its manifest) to run code on --resume.
 
 Saving: every process writes its part into `.epoch-NNNN.partial/`; the main process adds the rest, renames
 the folder into place, replaces the pointer atomically and removes all but the newest `keep` folders. A
@@ -18,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,8 +78,11 @@ class TrainState:
 
 
 class Checkpoints:
-    def __init__(self, root: Path, keep: int = 2):
-        self.root, self.keep = root, keep
+    def __init__(self, root: Path, keep: int = 2, objects: Mapping[str, object] | None = None):
+        """`objects`: what else each checkpoint carries, as `NAME.pt`, by their `state_dict` / `load_state_dict`
+        (the LR schedule, the EMA). Not Accelerate's register_for_checkpointing: it unpickles them with
+        weights_only=False."""
+        self.root, self.keep, self.objects = root, keep, dict(objects or {})
         self.pointer = root / "latest"
         self.best = root / BEST
 
@@ -123,8 +129,11 @@ class Checkpoints:
         if first is not None and accelerator.is_main_process:
             first()
         accelerator.save_state(str(partial))
-        if best is not None and accelerator.is_main_process:
-            save_weights(best, self.best)
+        if accelerator.is_main_process:
+            for name, obj in self.objects.items():
+                torch.save(obj.state_dict(), partial / f"{name}.pt")
+            if best is not None:
+                save_weights(best, self.best)
 
     def _publish(self, partial: Path, final: Path, state: TrainState) -> None:
         """Main process: best weights, manifest and trainer_state.json into the complete partial folder, then
@@ -181,6 +190,8 @@ class Checkpoints:
         folder = self.root / name
         try:
             accelerator.load_state(str(folder))
+            for name, obj in self.objects.items():
+                obj.load_state_dict(torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True))
         except Exception as err:  # verified files that still do not load: another optimiser, schedule, ...
             raise ResumeError(f"--resume: {folder} cannot be loaded into this run ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}); use another --output-dir") from None
@@ -222,6 +233,10 @@ def mismatch(folder: Path, saved: dict, state: TrainState) -> str | None:
     if saved["model"] != state.model:
         return (f"--resume: {folder} was trained with --model {saved['model']}, not {state.model}; "
                 "use another --output-dir to start a new run")
+    if any(folder.glob("custom_checkpoint_*.pkl")):  # before 2026-12-03: pickles only Accelerate would load
+        return (f"--resume: {folder} was written by an older cifar-tl, whose schedule state this version does not "
+                "unpickle (it could run code); finish that run with the version that started it, or use another "
+                "--output-dir")
     if saved["fine_names"] != state.fine_names:
         return (f"--resume: {folder} has {len(saved['fine_names'])} classes that differ from this "
                 f"dataset's {len(state.fine_names)}; use another --output-dir")

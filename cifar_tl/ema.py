@@ -6,8 +6,8 @@ The average covers every floating-point entry of the state dict (weights and Bat
 timm's EMA does) and is kept in fp32 on the model's device; integer entries (BatchNorm's batch counter) are
 copied. Its decay warms up as `min(decay, (1 + t) / (10 + t))` (TensorFlow's `num_updates` rule): a short
 fine-tune of a few thousand steps averages over its last ~10 % of steps instead of over its random start.
-`state_dict` / `load_state_dict` make it a checkpointed object (Accelerate's `register_for_checkpointing`), so a
-resumed run continues the same average.
+`state_dict` / `load_state_dict` make it a checkpointed object (`Checkpoints(objects=...)`), so a resumed run
+continues the same average.
 """
 from __future__ import annotations
 

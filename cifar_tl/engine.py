@@ -317,12 +317,9 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, budget.progress if budget.seconds else None)
-    accelerator.register_for_checkpointing(scheduler)
     size, mean, std = eval_tf.keywords["size"], eval_tf.keywords["mean"], eval_tf.keywords["std"]
     mixup = make_mixup(cfg, bundle.num_classes)
     ema = ModelEma(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay else None
-    if ema is not None:  # after the scheduler: checkpoints keep their custom-state numbering
-        accelerator.register_for_checkpointing(ema)
     run = Training(
         cfg, accelerator, model, optimizer, scheduler, train_loader, val_loader,
         TrainTransform(size, mean, std, augment=cfg.augment, shift=cfg.shift, zoom=cfg.zoom,
@@ -330,7 +327,8 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
                        cutout=cfg.cutout), eval_tf,
         torch.nn.CrossEntropyLoss(label_smoothing=0.0 if mixup else cfg.label_smoothing),
         mixup, Lookahead(accelerator.unwrap_model(model)) if cfg.lookahead else None, ema,
-        budget, steps_per_epoch, Checkpoints(out / "checkpoints", cfg.keep_checkpoints),
+        budget, steps_per_epoch, Checkpoints(out / "checkpoints", cfg.keep_checkpoints,
+                                                     {"schedule": scheduler, **({"ema": ema} if ema else {})}),
         TrainState(cfg.model, bundle.fine_names, EarlyStopping(cfg.early_stopping_patience),
                    data={"fingerprint": bundle.fingerprint, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
                          "test_fraction": bundle.test_held_out, "max_train_samples": cfg.max_train_samples}),

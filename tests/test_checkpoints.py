@@ -20,7 +20,7 @@ from cifar_tl.checkpoints import Checkpoints, ResumeError, TrainState
 from cifar_tl.config import parse_args
 from cifar_tl.engine import train
 from cifar_tl.files import WriteError, write_failure
-from cifar_tl.integrity import safetensors_problem
+from cifar_tl.integrity import manifest, safetensors_problem, sha256_json
 from cifar_tl.loading import ModelLoadError, load_predictor
 from cifar_tl.model_folder import load_model, write_model_folder
 from cifar_tl.optim import EarlyStopping
@@ -61,8 +61,7 @@ class Tiny:
         optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 0.5 ** step)
-        self.accelerator.register_for_checkpointing(self.scheduler)
-        self.checkpoints = Checkpoints(root, keep)
+        self.checkpoints = Checkpoints(root, keep, {"schedule": self.scheduler})
         self.state = self.new_state()
         self.weights: dict[int, dict] = {}
 
@@ -148,6 +147,50 @@ def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
     message = str(err.value)
     assert "\n" not in message and f"no usable checkpoint in {run.checkpoints.root}" in message
     assert "epoch-0002: model.safetensors is truncated" in message and "epoch-0001: optimizer.bin is missing" in message
+
+
+def vouch_for(folder: Path) -> None:
+    """Rewrite the folder's manifest and checksum to match the files as they are now."""
+    saved = json.loads((folder / "trainer_state.json").read_text())
+    del saved["checksum"]
+    saved["files"] = manifest(folder, skip=("trainer_state.json",))
+    (folder / "trainer_state.json").write_text(json.dumps({**saved, "checksum": sha256_json(saved)}))
+
+
+class _RunsCode:
+    """Unpickling it runs code (here: creates a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_replaced_state_file_is_refused_not_run(tmp_path):
+    """The manifest catches damage, not a file replaced together with its manifest: the schedule's state (a
+    pickle) must be read as data (weights_only), so a replaced one is refused in one line and runs nothing."""
+    run = Tiny(tmp_path / "run")
+    run.train([3.0, 2.0])
+    folder, marker = run.folder(2), tmp_path / "ran"
+    torch.save({"lr_lambdas": [None], "payload": _RunsCode(marker)}, folder / "schedule.pt")
+    vouch_for(folder)
+    assert run.checkpoints.verify(folder)[1] == []  # the manifest vouches for it
+    with pytest.raises(ResumeError) as err:
+        run.resume()
+    assert not marker.exists()
+    assert f"{folder} cannot be loaded into this run (UnpicklingError" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_of_the_pickling_format_is_refused_in_one_line(tmp_path):
+    run = Tiny(tmp_path / "run")
+    run.train([3.0])
+    (run.folder(1) / "schedule.pt").rename(run.folder(1) / "custom_checkpoint_0.pkl")  # as Accelerate named it
+    vouch_for(run.folder(1))
+    with pytest.raises(ResumeError, match="written by an older cifar-tl, whose schedule state this version does "
+                                          "not unpickle"):
+        run.resume()
 
 
 def failing_writer(fail_on: str):

@@ -244,8 +244,8 @@ def test_engine_trains_with_ema_layer_decay_and_progressive_resizing_and_resumes
     from safetensors.torch import load_file
     exported = load_file(str(tmp_path / "model" / "model.safetensors"))
     last = tmp_path / "checkpoints" / "epoch-0003"
-    saved = torch.load(last / "custom_checkpoint_1.pkl", weights_only=True)
-    before = torch.load(tmp_path / "checkpoints" / "epoch-0002" / "custom_checkpoint_1.pkl", weights_only=True)
+    saved = torch.load(last / "ema.pt", weights_only=True)
+    before = torch.load(tmp_path / "checkpoints" / "epoch-0002" / "ema.pt", weights_only=True)
     assert saved["updates"] * 2 == before["updates"] * 3 > 0  # the resumed run went on with the same average
     for key, value in saved["average"].items():
         assert torch.allclose(exported[key].float(), value, atol=1e-6), key
