@@ -15,7 +15,8 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -290,10 +291,30 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as err:
         return error_line(err)
     print(f"backend: {backend_of(predictor)} (--backend {args.backend})", flush=True)
-    demo = build_demo(predictor, examples_dir=args.examples, max_pixels=args.max_pixels,
-                      max_batch_size=args.max_batch_size, concurrency_limit=args.concurrency_limit,
-                      serving=f"`{source}` ({why})")
-    demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port,
-                                                max_file_size=args.max_file_size,
-                                                state_session_capacity=args.max_sessions)
+    with examples_cache():
+        demo = build_demo(predictor, examples_dir=args.examples, max_pixels=args.max_pixels,
+                          max_batch_size=args.max_batch_size, concurrency_limit=args.concurrency_limit,
+                          serving=f"`{source}` ({why})")
+        demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port,
+                                                    max_file_size=args.max_file_size,
+                                                    state_session_capacity=args.max_sessions)
     return 0
+
+
+@contextmanager
+def examples_cache() -> Iterator[Path]:
+    """A fresh folder for gradio's example cache while the demo serves, removed after (under
+    $GRADIO_EXAMPLES_CACHE when set). gradio keys that cache by the component's number, not by the model, in the
+    working folder's .gradio/: a demo of another model, earlier or alongside, would answer for this one."""
+    root = os.environ.get("GRADIO_EXAMPLES_CACHE")
+    if root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cifar_tl-examples-", dir=root) as folder:
+        os.environ["GRADIO_EXAMPLES_CACHE"] = folder  # read again when gradio serves a cached file
+        try:
+            yield Path(folder)
+        finally:
+            if root is None:
+                os.environ.pop("GRADIO_EXAMPLES_CACHE", None)
+            else:
+                os.environ["GRADIO_EXAMPLES_CACHE"] = root

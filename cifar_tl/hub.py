@@ -23,6 +23,8 @@ from .files import WriteError
 
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]  # what `loading` fetches of a Hub model
 UPLOAD_PATTERNS = [*DOWNLOAD_PATTERNS, "*.png"]  # + the card's plots; never pickles, never code
+# what running a Space folder locally leaves in it (gradio's caches and flags) is not part of the Space
+SPACE_IGNORE = ["__pycache__", "*.pyc", ".gradio/*", "flagged/*"]
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -180,7 +182,7 @@ def push_space(space_dir: str | Path, space_id: str, *, private: bool = False) -
     try:
         api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private or None, exist_ok=True)
         api.upload_folder(repo_id=space_id, repo_type="space", folder_path=space_dir,
-                          ignore_patterns=["__pycache__", "*.pyc"], commit_message="cifar-tl demo Space")
+                          ignore_patterns=SPACE_IGNORE, commit_message="cifar-tl demo Space")
     except Exception as err:
         raise HubError(f"push of the Space {space_id} failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
                        f"the folder {space_dir} is intact: retry with `python -m cifar_tl.hub space {space_dir} "

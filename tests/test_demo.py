@@ -139,6 +139,36 @@ def test_main_bounds_the_sessions_gradio_keeps(cnn_model_dir, monkeypatch):
     assert launched["state_session_capacity"] == 7 and launched["max_file_size"] == "20mb"
 
 
+def test_each_demo_answers_examples_with_its_own_model(cnn_model_dir, tmp_path, monkeypatch):
+    """gradio keys its lazy example cache by component number in the working folder's .gradio/: a demo of
+    another model started there before (or alongside) served that model's answers for the examples (two
+    processes; here two demos numbered alike)."""
+    from conftest import build_model_dir
+
+    other = build_model_dir("baseline_cnn_bn", tmp_path / "other", seed=1)
+    monkeypatch.chdir(tmp_path)
+    launch, answers = gr.Blocks.launch, []
+
+    def launch_click_close(self, **kw):  # serve, click the first example, stop
+        launch(self, server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+        try:
+            client = Client(self.local_url, verbose=False)
+            answers.append(client.predict(0, api_name="/load_example")[0]["label"])
+            client.close()
+        finally:
+            self.close()
+
+    monkeypatch.setattr(gr.Blocks, "launch", launch_click_close)
+    expected = []
+    for model in (cnn_model_dir, other):
+        monkeypatch.setattr(gr.context.Context, "id", 0)  # numbered as a fresh process numbers them
+        assert demo_module.main(["--model", str(model), "--backend", "torch"]) == 0
+        first = demo_module.example_files(EXAMPLES_ROOT / "cifar100")[0]  # the one clicked
+        expected.append(Predictor.from_dir(model, "cpu").predict([open_image(first)])[0]["fine"][0]["label"])
+    assert answers == expected and expected[0] != expected[1]
+    assert not (tmp_path / ".gradio" / "cached_examples").exists() and "GRADIO_EXAMPLES_CACHE" not in os.environ
+
+
 def test_stale_previews_are_swept_and_reused_ones_kept(tmp_path):
     """One preview file per distinct thumbnail: a long-running demo must not keep them forever."""
     thumbs = [np.full((128, 128, 3), v, np.uint8) for v in (10, 20, 30)]

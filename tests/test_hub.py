@@ -230,9 +230,14 @@ def test_space_folder_for_a_hub_model(tmp_path):
 
 
 def test_space_push_creates_the_space_in_one_commit(tmp_path):
+    """... and leaves out what running the Space folder locally left in it (gradio's caches, flags)."""
+    space = tmp_path / "space"
+    for left in (".gradio/cached_examples/12/log.csv", "flagged/log.csv"):
+        (space / left).parent.mkdir(parents=True)
+        (space / left).write_text("another model's answers")
     with FakeHub() as server:
-        proc = run_python("-m", "cifar_tl.hub", "space", "--model", "lab/cifar-b0", "--space", "me/cifar-demo",
-                          "--push", env=hub_env(server, tmp_path / "hf"))
+        proc = run_python("-m", "cifar_tl.hub", "space", str(space), "--model", "lab/cifar-b0", "--space",
+                          "me/cifar-demo", "--push", env=hub_env(server, tmp_path / "hf"))
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == f"{server.url}/spaces/me/cifar-demo"
         commits = [p for p in server.paths("POST") if p.endswith("/commit/main")]
@@ -243,7 +248,7 @@ def test_space_push_creates_the_space_in_one_commit(tmp_path):
     assert {"README.md", "app.py", "requirements.txt", "cifar_tl/demo.py",
             "cifar_tl/examples/cifar100/00_mountain.png"} <= set(files)
     assert b'MODEL = "lab/cifar-b0"' in files["app.py"] and b'"--backend", "onnx"' in files["app.py"]
-    assert not any("__pycache__" in name for name in files)
+    assert not any("__pycache__" in name or "log.csv" in name for name in files)
     assert SpaceCard(files["README.md"].decode()).data.models == ["lab/cifar-b0"]
 
 
