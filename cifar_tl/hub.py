@@ -19,7 +19,8 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .console import FlagParser, one_line_errors
-from .files import WriteError
+from .files import WriteError, atomic_write_text
+from .integrity import check_weights
 
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md"]  # what `loading` fetches of a Hub model
 UPLOAD_PATTERNS = [*DOWNLOAD_PATTERNS, "*.png"]  # + the card's plots; never pickles, never code
@@ -58,8 +59,9 @@ def check_push_access(repo_id: str | None, flag: str = "--hub-model-id") -> str:
     the Hub user name."""
     repo_id = check_repo_id(repo_id, flag)
     if is_offline_mode():
-        raise HubError("cannot push to the Hub with HF_HUB_OFFLINE=1: unset it, or drop --push-to-hub and "
-                       "push later with `python -m cifar_tl.hub push OUTPUT/model user/name`")
+        later = (", or drop --push-to-hub and push later with `python -m cifar_tl.hub push OUTPUT/model user/name`"
+                 if flag == "--hub-model-id" else "")
+        raise HubError(f"cannot push to the Hub with HF_HUB_OFFLINE=1: unset it{later}")
     token = get_token()
     if token is None:
         raise HubError("no Hugging Face token: run `hf auth login` or set HF_TOKEN to a token with write "
@@ -80,13 +82,16 @@ def check_push_access(repo_id: str | None, flag: str = "--hub-model-id") -> str:
 
 
 def push_model_dir(model_dir: str | Path, repo_id: str, *, private: bool = False,
-                   message: str | None = None) -> str:
+                   message: str | None = None, flag: str = "--hub-model-id") -> str:
     """Create `repo_id` (if needed) and upload the model folder as one commit; the card is re-rendered first
-    so its loading snippets name the repo. Returns the commit URL."""
+    so its loading snippets name the repo (and put back as it was when the push fails). `flag` names `repo_id`
+    in errors. Returns the commit URL."""
     config = read_model_folder(model_dir)
-    check_push_access(repo_id)
+    check_push_access(repo_id, flag)
     from .model_folder import write_card  # torch and timm: not needed for --help or the other commands
 
+    card = Path(model_dir) / "README.md"
+    before = card.read_text() if card.is_file() else None
     write_card(model_dir, config, repo_id=repo_id)
     api = HfApi()
     try:  # upload_folder has the Hub validate README.md's metadata before any file is sent
@@ -94,6 +99,10 @@ def push_model_dir(model_dir: str | Path, repo_id: str, *, private: bool = False
         commit = api.upload_folder(repo_id=repo_id, folder_path=model_dir, allow_patterns=UPLOAD_PATTERNS,
                                    commit_message=message or default_message(config))
     except Exception as err:
+        if before is None:
+            card.unlink()
+        else:
+            atomic_write_text(card, before)
         retry = f"python -m cifar_tl.hub push {model_dir} {repo_id}"
         raise HubError(f"push to {repo_id} failed ({type(err).__name__}: {str(err).splitlines()[0]}); the "
                        f"model folder is intact: retry with `{retry}`") from None
@@ -101,11 +110,15 @@ def push_model_dir(model_dir: str | Path, repo_id: str, *, private: bool = False
 
 
 def read_model_folder(model_dir: str | Path) -> dict:
-    """config.json of a model folder that also holds its weights (read without importing torch)."""
+    """config.json of a model folder whose weights are as they were written (read without importing torch): a
+    truncated or altered copy is never published."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise FileNotFoundError(f"{model_dir}: not a model folder (needs config.json and model.safetensors)")
-    return json.loads((model_dir / "config.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text())
+    check_weights(model_dir / "model.safetensors",
+                  ((config.get("cifar_tl") or {}).get("files") or {}).get("model.safetensors"))
+    return config
 
 
 def default_message(config: dict) -> str:
@@ -227,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         if args.command == "push":
-            print(push_model_dir(args.model_dir, args.repo_id, private=args.private, message=args.message))
+            print(push_model_dir(args.model_dir, args.repo_id, private=args.private, message=args.message,
+                                 flag="repo_id"))
         elif not args.push:
             print(f"wrote {build_space(args.space_dir, args.model)}; run it with `python app.py` there")
         else:

@@ -75,3 +75,17 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
     if 8 + length + end < size:
         return f"{path.name} has {size - 8 - length - end:,} bytes more than its header describes"
     return None
+
+
+def check_weights(weights: Path, recorded: dict | None = None) -> None:
+    """DamagedFileError when `weights` is not what was written: checked against the {size, sha256} recorded
+    when it was written, or without that against its own header."""
+    if recorded:
+        problems = manifest_problems(weights.parent, {weights.name: recorded})
+        advice = ("copy or export the folder again (if the weights were replaced on purpose, delete \"files\" "
+                  "under \"cifar_tl\" in config.json)")
+    else:
+        problems = [p for p in [safetensors_problem(weights)] if p]
+        advice = "copy or export it again"
+    if problems:
+        raise DamagedFileError(f"{weights.parent}: {'; '.join(problems)}; {advice}")

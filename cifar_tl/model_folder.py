@@ -39,7 +39,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from .architectures import is_own
 from .card import render_card
 from .files import atomic_folder, atomic_path, atomic_write_text
-from .integrity import DamagedFileError, manifest, manifest_problems, safetensors_problem
+from .integrity import check_weights, manifest
 from .models import create_model
 from .summary import parameter_counts
 
@@ -189,17 +189,3 @@ def load_model(model_dir: str | os.PathLike, weights: Path | None = None) -> tup
         raise ValueError(f"{weights} does not fit the {config['architecture']} described by "
                          f"{Path(model_dir) / 'config.json'}: {detail}") from None
     return model.eval(), config
-
-
-def check_weights(weights: Path, recorded: dict | None = None) -> None:
-    """DamagedFileError when `weights` is not what was written: checked against the {size, sha256} recorded
-    when it was written, or without that against its own header."""
-    if recorded:
-        problems = manifest_problems(weights.parent, {weights.name: recorded})
-        advice = ("copy or export the folder again (if the weights were replaced on purpose, delete \"files\" "
-                  "under \"cifar_tl\" in config.json)")
-    else:
-        problems = [p for p in [safetensors_problem(weights)] if p]
-        advice = "copy or export it again"
-    if problems:
-        raise DamagedFileError(f"{weights.parent}: {'; '.join(problems)}; {advice}")

@@ -29,6 +29,7 @@ class FakeHub(ThreadingHTTPServer):
         self.spaces: dict[str, dict[str, bytes]] = {}
         self.created: list[dict] = []  # the repo-creation requests, as sent
         self.requests: list[tuple[str, str, bytes]] = []
+        self.failing: set[str] = set()  # repo API actions (preupload, commit, ...) that answer 500, as in an outage
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     @property
@@ -106,6 +107,8 @@ class _FakeHubHandler(BaseHTTPRequestHandler):
     def _api(self, store: dict, repo: str, action: str, body: bytes):
         if repo not in store:
             return self._send({"error": "Repository not found"}, 404, {"X-Error-Code": "RepoNotFound"})
+        if action in self.server.failing:
+            return self._send({"error": "fake Hub: outage"}, 500)
         files = store[repo]
         if action == "preupload":
             return self._send({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}

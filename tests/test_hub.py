@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -186,8 +187,36 @@ def test_push_without_access_fails_before_upload(timm_model_dir, tmp_path):
     with FakeHub() as server:
         proc = run_python("-m", "cifar_tl.hub", "push", str(timm_model_dir), "other/cifar",
                           env=hub_env(server, tmp_path / "hf"))
-        assert proc.returncode == 2 and proc.stderr.startswith("error: --hub-model-id other/cifar: the token")
+        assert proc.returncode == 2 and proc.stderr.startswith("error: repo_id other/cifar: the token")
         assert server.paths("POST") == []
+
+
+def test_push_refuses_damaged_weights(timm_model_dir, tmp_path):
+    model = shutil.copytree(timm_model_dir, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with FakeHub() as server:
+        proc = run_python("-m", "cifar_tl.hub", "push", str(model), "me/cifar", env=hub_env(server, tmp_path / "hf"))
+        assert server.requests == []  # checked before anything is asked of the Hub
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"error: {model}: model.safetensors is truncated (1,000 of" in proc.stderr
+
+
+def test_a_failed_push_leaves_the_folder_as_it_was(timm_model_dir, tmp_path):
+    model = shutil.copytree(timm_model_dir, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    with FakeHub() as server:
+        server.failing.add("commit")
+        proc = run_python("-m", "cifar_tl.hub", "push", str(model), "me/fails", env=hub_env(server, tmp_path / "hf"))
+    assert proc.returncode == 2 and "push to me/fails failed" in proc.stderr and "is intact" in proc.stderr
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before  # the card too
+
+
+def test_push_errors_name_the_push_command_not_train_flags(timm_model_dir, tmp_path, capsys):
+    assert hub.main(["push", str(timm_model_dir), "cifar100-b0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: repo_id 'cifar100-b0': not a Hub id user/name"
+    assert hub.main(["push", str(timm_model_dir), "me/cifar"]) == 2  # HF_HUB_OFFLINE=1 in the tests
+    assert capsys.readouterr().err.strip() == "error: cannot push to the Hub with HF_HUB_OFFLINE=1: unset it"
 
 
 def test_from_pretrained_hub_id_downloads_only_safe_files(timm_model_dir, tmp_path, monkeypatch):
