@@ -31,7 +31,7 @@ from .sources import (
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = "2"
+STORE_VERSION = "3"  # bumped when decoding changes what a store holds (3: 16-bit grey scaled by its depth)
 
 
 @dataclass

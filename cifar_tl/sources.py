@@ -133,9 +133,10 @@ def decode_image(data: bytes | Image.Image | np.ndarray) -> np.ndarray:
     else:
         img = Image.open(io.BytesIO(data))
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, do not clip
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (PNG's, as Pillow opens it) to 8 bits by
+        # its depth, as an 8-bit copy of the same picture would be: a dark image stays dark, not stretched
         arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
+        img = Image.fromarray(np.clip(np.rint(arr / 257), 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -158,6 +158,16 @@ def test_decode_image_modes(mode):
     assert arr.shape == (7, 5, 3) and arr.dtype == np.uint8
 
 
+def test_16_bit_grey_is_scaled_by_its_depth_not_stretched():
+    """A 16-bit PNG of a picture decodes to the pixels of its 8-bit copy: a dark image stays dark."""
+    grey = np.array([[0, 10, 100, 255]], np.uint8)
+    for array in (grey.astype(np.uint16) * 257, np.full((1, 4), 1000, np.uint16)):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        expected = np.rint(array / 257).astype(np.uint8)
+        assert np.array_equal(decode_image(buf.getvalue()), np.repeat(expected[..., None], 3, -1))
+
+
 def test_decode_image_applies_exif_rotation():
     img = Image.new("RGB", (8, 4))
     exif = img.getexif()
