@@ -120,7 +120,7 @@ def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
         **dataset, train=train,
         summary=_summary(metrics), hyperparameters=_hyperparameters(train),
         results=_results(metrics), test_images=f"{metrics['n']:,}" if "n" in metrics else None,
-        top1=pct.get("top1"), coarse_top1=pct.get("coarse_top1"),
+        top1=pct.get("top1"), coarse_top1=pct.get("coarse_top1"), within_superclass=_within_superclass(metrics),
         weakest=_weakest_superclasses(run_dir), plots=_plots(model_dir),
         model_id=location, timm_id=f"hf-hub:{repo_id}" if repo_id else f"local-dir:{folder}",
         citations=[CITATIONS[k] for k, used in (("cifar", dataset_id in DATASETS),
@@ -275,6 +275,15 @@ def _parameters(counts: dict | None, weights: Path) -> str:
             if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
                 total += math.prod(f.get_slice(key).get_shape())
     return f"{total / 1e6:.2f} M"
+
+
+def _within_superclass(metrics: dict) -> str | None:
+    """The share of fine-label mistakes whose superclass is still right, as the test's superclass and fine top-1
+    imply it ("12 %"), or None without both."""
+    if "coarse_top1" not in metrics or "top1" not in metrics or metrics["top1"] >= 1:
+        return None
+    share = (metrics["coarse_top1"] - metrics["top1"]) / (1 - metrics["top1"])
+    return f"{max(share, 0.0):.0%}".replace("%", " %")
 
 
 def _weakest_superclasses(run_dir: Path | None, count: int = 3) -> list[tuple[str, str]]:

@@ -115,11 +115,14 @@ def write_model_folder(out_dir: str | os.PathLike, model: torch.nn.Module, confi
 
 def write_card(model_dir: str | Path, config: dict, *, repo_id: str | None = None,
                run_dir: Path | None = None, location: Path | None = None) -> Path:
-    """Copy the run's evaluation plots (PNG) into the folder and write README.md. `repo_id` names the Hub repo
-    in the loading snippets; without it they load the folder by its path (`location`, when the folder is
-    written elsewhere first). `run_dir` defaults to the folder's parent when that is a training run."""
+    """Copy the run's evaluation plots (PNG) into the folder, when its metrics are of these weights, and write
+    README.md. `repo_id` names the Hub repo in the loading snippets; without it they load the folder by its path
+    (`location`, when the folder is written elsewhere first). `run_dir` defaults to the folder's parent when
+    that is a training run."""
     model_dir = Path(model_dir)
     run_dir = run_dir if run_dir is not None else run_dir_of(model_dir)
+    if not (config.get("cifar_tl") or {}).get("metrics"):  # the run's plots and results are of other weights
+        run_dir = None
     if run_dir is not None and run_dir.resolve() != model_dir.resolve():
         for png in sorted([*run_dir.glob("*.png"), *run_dir.glob("plots/*.png")]):  # report.py writes plots/
             (model_dir / "plots").mkdir(exist_ok=True)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import cifar_tl
 from cifar_tl import export, hub
+from cifar_tl.card import render_card
 from cifar_tl.config import TrainConfig
 from cifar_tl.loading import ModelLoadError
 from cifar_tl.model_folder import folder_config, load_model, read_config, write_model_folder
@@ -90,7 +91,8 @@ def test_export_run_dir_writes_folder_and_card(run_dir, tmp_path):
     assert not PLACEHOLDERS.search(str(card)), PLACEHOLDERS.search(str(card))
     for expected in ("## Intended use", "## Training data", "## Training procedure", "## Results",
                      "## Limitations", "## How to load it", "## Citation", "| Top-1 accuracy | 81.23 % |",
-                     "88.91 % superclass vs 81.23 % class top-1",
+                     ("it is right for 88.91 % of the images against 81.23 % for the\n  fine class, so about 41 % of "
+                      "the fine-label mistakes still land in the true superclass"), "global batch\n64, at most",
                      "| `lr` | 0.0001 |", "![Confusion](plots/confusion.png)", "Krizhevsky", "Tan, Mingxing",
                      f'timm.create_model("local-dir:{out}"', 'pipeline("image-classification"',
                      "aquatic_mammals (50.0 %)", "The best epoch was 3 of 5"):
@@ -106,9 +108,18 @@ def test_export_checkpoint_forms(run_dir, tmp_path):
     assert read_config(epoch)["cifar_tl"]["metrics"] == {}  # epoch 5 is not the evaluated best epoch
     card = ModelCard.load(epoch / "README.md")
     assert not card.data.eval_results and "No test metrics are recorded" in card.text
+    assert not (epoch / "plots").exists() and "weakest" not in card.text  # they are the best epoch's
+    assert "summing the probabilities of its fine classes." in card.text
     assert 'from_pretrained("me/cifar-b0")' in card.text and not PLACEHOLDERS.search(str(card))
     keys = [load_file(str(folder / "model.safetensors")).keys() for folder in (epoch, best)]
     assert keys[0] == keys[1]  # the DDP "module." prefix is gone
+
+
+def test_card_states_the_batch_of_an_optimiser_step(timm_model_dir, tmp_path):
+    config = read_config(timm_model_dir)
+    config["cifar_tl"]["train_config"] = TrainConfig(batch_size=250, grad_accum_steps=8).validate().to_dict()
+    card = render_card(config, model_dir=timm_model_dir)
+    assert "global batch\n2000 (8 accumulated micro-batches of 250)," in card.text
 
 
 def test_export_bad_checkpoint_is_one_clear_error(run_dir, tmp_path, capsys):
