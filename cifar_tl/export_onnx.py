@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .console import FlagParser, error_line
+from .files import WriteError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         predictor = load_predictor(args.model, device="cpu")
     except ModelLoadError as err:
         return error_line(err)
-    path = export_onnx(predictor, args.output)
+    try:
+        path = export_onnx(predictor, args.output)
+    except WriteError as err:  # a full disk, a read-only folder: the file and the reason
+        return error_line(err)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): input '{INPUT_NAME}' uint8 "
           f"[batch, 3, {predictor.data_size}, {predictor.data_size}], output '{OUTPUT_NAME}' "
           f"[batch, {len(predictor.fine_names)}]")

@@ -3,6 +3,7 @@ write that fails (disk full, no permission, quota, read-only) leaves what was th
 `WriteError`, one line naming the path and the reason."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -76,8 +77,11 @@ def atomic_path(path: str | os.PathLike):
             path.parent.mkdir(parents=True, exist_ok=True)
             yield tmp
             os.replace(tmp, path)
+    except WriteError as err:  # named by the file the user asked for, not by its temporary sibling
+        raise (WriteError(path, err.reason) if err.path == tmp else err) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. its folder is a file: the error above says so
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

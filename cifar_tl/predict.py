@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {item}: no such file or folder", file=sys.stderr)
     if not files:
         return error_line("no image files found in the given paths")
+    if args.output and not args.output.parent.is_dir():  # before the model loads
+        return error_line(f"--output {args.output}: no folder {args.output.parent}")
     from .loading import ModelLoadError, load_predictor
 
     try:
@@ -90,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    out = args.output.open("w") if args.output else sys.stdout
+    try:
+        out = args.output.open("w") if args.output else sys.stdout
+    except OSError as err:
+        return error_line(f"--output {args.output}: cannot write ({err.strerror or err})")
     done = skipped = 0
     try:
         for path, result in predict_files(predictor, files, top_k=args.top_k, batch_size=args.batch_size,

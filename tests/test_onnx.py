@@ -76,3 +76,10 @@ def test_export_cli_reports_a_bad_model(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "missing"), "--output", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --model ") and "no such model folder" in err and err.count("\n") == 1
+
+
+def test_export_cli_reports_an_unwritable_output_in_one_line(cnn_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["--model", str(cnn_model_dir), "--output", str(blocker / "m.onnx")]) == 2
+    assert capsys.readouterr().err == f"error: cannot write {blocker}: File exists\n"  # the file in the way

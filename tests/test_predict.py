@@ -94,3 +94,7 @@ def test_predict_cli_errors_are_one_line(cnn_model_dir, zoo, tmp_path, capsys):
     assert err.startswith("error: --model ") and "no such model folder" in err and err.count("\n") == 1
     assert main(["--model", str(cnn_model_dir), str(tmp_path / "empty-nothing")]) == 2
     assert main(["--model", str(cnn_model_dir), str(zoo["bad_not_an_image.png"]), "--no-progress"]) == 1
+    capsys.readouterr()
+    nowhere = tmp_path / "no-such-folder" / "p.jsonl"
+    assert main(["--model", str(cnn_model_dir), str(zoo["ok_rgb.png"]), "--output", str(nowhere)]) == 2
+    assert capsys.readouterr().err == f"error: --output {nowhere}: no folder {nowhere.parent}\n"
