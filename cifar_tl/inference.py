@@ -78,8 +78,11 @@ class Predictor:
         return self.coarse_names is not None and self.fine_to_coarse is not None
 
     def to_thumbnail(self, image) -> np.ndarray:
-        """Any input image -> uint8 RGB [data_size, data_size, 3]: the resolution the model was trained at,
-        resized on its short side and centre-cropped exactly as the training store was (`sources.fit_square`)."""
+        """Any input image (PIL, array, encoded bytes or a file path) -> uint8 RGB [data_size, data_size, 3]: the
+        resolution the model was trained at, resized on its short side and centre-cropped exactly as the
+        training store was (`sources.fit_square`)."""
+        if isinstance(image, (str, os.PathLike)):
+            image = open_image(image)
         try:
             arr = decode_image(image)
         except (OSError, ValueError, TypeError) as err:  # exotic modes Pillow cannot convert to RGB
@@ -104,7 +107,10 @@ class Predictor:
         return probs, coarse
 
     def predict(self, images, top_k: int = 5, tta: bool = False) -> list[dict]:
-        """[{"fine": [{"label", "score"}, ...top_k], "coarse": {"label", "score"} | None}, ...]"""
+        """[{"fine": [{"label", "score"}, ...top_k], "coarse": {"label", "score"} | None}, ...], one per image."""
+        images = list(images)
+        if not images:
+            return []
         probs, coarse = self.predict_proba(images, tta)
         k = min(top_k, probs.shape[1])
         results = []

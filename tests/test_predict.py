@@ -60,6 +60,15 @@ def test_every_kind_of_image_becomes_a_thumbnail_or_a_clear_error(zoo, cnn_model
     assert np.abs(rotated - upright).mean() < 12  # EXIF orientation applied (JPEG noise aside)
 
 
+def test_predict_takes_file_paths_as_the_pipeline_does(zoo, cnn_model_dir):
+    predictor = Predictor.from_dir(cnn_model_dir, "cpu")
+    path = zoo["ok_rgb.png"]
+    assert predictor.predict([str(path), path]) == predictor.predict([open_image(path)]) * 2
+    with pytest.raises(ImageError, match="not an image file"):
+        predictor.predict([zoo["bad_not_an_image.png"]])
+    assert predictor.predict([]) == []
+
+
 def test_pixel_bound_and_decompression_bomb_guard(zoo, monkeypatch):
     with pytest.raises(ImageError, match="megapixel limit"):
         open_image(zoo["ok_huge.png"], max_pixels=1_000_000)
