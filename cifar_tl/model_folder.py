@@ -48,6 +48,8 @@ FORMAT_VERSION = 2  # 2: baseline_cnn is the study's CNN (format 1's baseline_cn
 LEGACY_ARCHITECTURES = {1: {"baseline_cnn": "baseline_cnn_bn", "baseline_cnn_small": "baseline_cnn_bn_small",
                             "baseline_cnn_wide": "baseline_cnn_bn_wide"}}
 WEIGHTS = "model.safetensors"
+UMASK = os.umask(0o022)  # the process's umask (read by setting it, so set back at once)
+os.umask(UMASK)
 
 
 def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -> None:
@@ -57,6 +59,7 @@ def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~UMASK)  # safetensors 0.8 creates 0600: readable like the folder's other files
 
 
 def folder_config(model: torch.nn.Module, *, image_size: int, mean, std, data_size: int, fine_names: list[str],

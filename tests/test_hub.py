@@ -68,6 +68,10 @@ def test_training_folder_has_card_and_plots(run_dir):
     card = ModelCard.load(model / "README.md")
     assert card.data.base_model == "timm/test_efficientnet.r160_in1k" and "plots/confusion.png" in card.text
     assert not PLACEHOLDERS.search(str(card))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in model.iterdir() if p.is_file()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~umask  # safetensors alone made 0600
 
 
 def test_export_run_dir_writes_folder_and_card(run_dir, tmp_path):
