@@ -27,11 +27,16 @@ class ModelLoadError(RuntimeError):
 
 
 def model_folder(source: str | Path) -> Path:
-    """A local model folder as it is, or a Hub repo downloaded (or read from the local Hub cache)."""
+    """A local model folder as it is (a training run's output folder: its model/), or a Hub repo downloaded (or
+    read from the local Hub cache)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        return path
+        run_model = path / "model"
+        return run_model if not (path / "config.json").exists() and (run_model / "config.json").is_file() else path
     text = str(source)
+    if path.is_file():
+        raise ModelLoadError(f"--model {source}: a file, not a model folder; give the folder that holds config.json "
+                             "and model.safetensors, a Hub id user/name, or an exported ONNX file named *.onnx")
     if path.exists() or text.startswith((".", "/", "~")) or not is_hub_id(text):
         raise ModelLoadError(f"--model {source}: no such model folder, nor a Hub id user/name")
     try:

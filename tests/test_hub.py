@@ -256,6 +256,12 @@ def test_from_pretrained_offline_hub_id_is_one_clear_error(tmp_path):
         cifar_tl.from_pretrained(str(tmp_path / "missing" / "deeper" / "model"))
 
 
+def test_a_run_folder_loads_its_model_and_a_file_is_told_apart(run_dir, tmp_path):
+    assert cifar_tl.from_pretrained(str(run_dir)).fine_names == FINE_NAMES  # RUN/ means RUN/model/
+    with pytest.raises(ModelLoadError, match="a file, not a model folder; .* an exported ONNX file named"):
+        cifar_tl.from_pretrained(str(run_dir / "metrics.json"))
+
+
 # --------------------------------------------------------------------------------------------- Space
 
 
