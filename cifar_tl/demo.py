@@ -76,11 +76,11 @@ def _load_json(path: Path) -> dict | None:
 
 
 def confusion_highlights(predictor: Predictor, n: int = 5) -> str | None:
-    """The model's weak spots from its evaluation, or None when the folder carries none. Sources: a
-    `confusion.json` ({"labels": [...], "matrix": [[count]]}, rows = true class) in the model folder for the
-    most confused pairs, and per-class test accuracy from config.json's `cifar_tl.metrics.per_class` or the
-    training run's `eval_details.json` (next to the model folder) for the hardest classes."""
-    parts = []
+    """The model's weak spots from its evaluation, or None when the folder carries none: the most confused pairs
+    and the hardest and easiest classes from the `confusion.json` in the model folder ({"labels": [...],
+    "matrix": [[count]]}, rows = true class; it goes to the Hub with the weights), or for folders without one
+    the per-class accuracies of the training run's `eval_details.json` next to it."""
+    parts, per_class = [], None
     folder = predictor.model_dir
     confusion = _load_json(folder / "confusion.json") if folder else None
     if confusion and "matrix" in confusion:
@@ -95,8 +95,8 @@ def confusion_highlights(predictor: Predictor, n: int = 5) -> str | None:
             parts.append("**Most confused pairs** (true → predicted: share of the true class's test images):\n"
                          + "\n".join(f"- {labels[t]} → {labels[p]}: {off[t, p] / rows[t, 0]:.0%} "
                                      f"({int(off[t, p])} images)" for t, p in pairs))
-    per_class = (predictor.config.get("cifar_tl", {}).get("metrics") or {}).get("per_class")
-    if not per_class and folder:
+        per_class = {labels[i]: matrix[i, i] / matrix[i].sum() for i in range(len(labels)) if matrix[i].sum()}
+    elif folder:
         details = _load_json(folder / "eval_details.json") or _load_json(folder.parent / "eval_details.json")
         per_class = ((details or {}).get("plain") or {}).get("per_class")
     if per_class:

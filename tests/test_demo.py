@@ -80,11 +80,15 @@ def test_model_card_and_confusion_highlights(cnn_model_dir, tmp_path):
     labels = ["apple", "pear", "orange"]
     (folder / "confusion.json").write_text(json.dumps({"labels": labels, "matrix": [[8, 2, 0], [5, 5, 0],
                                                                                      [0, 0, 10]]}))
-    (tmp_path / "eval_details.json").write_text(json.dumps({"plain": {"per_class": {"apple": 0.8, "pear": 0.5,
+    text = confusion_highlights(Predictor.from_dir(folder, "cpu"))  # the folder alone, as pushed to the Hub
+    assert "pear → apple: 50% (5 images)" in text and "apple → pear: 20%" in text
+    assert "Hardest classes** (test accuracy): pear 50%, apple 80%, orange 100%" in text
+
+    (folder / "confusion.json").unlink()  # an older run's folder: the run's eval_details.json beside it
+    (tmp_path / "eval_details.json").write_text(json.dumps({"plain": {"per_class": {"apple": 0.7, "pear": 0.4,
                                                                                     "orange": 1.0}}}))
     text = confusion_highlights(Predictor.from_dir(folder, "cpu"))
-    assert "pear → apple: 50% (5 images)" in text and "apple → pear: 20%" in text
-    assert "Hardest classes** (test accuracy): pear 50%" in text
+    assert "Most confused" not in text and "Hardest classes** (test accuracy): pear 40%, apple 70%" in text
 
 
 def test_title_and_gallery_follow_the_models_classes(cnn_model_dir, tmp_path):
