@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 CORRECT, WRONG = "#1a7f37", "#cf222e"
@@ -45,19 +46,25 @@ def training_curves(history: pd.DataFrame, path: Path, best_epoch: int | None = 
 
 
 def confusion(matrix: torch.Tensor, names: list[str], path: Path, title: str) -> Path:
-    """Row-normalised confusion matrix (each row: where the images of one true class went), in percent."""
+    """Row-normalised confusion matrix (each row: where the images of one true class went), in percent; a class
+    with no test images (a small sample) gets a grey row marked "–", not a 0 % that reads as all wrong."""
     counts = matrix.double().numpy()
+    seen = counts.sum(1) > 0
     share = 100 * counts / np.maximum(counts.sum(1, keepdims=True), 1)
     k = len(names)
     side = max(6.0, 0.45 * k + 3)
     fig = Figure(figsize=(side + 1.5, side))
     ax = fig.subplots()
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+    image = ax.imshow(np.ma.masked_array(share, ~seen[:, None].repeat(len(seen), 1)),
+                      cmap=colormaps["Blues"].with_extremes(bad="0.85"), vmin=0, vmax=100)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
     ax.set_xticks(range(k), names, rotation=90, fontsize=8)
     ax.set_yticks(range(k), names, fontsize=8)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     for i in range(k):  # label the cells that matter: the diagonal and mistakes of 1% or more
+        if not seen[i]:
+            ax.text(i, i, "–", ha="center", va="center", fontsize=7)
+            continue
         for j in range(k):
             if share[i, j] >= 1 or i == j:
                 ax.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=7,

@@ -352,3 +352,19 @@ def test_evaluate_bad_input_gives_one_clear_error(cnn_model_dir, cifar100_parque
     err = capsys.readouterr().err  # a first load of the parquet prints datasets' progress lines before it
     assert [line for line in err.splitlines() if line.startswith("error: ")] == [err.splitlines()[-1]], err
     assert "Traceback" not in err and re.search(message, err), err
+
+
+def test_a_class_without_test_images_is_grey_in_the_confusion_plot_not_zero(tmp_path):
+    """A small sample (CIFAR-100's first 20 test images) leaves superclasses without images: their rows are
+    masked grey with a dash, not drawn as 0 % right."""
+    import numpy as np
+    from PIL import Image
+
+    from cifar_tl import plots
+
+    grey = []  # share of the figure in matplotlib's "0.85", the masked cells' colour (a few pixels of text too)
+    for counts in ([[5, 1, 0], [0, 0, 0], [1, 0, 3]], [[5, 1, 0], [0, 2, 0], [1, 0, 3]]):
+        path = plots.confusion(torch.tensor(counts), ["a", "b", "c"], tmp_path / "c.png", "superclasses")
+        pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
+        grey.append((np.abs(pixels - 216) <= 1).all(1).mean())
+    assert grey[0] > 0.1 and grey[1] < 0.01, grey  # one row of three: about a fifth of the figure
