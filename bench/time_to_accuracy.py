@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ MARKS = (5, 10, 15)
 def run_preset(preset: str, dataset: str, out_dir: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", preset, "--dataset", dataset,
            "--output-dir", str(out_dir), *extra]
+    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: train.py refuses a folder holding one
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.time() - t0

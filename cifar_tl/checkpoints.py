@@ -53,21 +53,25 @@ class TrainState:
     epoch: int = 0
     train_seconds: float = 0.0
     images_seen: int = 0
-    stopped: str | None = None
+    stopped: str | None = None  # why training ended early (early stopping, the time limit): a resume keeps it
     data: dict = field(default_factory=dict)  # the data and how it was split: a resume must see the same
+    recipe: dict = field(default_factory=dict)  # config.RESUME_KEEPS: a resume must train with the same
+    budget_seconds: float = 0.0  # of --time-limit-minutes, used by the end of the epoch: a resume goes on from it
 
     def to_json(self) -> dict:
         early = self.early
         return {"epoch": self.epoch, "best_val_loss": early.best_loss, "best_epoch": early.best_epoch,
                 "bad_epochs": early.bad_epochs, "train_seconds": self.train_seconds,
                 "images_seen": self.images_seen, "model": self.model, "fine_names": self.fine_names,
-                "stopped": self.stopped, "data": self.data}
+                "stopped": self.stopped, "data": self.data, "recipe": self.recipe,
+                "budget_seconds": self.budget_seconds}
 
     def load_json(self, saved: dict) -> None:
         self.early.load_state_dict({"best_loss": saved["best_val_loss"], "best_epoch": saved["best_epoch"],
                                     "bad_epochs": saved["bad_epochs"]})
         self.epoch, self.train_seconds = saved["epoch"], saved["train_seconds"]
-        self.images_seen, self.stopped = saved["images_seen"], None
+        self.images_seen, self.stopped = saved["images_seen"], saved.get("stopped")
+        self.budget_seconds = saved.get("budget_seconds", 0.0)
 
     def summary(self) -> dict:
         """The run summary metrics.json carries."""
@@ -204,6 +208,10 @@ class Checkpoints:
     def _choose(self, state: TrainState) -> tuple[str | None, dict | None, list[str], str | None]:
         """(folder name, its trainer state, lines to print, error): the newest folder that verifies."""
         damaged = []
+        named = self.pointer.read_text().strip() if self.pointer.is_file() else None
+        if named and FOLDER.fullmatch(named) and not (self.root / named).is_dir() and (
+                not self.folders() or int(named.split("-")[1]) > int(self.folders()[0].name.split("-")[1])):
+            damaged.append((self.root / named, "its folder is missing"))
         for folder in self.folders():
             saved, problems = self.verify(folder)
             if problems:
@@ -240,6 +248,12 @@ def mismatch(folder: Path, saved: dict, state: TrainState) -> str | None:
     if saved["fine_names"] != state.fine_names:
         return (f"--resume: {folder} has {len(saved['fine_names'])} classes that differ from this "
                 f"dataset's {len(state.fine_names)}; use another --output-dir")
+    changed = [(key, value, state.recipe.get(key)) for key, value in (saved.get("recipe") or {}).items()
+               if key in state.recipe and state.recipe[key] != value]
+    if changed:
+        flags = ", ".join(f"--{key.replace('_', '-')} {value}, not {now}" for key, value, now in changed)
+        return (f"--resume: {folder} was trained with {flags}; resume with the run's own settings (python train.py "
+                f"--config {folder.parent.parent / 'config.yaml'} --resume), or use another --output-dir")
     for key, value in (saved.get("data") or {}).items():  # checkpoints written before it recorded none
         now = state.data.get(key)
         if key == "fingerprint" and now != value:
@@ -250,6 +264,15 @@ def mismatch(folder: Path, saved: dict, state: TrainState) -> str | None:
             return (f"--resume: {folder} split its data with {flag} {value}, not {now}; resume with {flag} "
                     f"{value}, or use another --output-dir")
     return None
+
+
+def existing_run(out: Path) -> str | None:
+    """What of a run `out` holds (its checkpoints, its results), or None: a new run there would overwrite it."""
+    checkpoints = Checkpoints(out / "checkpoints")
+    if checkpoints.folders():
+        return f"checkpoints up to {checkpoints.folders()[0].name}"
+    found = [name for name in ("checkpoints/probe-last.pt", "metrics.json", "history.jsonl") if (out / name).is_file()]
+    return ", ".join(found) or None
 
 
 def _attempt(write, path: Path, needed: int = 0) -> WriteError | None:

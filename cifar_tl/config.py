@@ -170,6 +170,9 @@ class TrainConfig:
     # run
     seed: int = 42
     output_dir: str = "runs/latest"
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start again in an --output-dir that "
+                                                                 "holds a run, deleting its checkpoints and results "
+                                                                 "(without it such a folder is refused)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUTPUT_DIR/checkpoints (the newest "
                          "checkpoint that verifies)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept; --resume falls back to "
@@ -382,10 +385,21 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return cfg.resolve(explicit=set(values)).validate()
 
 
+# what a --resume must train with as the run did: the recipe (the epoch count may grow: `--resume --epochs N`)
+RESUME_KEEPS = ("pretrained", "weights", "image_size", "drop_rate", "drop_path_rate", "batch_size", "lr",
+                "weight_decay", "momentum", "optimizer", "muon_lr", "muon_momentum", "scheduler", "warmup_epochs",
+                "plateau_factor", "plateau_patience", "min_lr", "early_stopping_patience", "bias_lr_scale",
+                "lookahead", "ema_decay", "layer_decay", "whiten_bias_epochs", "label_smoothing", "augment", "shift",
+                "zoom", "progressive_resize", "resize_full_at", "alternating_flip", "cutout", "mixup", "cutmix",
+                "grad_accum_steps", "max_grad_norm", "mixed_precision", "time_limit_minutes", "head_init",
+                "freeze_backbone", "unfreeze_after", "bn_eval")
+
+
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
     """The fully resolved configuration, as `--config` reads it: `--config PATH` reproduces the run."""
     from .files import atomic_write_text
 
-    values = {k: v for k, v in cfg.to_dict().items() if k != "resume"}
+    values = {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "overwrite_output_dir")}
     atomic_write_text(path, "# written by cifar-tl: the resolved configuration of this run; reproduce it with\n"
-                      f"# python train.py --config {path}\n" + yaml.safe_dump(values, sort_keys=False))
+                      f"# python train.py --config {path} --output-dir NEW_DIR (or continue it: --resume)\n"
+                      + yaml.safe_dump(values, sort_keys=False))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ from tqdm.auto import tqdm
 
 from . import cuda_graphs, probe, tracking
 from .augment import TrainTransform, eval_transform, progressive_size, size_multiple
-from .checkpoints import Checkpoints, TrainState
-from .config import ConfigError, TrainConfig, save_yaml
+from .checkpoints import Checkpoints, TrainState, existing_run
+from .config import RESUME_KEEPS, ConfigError, TrainConfig, save_yaml
 from .data import DatasetBundle, load_bundle, make_loader, on_device
 from .ema import ModelEma
 from .evaluation import collect_logits, evaluate_split
@@ -62,6 +63,7 @@ def train(cfg: TrainConfig, started: float | None = None) -> dict:
     if cfg.push_to_hub:
         from .hub import check_push_access
         check_push_access(cfg.hub_model_id)  # fail now, not after hours of training
+    check_output_dir(cfg, out)
     check_model(cfg.model, cfg.pretrained, cfg.weights)  # a wrong name or missing weights: now, not after the data
     set_seed(cfg.seed)
     torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
@@ -69,8 +71,14 @@ def train(cfg: TrainConfig, started: float | None = None) -> dict:
     model, (size, mean, std) = build_model(cfg, bundle)
     # only now does the run exist: a run that fails on its data or model leaves no folder behind
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
+        with write_errors(out):
+            out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite_output_dir and not cfg.resume:  # what resume and the results would read of the old run
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            for name in ("history.jsonl", "metrics.json", "eval_details.json"):
+                (out / name).unlink(missing_ok=True)
+        if not cfg.resume or cfg.linear_probe:  # a resume writes it once the checkpoint agrees (`resume`)
+            save_yaml(cfg, out / "config.yaml")
         accelerator.print(write_summary(model, size, out / "model_summary.txt"))  # Keras-style: one forward pass
     accelerator.print("choices: " + "; ".join(f"{k}: {v}" for k, v in choice_summary(cfg).items()))
     eval_tf = partial(eval_transform, size=size, mean=mean, std=std, channels_last=cfg.channels_last)
@@ -97,6 +105,7 @@ def train(cfg: TrainConfig, started: float | None = None) -> dict:
         write_outputs(cfg, out, model, bundle, (size, mean, std), metrics, results, logits)
         accelerator.print(f"test: top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}"
                           + (f" coarse_top1 {metrics['coarse_top1']:.4f}" if "coarse_top1" in metrics else "")
+                          + (f" | with TTA top1 {metrics['tta']['top1']:.4f}" if cfg.tta else "")
                           + f" | best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
                           f"{metrics['train_seconds']:.0f}s -> {out / 'model'}")
     tracking.log_end_of_run(accelerator, cfg, out, metrics, bundle.test,
@@ -108,6 +117,16 @@ def train(cfg: TrainConfig, started: float | None = None) -> dict:
     accelerator.wait_for_everyone()
     tracking.finish(accelerator)  # also tears down the process group: nothing collective after this
     return metrics
+
+
+def check_output_dir(cfg: TrainConfig, out: Path) -> None:
+    """A new run may not silently replace one: its checkpoints, history and results would be lost."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out}: a file, not a folder")
+    held = None if cfg.resume or cfg.overwrite_output_dir else existing_run(out)
+    if held:
+        raise ConfigError(f"--output-dir {out} holds a run ({held}): continue it with --resume, start it again "
+                          "with --overwrite-output-dir, or choose another --output-dir")
 
 
 def scalars(result: dict) -> dict:
@@ -280,9 +299,12 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bund
     run = setup(cfg, accelerator, model, bundle, eval_tf, out, budget)
     # the test pass's forwards: one per view with TTA (its first view is the plain pass's), else one
     test_views = len(bundle.test) * (len(tta_views(torch.zeros(1, 3, 4, 4), cfg.tta_level)) if cfg.tta else 1)
-    if budget.seconds:  # foretell the final passes before epoch 1 as well: a budget shorter than an epoch
+    if run.state.stopped:  # a resumed run that had stopped stays stopped: it only gets its evaluation and export
+        accelerator.print(f"--resume: the run had stopped at epoch {run.state.epoch} ({run.state.stopped}); "
+                          "evaluating and exporting it")
+    elif budget.seconds:  # foretell the final passes before epoch 1 as well: a budget shorter than an epoch
         validate(run, test_views)  # would otherwise go to it whole and the test pass run past it
-    for epoch in range(run.state.epoch + 1, cfg.epochs + 1):
+    for epoch in range(run.state.epoch + 1, (cfg.epochs if not run.state.stopped else run.state.epoch) + 1):
         stats = train_one_epoch(run, epoch)
         if run.has_val:
             val_loss, val_top1 = validate(run, test_views)
@@ -331,7 +353,8 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
                                                      {"schedule": scheduler, **({"ema": ema} if ema else {})}),
         TrainState(cfg.model, bundle.fine_names, EarlyStopping(cfg.early_stopping_patience),
                    data={"fingerprint": bundle.fingerprint, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-                         "test_fraction": bundle.test_held_out, "max_train_samples": cfg.max_train_samples}),
+                         "test_fraction": bundle.test_held_out, "max_train_samples": cfg.max_train_samples},
+                   recipe={key: getattr(cfg, key) for key in RESUME_KEEPS}),
         out / "history.jsonl", len(bundle.val) > 0)
     resume(run)
     if cfg.cuda_graphs and accelerator.device.type == "cuda":  # one graph per training size still to come
@@ -357,6 +380,10 @@ def resume(run: Training) -> None:
                               f"{early.best_loss:.4f} at epoch {early.best_epoch})")
     elif run.cfg.resume:
         run.accelerator.print(f"--resume: no checkpoint in {run.checkpoints.root}; starting from scratch")
+    if last is not None and run.budget.seconds:  # the budget is the run's: its earlier processes used some
+        run.budget.start -= run.state.budget_seconds
+    if run.cfg.resume and run.accelerator.is_main_process:  # the settings the checkpoint accepted
+        save_yaml(run.cfg, run.history_path.parent / "config.yaml")
     # the checkpoint's epochs (a fallback cuts later ones)
     history = [h for h in read_jsonl(run.history_path) if h["epoch"] <= run.state.epoch] if run.state.epoch else []
     if run.accelerator.is_main_process:
@@ -532,6 +559,7 @@ def end_of_epoch(run: Training, epoch: int, stats: EpochStats, val_loss: float, 
     if state.early.should_stop:
         state.stopped = f"early stopping: no val-loss improvement for {state.early.bad_epochs} epochs"
     state.epoch = epoch
+    state.budget_seconds = time.time() - run.budget.start if run.budget.seconds else 0.0
     # the history line goes first: a resume cuts it when the checkpoint never came
     weights = run.ema.averaged_state() if run.ema is not None else run.unwrapped  # what is evaluated and exported
     run.checkpoints.save(accelerator, state, best=weights if improved else None,

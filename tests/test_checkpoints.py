@@ -438,3 +438,57 @@ def test_a_full_cache_disk_costs_speed_not_the_run(easy10_parquet, tmp_path, mon
     assert "No space left on device; the features are not cached" in capsys.readouterr().out
     cache = data_mod.cache_dir()
     assert not [p for p in (cache / "stores").glob(".*tmp*")] and not [p for p in cache.rglob("*.tmp*")]
+
+
+# --------------------------------------------------------------------------------------------- a run's folder
+
+
+def test_a_new_run_in_a_folder_holding_one_is_refused_before_the_data(two_epochs, easy10_parquet, tmp_path, capsys,
+                                                                       monkeypatch):
+    from cifar_tl import engine
+
+    out = shutil.copytree(two_epochs, tmp_path / "run")
+    before = (out / "history.jsonl").read_text()
+    monkeypatch.setattr(engine, "load_data", lambda *a: pytest.fail("the data was read"))
+    assert cli.main(run_args(easy10_parquet, out, "--epochs", "2")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --output-dir {out} holds a run (checkpoints up to epoch-0002): continue it with --resume, start "
+        "it again with --overwrite-output-dir, or choose another --output-dir")
+    assert (out / "history.jsonl").read_text() == before and (out / "checkpoints" / "epoch-0002").is_dir()
+    monkeypatch.undo()
+    metrics = train(parse_args(run_args(easy10_parquet, out, "--epochs", "1", "--overwrite-output-dir")))
+    assert metrics["epochs_run"] == 1 and history_epochs(out) == [1]
+    assert [p.name for p in Checkpoints(out / "checkpoints").folders()] == ["epoch-0001"]  # the old run's are gone
+    assert "overwrite_output_dir" not in (out / "config.yaml").read_text()
+
+
+def test_resume_keeps_a_stopped_run_stopped(two_epochs, easy10_parquet, tmp_path, capsys):
+    """Early stopping (or the time limit) ended the run at epoch 2 and something failed after it: --resume
+    finishes its evaluation and export, it does not train on."""
+    out = shutil.copytree(two_epochs, tmp_path / "run")
+    state = out / "checkpoints" / "epoch-0002" / "trainer_state.json"
+    saved = json.loads(state.read_text())
+    saved["stopped"] = "early stopping: no val-loss improvement for 1 epochs"
+    state.write_text(json.dumps(saved))
+    vouch_for(state.parent)
+    metrics = train(parse_args(run_args(easy10_parquet, out, "--epochs", "4", "--resume")))
+    assert "the run had stopped at epoch 2 (early stopping" in capsys.readouterr().out
+    assert history_epochs(out) == [1, 2] and metrics["epochs_run"] == 2
+    assert metrics["stopped"].startswith("early stopping")
+
+
+def test_resume_with_another_recipe_is_refused_and_records_nothing(two_epochs, easy10_parquet, tmp_path, capsys):
+    out = shutil.copytree(two_epochs, tmp_path / "run")
+    config = (out / "config.yaml").read_text()
+    assert cli.main(run_args(easy10_parquet, out, "--epochs", "3", "--resume", "--lr", "0.5")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --resume: {out / 'checkpoints' / 'epoch-0002'} was trained with --lr 0.003, not "
+                          "0.5; resume with the run's own settings"), err
+    assert (out / "config.yaml").read_text() == config and history_epochs(out) == [1, 2]
+
+
+def test_a_time_limited_checkpoint_records_the_budget_it_used(easy10_parquet, tmp_path):
+    out = tmp_path / "run"
+    train(parse_args(run_args(easy10_parquet, out, "--epochs", "1", "--time-limit-minutes", "30")))
+    saved = json.loads((out / "checkpoints" / "epoch-0001" / "trainer_state.json").read_text())
+    assert 0 < saved["budget_seconds"] < 300 and saved["recipe"]["time_limit_minutes"] == 30
