@@ -51,7 +51,7 @@ $PY -c "import torch, timm, transformers, datasets; print('torch', torch.__versi
 engine() {  # the same recipe with CUDA graphs on and off
   for graphs in cuda-graphs no-cuda-graphs; do
     $PY train.py --config configs/cpu_fast_cnn.yaml --dataset "$DATA" --time-limit-minutes none --epochs 10 \
-      --warmup-epochs 1 --"$graphs" --output-dir "/tmp/engine_$graphs" || return 1
+      --warmup-epochs 1 --"$graphs" --output-dir "/tmp/engine_$graphs" --overwrite-output-dir || return 1
     mkdir -p "$OUT/engine_$graphs" && cp /tmp/engine_$graphs/{metrics.json,history.jsonl} "$OUT/engine_$graphs/"
   done
 }

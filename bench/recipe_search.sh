@@ -14,7 +14,7 @@ mkdir -p "$OUT" "$RUNS"
 common=(--dataset "$DATA" --mixed-precision no --eval-batch-size 1000 --early-stopping-patience 0 --seed 0)
 cnn=(--no-pretrained --optimizer sgd --momentum 0.9 --weight-decay 5e-4 --scheduler cosine --warmup-epochs 0.5
      --label-smoothing 0.1 --augment basic --shift 0.125 --zoom 0 --batch-size 256)
-run() { local name=$1; shift; echo "== $name"; timeout 120 $PY train.py "${common[@]}" "$@" --output-dir "$RUNS/$name" 2>&1 \
+run() { local name=$1; shift; echo "== $name"; timeout 120 $PY train.py "${common[@]}" "$@" --output-dir "$RUNS/$name" --overwrite-output-dir 2>&1 \
         | grep -aE "(epoch [0-9]+:|test:|error)" ; }
 run cnn_e3 --model baseline_cnn_bn "${cnn[@]}" --lr 0.1 --epochs 3
 run cnn_e5 --model baseline_cnn_bn "${cnn[@]}" --lr 0.1 --epochs 5
