@@ -419,6 +419,8 @@ def _load_hf(dataset, kind, image_column, label_column, coarse_label_column, spl
         fine_col = _pick_column(part, label_column, LABEL_COLUMNS, "--label-column", dataset, split)
         coarse_col = (_pick_column(part, coarse_label_column, (), "--coarse-label-column", dataset, split)
                       if coarse_label_column else next((c for c in COARSE_COLUMNS if c in part.column_names), None))
+        _check_kinds(part, dataset, split, (img_col, "--image-column", True), (fine_col, "--label-column", False),
+                     *([(coarse_col, "--coarse-label-column", False)] if coarse_col else []))
         names["fine"], fine = _labels(part, fine_col, names.get("fine"), f"{dataset}: {split} column {fine_col!r}")
         coarse = None
         if coarse_col:
@@ -458,6 +460,22 @@ def _pick_column(part, chosen, candidates, flag, dataset, split) -> str:
             return c
     raise DataError(f"--dataset {dataset}: split {split!r} has none of the columns {', '.join(candidates)} "
                     f"(columns: {', '.join(cols)}); name the right one with {flag}")
+
+
+def _check_kinds(part, dataset: str, split: str, *columns: tuple[str, str, bool]) -> None:
+    """Each (column, its flag, holds images?) holds what it is used for: images (an Image feature, or encoded
+    bytes / paths), or class labels (a ClassLabel, integers or names) - not the other way round."""
+    import datasets
+
+    for column, flag, images in columns:
+        feature = part.features[column]
+        kind = (type(feature).__name__ if not isinstance(feature, datasets.Value) else feature.dtype)
+        is_image = isinstance(feature, datasets.Image) or kind in ("binary", "large_binary")
+        is_label = isinstance(feature, datasets.ClassLabel) or (
+            isinstance(feature, datasets.Value) and not is_image and (kind.startswith(("int", "uint")) or "string" in kind))
+        if images and not (is_image or "string" in kind) or not images and not is_label:
+            raise DataError(f"--dataset {dataset}: split {split!r} column {column!r} holds {kind} values, not "
+                            f"{'images' if images else 'class labels'}; name the right column with {flag}")
 
 
 def _labels(part, column: str, known_names, where: str) -> tuple[list[str], torch.Tensor]:

@@ -204,6 +204,11 @@ def test_missing_column_names_the_flag(tmp_path):
     assert load_raw(path, image_column="picture", cache=False).fine_names == ["a", "b"]
     with pytest.raises(DataError, match="no column 'lbl' given by --label-column"):
         load_raw(path, image_column="picture", label_column="lbl", cache=False)
+    with pytest.raises(DataError, match="column 'label' holds ClassLabel values, not images; name the right "
+                                        "column with --image-column"):
+        load_raw(path, image_column="label", cache=False)
+    with pytest.raises(DataError, match="column 'picture' holds Image values, not class labels; .* --label-column"):
+        load_raw(path, image_column="picture", label_column="picture", cache=False)
 
 
 def test_labels_out_of_range(tmp_path):
