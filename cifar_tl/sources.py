@@ -323,7 +323,13 @@ def _unpickle(raw: bytes, where: str) -> dict:
         raise DataError(f"{where}: not a readable CIFAR pickle ({err})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a pickled dict, got {type(obj).__name__}")
-    return obj
+    # Python 2's str keys and names read as str here; a copy re-pickled by Python 3 from a bytes-mode load keeps
+    # bytes (b"data", [b"apple", ...])
+    return {_text(k): [_text(n) for n in v] if isinstance(v, list) else v for k, v in obj.items()}
+
+
+def _text(value):
+    return value.decode("latin1") if isinstance(value, bytes) else value
 
 
 def _pickle_files(dataset: str, kind: str) -> dict[str, bytes]:
@@ -463,17 +469,17 @@ def _pick_column(part, chosen, candidates, flag, dataset, split) -> str:
 
 
 def _check_kinds(part, dataset: str, split: str, *columns: tuple[str, str, bool]) -> None:
-    """Each (column, its flag, holds images?) holds what it is used for: images (an Image feature, or encoded
-    bytes / paths), or class labels (a ClassLabel, integers or names) - not the other way round."""
+    """Each (column, its flag, holds images?) is not plainly the other kind: class labels (a ClassLabel, numbers)
+    as images, or images (an Image feature, bytes, a struct of bytes and path, arrays) as labels."""
     import datasets
 
     for column, flag, images in columns:
         feature = part.features[column]
-        kind = (type(feature).__name__ if not isinstance(feature, datasets.Value) else feature.dtype)
-        is_image = isinstance(feature, datasets.Image) or kind in ("binary", "large_binary")
-        is_label = isinstance(feature, datasets.ClassLabel) or (
-            isinstance(feature, datasets.Value) and not is_image and (kind.startswith(("int", "uint")) or "string" in kind))
-        if images and not (is_image or "string" in kind) or not images and not is_label:
+        value = feature.dtype if isinstance(feature, datasets.Value) else None
+        label_like = isinstance(feature, datasets.ClassLabel) or bool(value) and value.startswith(
+            ("int", "uint", "float", "bool"))
+        if images and label_like or not images and not (label_like or value and "string" in value):
+            kind = value or type(feature).__name__
             raise DataError(f"--dataset {dataset}: split {split!r} column {column!r} holds {kind} values, not "
                             f"{'images' if images else 'class labels'}; name the right column with {flag}")
 

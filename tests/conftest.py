@@ -80,16 +80,21 @@ def write_parquet(arrays: dict, root: Path, fine_names=FINE_NAMES, coarse_names=
     return root
 
 
-def write_pickle_dir(arrays: dict, root: Path) -> Path:
+def write_pickle_dir(arrays: dict, root: Path, as_bytes: bool = False) -> Path:
+    """The official layout; `as_bytes`: keys and names as bytes, as a Python 3 copy of a bytes-mode load has them."""
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)
+
+    def text(value):
+        return value.encode() if as_bytes else value
+
     for split, (images, fine, coarse) in arrays.items():
         d = {"filenames": [f"{i}.png" for i in range(len(fine))], "batch_label": split,
              "fine_labels": fine.tolist(), "coarse_labels": coarse.tolist(),
              "data": images.transpose(0, 3, 1, 2).reshape(len(fine), -1)}
-        (folder / split).write_bytes(pickle.dumps(d))
-    meta = {"fine_label_names": FINE_NAMES, "coarse_label_names": COARSE_NAMES}
-    (folder / "meta").write_bytes(pickle.dumps(meta))
+        (folder / split).write_bytes(pickle.dumps({text(k): v for k, v in d.items()}))
+    meta = {"fine_label_names": [text(n) for n in FINE_NAMES], "coarse_label_names": [text(n) for n in COARSE_NAMES]}
+    (folder / "meta").write_bytes(pickle.dumps({text(k): v for k, v in meta.items()}))
     return folder
 
 

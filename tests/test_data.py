@@ -37,6 +37,15 @@ def test_all_sources_load_to_the_same_tensors(cifar100_parquet, cifar100_pickle,
     assert train.fine.tolist() == fine.tolist() and train.coarse.tolist() == coarse.tolist()
 
 
+def test_a_pickle_copy_with_bytes_keys_loads_as_the_official_one(cifar100_parquet, cifar100_arrays, tmp_path):
+    from conftest import write_pickle_dir
+
+    folder = write_pickle_dir(cifar100_arrays, tmp_path, as_bytes=True)  # b"data", [b"apple", ...]
+    raw = load_raw(str(folder), cache=False)
+    _same(load_raw(str(cifar100_parquet), cache=False), raw)
+    assert raw.fine_names == FINE_NAMES and raw.coarse_names == COARSE_NAMES
+
+
 def test_parent_of_cifar_folder_and_save_to_disk(cifar100_pickle, cifar100_parquet, tmp_path):
     assert load_raw(str(cifar100_pickle.parent), cache=False).fine_names == FINE_NAMES
     import datasets
