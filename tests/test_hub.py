@@ -119,11 +119,17 @@ def test_export_checkpoint_forms(run_dir, tmp_path):
     assert keys[0] == keys[1]  # the DDP "module." prefix is gone
 
 
-def test_card_states_the_batch_of_an_optimiser_step(timm_model_dir, tmp_path):
+def test_card_states_the_recipe_as_it_trained(timm_model_dir):
+    """cpu_quick: Muon for the filters and SGD for the rest, 4 micro-batches a step, crops without zoom."""
+    from cifar_tl.config import load_yaml
+
     config = read_config(timm_model_dir)
-    config["cifar_tl"]["train_config"] = TrainConfig(batch_size=250, grad_accum_steps=8).validate().to_dict()
-    card = render_card(config, model_dir=timm_model_dir)
-    assert "global batch\n2000 (8 accumulated micro-batches of 250)," in card.text
+    config["cifar_tl"]["train_config"] = TrainConfig(**load_yaml("configs/cpu_quick.yaml")).resolve().validate(
+    ).to_dict()
+    text = render_card(config, model_dir=timm_model_dir).text
+    assert "global batch\n1000 (4 accumulated micro-batches of 250)," in text
+    assert "Muon for the convolution filters (learning rate 0.12, momentum 0.7) and Nesterov SGD" in text
+    assert "reflect-padded, and\nalternating horizontal flips)." in text and "zoom up to" not in text
 
 
 def test_export_bad_checkpoint_is_one_clear_error(run_dir, tmp_path, capsys):
