@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -306,8 +307,19 @@ def _base_type(tp) -> type:
     return tp
 
 
-def _optional(text: str, convert):
-    return None if text.lower() in ("none", "null") else convert(text)
+def _converter(base: type, nullable: bool):
+    """A flag's type: `base` (a float must be finite), or None for "none" / "null" where the option may be
+    unset; named as `base` is, for argparse's "invalid float value: 'abc'"."""
+    def convert(text: str):
+        if nullable and text.lower() in ("none", "null"):
+            return None
+        value = base(text)
+        if base is float and not math.isfinite(value):
+            raise ValueError(text)
+        return value
+
+    convert.__name__ = base.__name__
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--weight-decay, --scheduler, --warmup-epochs, --min-lr, --label-smoothing, --bias-lr-scale) a "
                "model trained from scratch gets the from-scratch recipe, a pretrained one the transfer recipe "
                "(each option's help names both values). The resolved configuration is written to "
-               "OUTPUT_DIR/config.yaml; --config OUTPUT_DIR/config.yaml reproduces the run.",
+               "OUTPUT_DIR/config.yaml; --config OUTPUT_DIR/config.yaml --output-dir NEW_DIR reproduces the run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file of TrainConfig fields; flags given here override it")
@@ -335,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             nullable = base is not tp and f.name not in CHOICES  # "none" is a choice of augment and scheduler
-            kwargs["type"] = (lambda s, b=base: _optional(s, b)) if nullable else base
+            kwargs["type"] = _converter(base, nullable)
             kwargs["metavar"] = f.name.upper()
             if f.name in CHOICES:  # the metavar hides argparse's own list of choices: name them in the help
                 kwargs["choices"] = CHOICES[f.name]
@@ -351,7 +363,9 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"--config {path}: not valid YAML ({err})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value")
     known = {f.name for f in fields(TrainConfig)}
@@ -363,13 +377,20 @@ def load_yaml(path: str | Path) -> dict:
     hints = typing.get_type_hints(TrainConfig)
     for key, value in data.items():
         base = _base_type(hints[key])
-        if value is None or isinstance(value, base) or (base is float and isinstance(value, int)):
+        if value is None or base is str and isinstance(value, str):
             continue
-        try:  # YAML reads 1e-4 (no dot) as a string
-            data[key] = base(value) if base is not bool else None
-            assert data[key] is not None
+        try:  # YAML reads 1e-4 (no dot) as a string; yes/on are booleans only where a boolean is meant
+            if base is bool:
+                assert isinstance(value, bool)
+            else:
+                assert not isinstance(value, bool)
+                if base is int and isinstance(value, float):  # 3.0 is 3; 2.7 epochs is a mistake
+                    assert value.is_integer()
+                    value = int(value)
+                data[key] = _converter(base, False)(str(value))
         except (TypeError, ValueError, AssertionError):
-            raise ConfigError(f"--config {path}: {key} must be {base.__name__}; got {value!r}") from None
+            raise ConfigError(f"--config {path}: {key} must be {'an integer' if base is int else base.__name__}"
+                              f"{' (finite)' if base is float else ''}; got {value!r}") from None
     return data
 
 

@@ -67,11 +67,27 @@ def test_bad_yaml(tmp_path):
     bad.write_text("learning_rate: 3\n")
     with pytest.raises(ConfigError, match="unknown option.*learning_rate"):
         parse_args(["--config", str(bad)])
-    bad.write_text("epochs: many\n")
-    with pytest.raises(ConfigError, match="epochs must be int"):
-        parse_args(["--config", str(bad)])
+    for text, says in (("epochs: many", "epochs must be an integer; got 'many'"),
+                       ("epochs: 2.7", "epochs must be an integer; got 2.7"),  # not silently 2
+                       ("batch_size: on", "batch_size must be an integer; got True"),
+                       ("lr: .nan", "lr must be float (finite); got nan"),
+                       (": bad", "not valid YAML at line 1, column 1 (expected <block end>, but found ':')")):
+        bad.write_text(text + "\n")
+        with pytest.raises(ConfigError) as err:
+            parse_args(["--config", str(bad)])
+        assert str(err.value) == f"--config {bad}: {says}"
+    bad.write_text("epochs: 3.0\nlr: 1e-4\n")  # YAML reads 1e-4 as a string
+    assert (parse_args(["--config", str(bad)]).epochs, parse_args(["--config", str(bad)]).lr) == (3, 1e-4)
     with pytest.raises(ConfigError, match="file not found"):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_a_bad_number_flag_names_its_type(capsys):
+    for value in ("abc", "nan"):
+        with pytest.raises(SystemExit):
+            parse_args(["--lr", value])
+        assert f"argument --lr: invalid float value: '{value}'" in capsys.readouterr().err
+    assert parse_args(["--lr", "3e-3", "--weight-decay", "none"]).lr == 3e-3
 
 
 def test_invalid_choice_exits():
