@@ -45,8 +45,14 @@ class FlagParser(argparse.ArgumentParser):
 
 
 def did_you_mean(word: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(word, known, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
+    """The nearest known names (those tied for nearest, in order, up to 3: efficientnet_bo is as near to _b8 as
+    to _b0)."""
+    close = difflib.get_close_matches(word, known, n=50)
+    if not close:
+        return ""
+    top = difflib.SequenceMatcher(None, word, close[0]).ratio()
+    best = sorted(c for c in close if difflib.SequenceMatcher(None, word, c).ratio() == top)[:3]
+    return f" (did you mean {' or '.join(best)}?)"
 
 
 def _options(parser: argparse.ArgumentParser) -> Iterator[str]:

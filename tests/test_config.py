@@ -82,6 +82,15 @@ def test_bad_yaml(tmp_path):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
 
 
+def test_names_tied_for_nearest_are_all_offered():
+    from cifar_tl.console import did_you_mean
+
+    names = [f"efficientnet_b{i}" for i in range(9)] + ["resnet18"]
+    assert did_you_mean("efficientnet_bo", names) == " (did you mean efficientnet_b0 or efficientnet_b1 or " \
+                                                     "efficientnet_b2?)"  # one letter from each: b0 first
+    assert did_you_mean("efficentnet_b0", names) == " (did you mean efficientnet_b0?)"
+
+
 def test_a_bad_number_flag_names_its_type(capsys):
     for value in ("abc", "nan"):
         with pytest.raises(SystemExit):
