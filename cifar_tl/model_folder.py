@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -129,7 +128,8 @@ def write_card(model_dir: str | Path, config: dict, *, repo_id: str | None = Non
     if run_dir is not None and run_dir.resolve() != model_dir.resolve():
         for png in sorted([*run_dir.glob("*.png"), *run_dir.glob("plots/*.png")]):  # report.py writes plots/
             (model_dir / "plots").mkdir(exist_ok=True)
-            shutil.copyfile(png, model_dir / "plots" / png.name)
+            # not copyfile: its sendfile path names the source when the destination's disk is full
+            (model_dir / "plots" / png.name).write_bytes(png.read_bytes())
     card = render_card(config, model_dir=model_dir, repo_id=repo_id, run_dir=run_dir, location=location)
     path = model_dir / "README.md"
     with atomic_path(path) as tmp:
