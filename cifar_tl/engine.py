@@ -121,8 +121,9 @@ def train(cfg: TrainConfig, started: float | None = None) -> dict:
 
 def check_output_dir(cfg: TrainConfig, out: Path) -> None:
     """A new run may not silently replace one: its checkpoints, history and results would be lost."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output-dir {out}: a file, not a folder")
+    nearest = next((p for p in (out, *out.parents) if p.exists()), None)  # checked before the data is read
+    if nearest is not None and not nearest.is_dir():
+        raise ConfigError(f"--output-dir {out}: {nearest} is a file, not a folder")
     held = None if cfg.resume or cfg.overwrite_output_dir else existing_run(out)
     if held:
         raise ConfigError(f"--output-dir {out} holds a run ({held}): continue it with --resume, start it again "

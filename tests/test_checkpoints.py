@@ -455,6 +455,10 @@ def test_a_new_run_in_a_folder_holding_one_is_refused_before_the_data(two_epochs
         f"error: --output-dir {out} holds a run (checkpoints up to epoch-0002): continue it with --resume, start "
         "it again with --overwrite-output-dir, or choose another --output-dir")
     assert (out / "history.jsonl").read_text() == before and (out / "checkpoints" / "epoch-0002").is_dir()
+    blocker = out / "history.jsonl"
+    assert cli.main(run_args(easy10_parquet, blocker / "sub", "--epochs", "1")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --output-dir {blocker / 'sub'}: {blocker} is a file, not a folder")
     monkeypatch.undo()
     metrics = train(parse_args(run_args(easy10_parquet, out, "--epochs", "1", "--overwrite-output-dir")))
     assert metrics["epochs_run"] == 1 and history_epochs(out) == [1]
