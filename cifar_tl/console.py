@@ -51,7 +51,7 @@ def did_you_mean(word: str, known: list[str]) -> str:
     if not close:
         return ""
     top = difflib.SequenceMatcher(None, word, close[0]).ratio()
-    best = sorted(c for c in close if difflib.SequenceMatcher(None, word, c).ratio() == top)[:3]
+    best = sorted({c for c in close if difflib.SequenceMatcher(None, word, c).ratio() == top})[:3]
     return f" (did you mean {' or '.join(best)}?)"
 
 

@@ -89,6 +89,7 @@ def test_names_tied_for_nearest_are_all_offered():
     assert did_you_mean("efficientnet_bo", names) == " (did you mean efficientnet_b0 or efficientnet_b1 or " \
                                                      "efficientnet_b2?)"  # one letter from each: b0 first
     assert did_you_mean("efficentnet_b0", names) == " (did you mean efficientnet_b0?)"
+    assert did_you_mean("--privte", ["--private", "--private"]) == " (did you mean --private?)"  # subcommands repeat
 
 
 def test_a_bad_number_flag_names_its_type(capsys):
