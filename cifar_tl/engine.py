@@ -77,7 +77,7 @@ def train(cfg: TrainConfig, started: float | None = None) -> dict:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             for name in ("history.jsonl", "metrics.json", "eval_details.json"):
                 (out / name).unlink(missing_ok=True)
-        if not cfg.resume or cfg.linear_probe:  # a resume writes it once the checkpoint agrees (`resume`)
+        if not cfg.resume:  # a resume writes it once the checkpoint has agreed (`resume`, after the probe)
             save_yaml(cfg, out / "config.yaml")
         accelerator.print(write_summary(model, size, out / "model_summary.txt"))  # Keras-style: one forward pass
     accelerator.print("choices: " + "; ".join(f"{k}: {v}" for k, v in choice_summary(cfg).items()))
@@ -85,6 +85,8 @@ def train(cfg: TrainConfig, started: float | None = None) -> dict:
     if cfg.linear_probe:  # the probe already has the test logits, from its cached features
         summary, precomputed = probe.run(cfg, accelerator, model, bundle, eval_tf, out, Budget(
             cfg.time_limit_minutes, started))
+        if cfg.resume and accelerator.is_main_process:
+            save_yaml(cfg, out / "config.yaml")
     else:
         summary = fit(cfg, accelerator, model, bundle, eval_tf, out, Budget(cfg.time_limit_minutes, started))
         model, precomputed = accelerator.unwrap_model(model), None

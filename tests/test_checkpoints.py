@@ -429,7 +429,8 @@ def test_a_full_cache_disk_costs_speed_not_the_run(easy10_parquet, tmp_path, mon
 
     monkeypatch.setattr(data_mod, "save_file", full_disk)
     monkeypatch.setattr(probe, "save_file", full_disk)
-    dataset = shutil.copytree(easy10_parquet, tmp_path / "data")  # a source the session has not cached yet
+    monkeypatch.setenv("CIFAR_TL_CACHE", str(tmp_path / "cache"))  # nothing cached yet: not by earlier probe tests
+    dataset = shutil.copytree(easy10_parquet, tmp_path / "data")
     metrics = train(parse_args(["--dataset", str(dataset), "--output-dir", str(tmp_path / "run"), "--model",
                                 "test_efficientnet", "--no-pretrained", "--linear-probe", "--image-size", "32",
                                 "--epochs", "2", "--batch-size", "64"]))

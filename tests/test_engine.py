@@ -323,6 +323,22 @@ def test_probe_resumes_from_its_last_epoch(easy10_parquet, tmp_path):
         train(parse_args([*args, "--epochs", "6", "--resume", "--image-size", "40"]))
 
 
+def test_a_resumed_probe_goes_on_with_what_is_left_of_its_budget(easy10_parquet, tmp_path):
+    """A time-limited probe whose budget was spent by its first process (here: a checkpoint saying so, as after
+    a crash in the final test pass) trains no further epoch on --resume; it is evaluated and exported."""
+    args = ["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path), "--model", "test_efficientnet",
+            "--no-pretrained", "--linear-probe", "--image-size", "32", "--batch-size", "64",
+            "--early-stopping-patience", "0", "--time-limit-minutes", "5"]
+    train(parse_args([*args, "--epochs", "2"]))
+    ckpt = tmp_path / "checkpoints" / "probe-last.pt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert 0 < saved["state"]["budget_seconds"] < 300
+    saved["state"]["budget_seconds"] = 300.0  # all of its 5 minutes
+    torch.save(saved, ckpt)
+    metrics = train(parse_args([*args, "--epochs", "4", "--resume"]))
+    assert [r["epoch"] for r in history(tmp_path)] == [1, 2] and metrics["stopped"] == "time limit 5.0 min"
+
+
 def test_probe_keeps_tests_and_exports_the_weight_average_with_ema_decay(easy10_parquet, tmp_path):
     """--ema-decay in the cached partial fine-tune: an average updated after every step, validated, exported and
     checkpointed (a --resume continues it); a resume that changes the setting is refused in one line."""
