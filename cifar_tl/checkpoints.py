@@ -2,7 +2,7 @@
 pointer, each able to carry the run on alone, and `checkpoints/best.safetensors`, the best epoch's weights.
 
 An epoch folder holds Accelerate's full state (model.safetensors, optimizer.bin, random_states_N.pkl, ...), the
-state of the run's other objects (the LR schedule, the weight average) as custom_checkpoint_N.pkl, its own copy of
+state of the run's other objects (`schedule.pt`, with --ema-decay `ema.pt`), its own copy of
 best.safetensors as of that epoch and, written last, trainer_state.json: the epoch, the early-stopping state and
 the manifest `files: {name: {size, sha256}}` of everything else, plus the `checksum` of its own content. Every
 file is read back with torch.load(weights_only=True) or safetensors: a checkpoint is data, and the manifest only
@@ -207,12 +207,11 @@ class Checkpoints:
 
     def _choose(self, state: TrainState) -> tuple[str | None, dict | None, list[str], str | None]:
         """(folder name, its trainer state, lines to print, error): the newest folder that verifies."""
-        damaged = []
-        named = self.pointer.read_text().strip() if self.pointer.is_file() else None
-        if named and FOLDER.fullmatch(named) and not (self.root / named).is_dir() and (
-                not self.folders() or int(named.split("-")[1]) > int(self.folders()[0].name.split("-")[1])):
-            damaged.append((self.root / named, "its folder is missing"))
-        for folder in self.folders():
+        damaged, folders = [], self.folders()
+        named = self.pointer.read_text().strip() if self.pointer.is_file() else ""
+        if FOLDER.fullmatch(named) and (not folders or int(named.split("-")[1]) > int(folders[0].name.split("-")[1])):
+            damaged.append((self.root / named, "its folder is missing"))  # the newest, deleted
+        for folder in folders:
             saved, problems = self.verify(folder)
             if problems:
                 damaged.append((folder, "; ".join(problems)))
@@ -268,9 +267,9 @@ def mismatch(folder: Path, saved: dict, state: TrainState) -> str | None:
 
 def existing_run(out: Path) -> str | None:
     """What of a run `out` holds (its checkpoints, its results), or None: a new run there would overwrite it."""
-    checkpoints = Checkpoints(out / "checkpoints")
-    if checkpoints.folders():
-        return f"checkpoints up to {checkpoints.folders()[0].name}"
+    folders = Checkpoints(out / "checkpoints").folders()
+    if folders:
+        return f"checkpoints up to {folders[0].name}"
     found = [name for name in ("checkpoints/probe-last.pt", "metrics.json", "history.jsonl") if (out / name).is_file()]
     return ", ".join(found) or None
 

@@ -307,7 +307,8 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bund
                           "evaluating and exporting it")
     elif budget.seconds:  # foretell the final passes before epoch 1 as well: a budget shorter than an epoch
         validate(run, test_views)  # would otherwise go to it whole and the test pass run past it
-    for epoch in range(run.state.epoch + 1, (cfg.epochs if not run.state.stopped else run.state.epoch) + 1):
+    last = run.state.epoch if run.state.stopped else cfg.epochs
+    for epoch in range(run.state.epoch + 1, last + 1):
         stats = train_one_epoch(run, epoch)
         if run.has_val:
             val_loss, val_top1 = validate(run, test_views)
@@ -383,8 +384,8 @@ def resume(run: Training) -> None:
                               f"{early.best_loss:.4f} at epoch {early.best_epoch})")
     elif run.cfg.resume:
         run.accelerator.print(f"--resume: no checkpoint in {run.checkpoints.root}; starting from scratch")
-    if last is not None and run.budget.seconds:  # the budget is the run's: its earlier processes used some
-        run.budget.start -= run.state.budget_seconds
+    if last is not None:
+        run.budget.continue_from(run.state.budget_seconds)
     if run.cfg.resume and run.accelerator.is_main_process:  # the settings the checkpoint accepted
         save_yaml(run.cfg, run.history_path.parent / "config.yaml")
     # the checkpoint's epochs (a fallback cuts later ones)
@@ -562,7 +563,7 @@ def end_of_epoch(run: Training, epoch: int, stats: EpochStats, val_loss: float, 
     if state.early.should_stop:
         state.stopped = f"early stopping: no val-loss improvement for {state.early.bad_epochs} epochs"
     state.epoch = epoch
-    state.budget_seconds = time.time() - run.budget.start if run.budget.seconds else 0.0
+    state.budget_seconds = run.budget.used()
     # the history line goes first: a resume cuts it when the checkpoint never came
     weights = run.ema.averaged_state() if run.ema is not None else run.unwrapped  # what is evaluated and exported
     run.checkpoints.save(accelerator, state, best=weights if improved else None,

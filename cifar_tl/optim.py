@@ -116,6 +116,14 @@ class Budget:
     def expired(self) -> bool:
         return self.seconds is not None and time.time() > self._end()
 
+    def used(self) -> float:
+        """Seconds of the budget used so far (0 without one): a checkpoint records it."""
+        return time.time() - self.start if self.seconds else 0.0
+
+    def continue_from(self, used: float) -> None:
+        """A resumed run's budget: its earlier processes used `used` seconds of it (a spent one trains no more)."""
+        self.start -= used
+
 
 @dataclass
 class EarlyStopping:

@@ -209,8 +209,7 @@ def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, 
     if cfg.resume and ckpt.is_file():
         _resume(ckpt, key, top, optimizer, scheduler, gen, state)
         accelerator.print(f"resumed the probe from {ckpt} (epoch {state['epoch']})")
-        if budget.seconds:  # the budget is the run's: its earlier processes used some (a spent one trains no more)
-            budget.start -= state.get("budget_seconds", 0.0)
+        budget.continue_from(state.get("budget_seconds", 0.0))
     if budget.seconds:  # foretell the final passes before epoch 1 too: a short budget would go to a whole epoch
         _validate(top, feats, bundle, accelerator.device, cfg.eval_batch_size, budget)
     history = state["history"]
@@ -226,7 +225,7 @@ def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, 
             weights = state["ema"].averaged_state() if state["ema"] else top.state_dict()
             state["best_state"] = {k: v.detach().clone().cpu() for k, v in weights.items()}
         state["epoch"] = epoch
-        state["budget_seconds"] = time.time() - budget.start if budget.seconds else 0.0
+        state["budget_seconds"] = budget.used()
         if accelerator.is_main_process:  # a crash loses at most the epoch in progress
             _save(ckpt, key, top, optimizer, scheduler, gen, state)
             atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))

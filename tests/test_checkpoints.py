@@ -102,6 +102,7 @@ def same(a: dict, b: dict) -> bool:
     ("model.safetensors", flip_byte, "model.safetensors is altered"),
     ("random_states_0.pkl", remove, "random_states_0.pkl is missing"),
     ("trainer_state.json", flip_byte, "trainer_state.json is"),
+    ("trainer_state.json", lambda path: shutil.rmtree(path.parent), "its folder is missing"),  # the pointer's
 ])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys, name, damage, says):
     run = Tiny(tmp_path)
