@@ -33,6 +33,7 @@ from .files import WRITE_ERRORS, WriteError, atomic_copy, atomic_write_text, rel
 from .integrity import manifest, manifest_problems, sha256_json
 from .model_folder import save_weights
 from .optim import EarlyStopping
+from .processes import any_process
 
 BEST = "best.safetensors"
 STATE = "trainer_state.json"
@@ -115,9 +116,9 @@ class Checkpoints:
             shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
         accelerator.wait_for_everyone()
         error = _attempt(lambda: self._write(accelerator, partial, best, first), partial, self._size_hint())
-        if not _any_process(accelerator, error is not None) and accelerator.is_main_process:
+        if not any_process(accelerator, error is not None) and accelerator.is_main_process:
             error = _attempt(lambda: self._publish(partial, final, state), partial)
-        if _any_process(accelerator, error is not None):
+        if any_process(accelerator, error is not None):
             if accelerator.is_main_process:
                 shutil.rmtree(partial, ignore_errors=True)
             last = self.latest()
@@ -283,11 +284,3 @@ def _attempt(write, path: Path, needed: int = 0) -> WriteError | None:
     except (*WRITE_ERRORS, RuntimeError) as err:
         return write_failure(path, err, needed)
     return None
-
-
-def _any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """Whether `flag` is set on any process (a collective: every process must call it)."""
-    if accelerator.num_processes == 1:
-        return flag
-    flags = torch.tensor([float(flag)], device=accelerator.device)
-    return bool(accelerator.reduce(flags, "sum").item())

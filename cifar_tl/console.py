@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -13,8 +14,15 @@ NOISY_LOGGERS = ("httpx", "huggingface_hub", "datasets", "filelock", "accelerate
                  "onnxscript")
 
 
+def first_process() -> bool:
+    """Whether this is the run's first process (or its only one): the others of `accelerate launch
+    --num_processes N` stay quiet, so a message or an error shows once, not N times."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if first_process() else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -28,13 +36,19 @@ def one_line_errors(body: Callable[[], int | None], *errors: type[BaseException]
 
 
 def error_line(err: BaseException | str) -> int:
-    """A command's known failure as one line on stderr; its exit code."""
-    print(f"error: {err}", file=sys.stderr)
+    """A command's known failure as one line on stderr (from the first process only); its exit code."""
+    if first_process():
+        print(f"error: {err}", file=sys.stderr)
     return 2
 
 
 class FlagParser(argparse.ArgumentParser):
     """argparse that names the nearest real option for a misspelt one: `--prot` -> "did you mean --port?"."""
+
+    def error(self, message: str):
+        if not first_process():  # the first process prints the usage and the error
+            self.exit(2)
+        super().error(message)
 
     def parse_args(self, args=None, namespace=None):
         namespace, unknown = self.parse_known_args(args, namespace)

@@ -39,6 +39,7 @@ from .model_folder import folder_config, write_model_folder
 from .models import check_model, create_model, data_config, default_input_size, set_backbone_trainable
 from .optim import Budget, EarlyStopping, build_optimizer, build_scheduler
 from .precision import choose as choose_precision
+from .processes import hold, holder, main_first, release, shared_clock
 from .sources import MAX_STORE_SIZE, Sizing
 from .summary import write_summary
 from .tta import tta_views
@@ -57,9 +58,9 @@ def train(cfg: TrainConfig, started: float | None = None) -> dict:
     cfg.mixed_precision, cfg.origin["mixed_precision"] = choose_precision(
         cfg.mixed_precision, "mixed_precision" in cfg.explicit, cfg.model)
     accelerator = make_accelerator(cfg, out)
-    if cfg.batch_size % accelerator.num_processes:
-        raise ConfigError(f"--batch-size {cfg.batch_size} (global) must divide by the {accelerator.num_processes}"
-                          " processes")
+    for flag, value in (("--batch-size", cfg.batch_size), ("--eval-batch-size", cfg.eval_batch_size)):
+        if value % accelerator.num_processes:  # each process takes its share of every batch (split_batches)
+            raise ConfigError(f"{flag} {value} (global) must divide by the {accelerator.num_processes} processes")
     if cfg.push_to_hub:
         from .hub import check_push_access
         check_push_access(cfg.hub_model_id)  # fail now, not after hours of training
@@ -67,12 +68,21 @@ def train(cfg: TrainConfig, started: float | None = None) -> dict:
     check_model(cfg.model, cfg.pretrained, cfg.weights)  # a wrong name or missing weights: now, not after the data
     set_seed(cfg.seed)
     torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
+    try:
+        return run_training(cfg, accelerator, out, started)
+    finally:
+        release(out)  # the main process's hold on the folder (`run_training` takes it once the folder exists)
+
+
+def run_training(cfg: TrainConfig, accelerator: Accelerator, out: Path, started: float) -> dict:
+    """Data, model, training (or the cached-feature probe), test evaluation, outputs and push."""
     bundle = load_data(cfg, accelerator)
     model, (size, mean, std) = build_model(cfg, bundle)
     # only now does the run exist: a run that fails on its data or model leaves no folder behind
     if accelerator.is_main_process:
         with write_errors(out):
             out.mkdir(parents=True, exist_ok=True)
+            hold(out)  # until the run ends: another --resume or run here is refused meanwhile
         if cfg.overwrite_output_dir and not cfg.resume:  # what resume and the results would read of the old run
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             for name in ("history.jsonl", "metrics.json", "eval_details.json"):
@@ -88,7 +98,8 @@ def train(cfg: TrainConfig, started: float | None = None) -> dict:
         if cfg.resume and accelerator.is_main_process:
             save_yaml(cfg, out / "config.yaml")
     else:
-        summary = fit(cfg, accelerator, model, bundle, eval_tf, out, Budget(cfg.time_limit_minutes, started))
+        summary = fit(cfg, accelerator, model, bundle, eval_tf, out,
+                      Budget(cfg.time_limit_minutes, started, agree=shared_clock(accelerator)))
         model, precomputed = accelerator.unwrap_model(model), None
 
     # ---- final test evaluation on the restored best weights
@@ -126,6 +137,10 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> None:
     nearest = next((p for p in (out, *out.parents) if p.exists()), None)  # checked before the data is read
     if nearest is not None and not nearest.is_dir():
         raise ConfigError(f"--output-dir {out}: {nearest} is a file, not a folder")
+    busy = holder(out)
+    if busy:  # e.g. the processes of a launcher killed with kill -9 go on training
+        raise ConfigError(f"--output-dir {out} is in use by a run still going ({busy}): wait for it or stop it, or "
+                          "choose another --output-dir")
     held = None if cfg.resume or cfg.overwrite_output_dir else existing_run(out)
     if held:
         raise ConfigError(f"--output-dir {out} holds a run ({held}): continue it with --resume, start it again "
@@ -185,14 +200,12 @@ def staged(cfg: TrainConfig) -> bool:
 
 
 def load_data(cfg: TrainConfig, accelerator: Accelerator) -> DatasetBundle:
-    with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
-        bundle = load_bundle(cfg.dataset, image_column=cfg.image_column, label_column=cfg.label_column,
-                             coarse_label_column=cfg.coarse_label_column, train_split=cfg.train_split,
-                             test_split=cfg.test_split, val_fraction=cfg.val_fraction,
-                             test_fraction=cfg.test_fraction, max_train_samples=cfg.max_train_samples,
-                             seed=cfg.seed, cache=cfg.data_cache,
-                             sizing=Sizing(cfg.store_size, min(cfg.image_size or default_input_size(cfg.model),
-                                                               MAX_STORE_SIZE)))
+    size = min(cfg.image_size or default_input_size(cfg.model), MAX_STORE_SIZE)
+    bundle = main_first(accelerator, partial(  # one process decodes and caches, the others read its cache
+        load_bundle, cfg.dataset, image_column=cfg.image_column, label_column=cfg.label_column,
+        coarse_label_column=cfg.coarse_label_column, train_split=cfg.train_split, test_split=cfg.test_split,
+        val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, max_train_samples=cfg.max_train_samples,
+        seed=cfg.seed, cache=cfg.data_cache, sizing=Sizing(cfg.store_size, size)))
     accelerator.print(f"data: {bundle.source} train {len(bundle.train)} / val {len(bundle.val)} / test "
                       f"{len(bundle.test)}, {bundle.num_classes} classes"
                       f"{f', {len(bundle.coarse_names)} superclasses' if bundle.has_coarse else ''}, "
@@ -452,6 +465,7 @@ def train_one_epoch(run: Training, epoch: int) -> EpochStats:
     cfg, accelerator = run.cfg, run.accelerator
     set_train_mode(run, epoch)
     run.train_loader.set_epoch(epoch)
+    run.budget.sync()  # the size below follows the budget's clock: one reading for all processes
     run.train_tf.set_epoch(epoch, training_size(run, epoch))
     t0 = time.time()
     # running sums stay on the device: reading them every step would wait for the GPU
@@ -471,6 +485,7 @@ def train_one_epoch(run: Training, epoch: int) -> EpochStats:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",  # the epoch's mean so far, as its summary
                                 lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
                 shown = time.time()
+            run.budget.sync()
             if run.budget.expired():
                 run.state.stopped = f"time limit {cfg.time_limit_minutes} min"
                 break

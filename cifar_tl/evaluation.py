@@ -20,6 +20,7 @@ from .data import DatasetBundle, load_bundle, make_loader
 from .files import atomic_write_text
 from .loading import backend_of, load_predictor, model_folder
 from .metrics import EvaluationError, align_labels, compute_metrics, load_label_map
+from .processes import main_first
 from .report import write_report
 from .sources import MissingSplitError, Sizing, Split
 from .tta import multiview_logits
@@ -121,15 +122,17 @@ def load_split(args: argparse.Namespace, trained: dict, data_size: int, accelera
                    coarse_label_column=args.coarse_label_column, test_split=args.test_split,
                    val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, partial_coarse=True,
                    sizing=Sizing(trained.get("store_size"), data_size))
-    with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
+    def load_either() -> DatasetBundle:
         try:
-            bundle = load(train_split=args.train_split)
+            return load(train_split=args.train_split)
         except MissingSplitError as err:  # a test-only source: its test split is all a test evaluation needs
             if args.split != "test" or err.split != args.train_split:
                 raise
             log.info("%s has no %r split (it has %s): evaluating its %r split alone", args.dataset,
                      args.train_split, ", ".join(err.have), args.test_split)
-            bundle = load(train_split=None)
+            return load(train_split=None)
+
+    bundle = main_first(accelerator, load_either)  # one process decodes and caches, the others read its cache
     data = getattr(bundle, args.split)
     if len(data) == 0:
         hint = " (val comes from --val-fraction of the train split)" if args.split == "val" else ""

@@ -90,11 +90,14 @@ class Budget:
     AFTER_TRAINING_SECONDS = 10.0  # report, plots and model folder
     TIMING_BATCHES = 4  # without a validation split, this many eval batches of training data are timed instead
 
-    def __init__(self, minutes: float | None, start: float | None = None):
+    def __init__(self, minutes: float | None, start: float | None = None,
+                 agree: Callable[[float, float], tuple[float, float]] | None = None):
         self.seconds = 60 * minutes if minutes else None
         self.start = time.time() if start is None else start
         self.final_passes_seconds = 0.0
         self._rates: list[float] = []  # seconds per image of each validation pass
+        self._agree = agree  # several processes: one clock for all (`processes.shared_clock`)
+        self._agreed: tuple[float, float] | None = None
 
     def foresee_final_passes(self, val_seconds: float, val_images: int, test_images: int) -> None:
         """Set `final_passes_seconds` from a validation pass that took `val_seconds` for `val_images`: one more
@@ -107,14 +110,26 @@ class Budget:
         rate = max(self._rates[1:] or self._rates)
         self.final_passes_seconds = 1.1 * rate * (val_images + test_images)
 
-    def _end(self) -> float:
-        return self.start + self.seconds - self.final_passes_seconds - self.AFTER_TRAINING_SECONDS
+    def sync(self) -> None:
+        """Several processes: read the clock once for all of them (a collective, at the same step on each), so
+        they stop at the same step and follow one LR schedule. Without `agree` the clock is read live."""
+        if self._agree is not None and self.seconds:
+            self._agreed = self._agree(time.time() - self.start, self.final_passes_seconds)
+
+    def _clock(self) -> tuple[float, float]:
+        """Seconds elapsed, and those the training leaves for the passes and the export after it."""
+        elapsed, reserve = self._agreed or (time.time() - self.start, self.final_passes_seconds)
+        return elapsed, reserve + self.AFTER_TRAINING_SECONDS
 
     def progress(self) -> float:
-        return min(1.0, (time.time() - self.start) / max(1.0, self._end() - self.start))
+        elapsed, reserve = self._clock()
+        return min(1.0, elapsed / max(1.0, self.seconds - reserve))
 
     def expired(self) -> bool:
-        return self.seconds is not None and time.time() > self._end()
+        if self.seconds is None:
+            return False
+        elapsed, reserve = self._clock()
+        return elapsed > self.seconds - reserve
 
     def used(self) -> float:
         """Seconds of the budget used so far (0 without one): a checkpoint records it."""

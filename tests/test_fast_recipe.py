@@ -179,6 +179,38 @@ def test_muon_recipe_trains_freezes_the_whitening_bias_and_resumes(easy10_parque
     assert torch.equal(weights["features.0.weight"][12:], -weights["features.0.weight"][:12])
 
 
+def test_processes_with_their_own_clocks_agree_on_one_budget(monkeypatch):
+    """Two processes started 3 s apart, with their own estimates of the final passes: on their own clocks one
+    stops a step before the other (DDP's next all-reduce then fails) and their LRs differ; agreeing each step on
+    the latest clock and the largest reserve, both read the same progress and stop together."""
+    from cifar_tl import optim
+
+    now = [1000.0]
+    monkeypatch.setattr(optim.time, "time", lambda: now[0])
+    budgets = [optim.Budget(1, start=900.0 + 3 * rank) for rank in range(2)]
+    budgets[0].final_passes_seconds, budgets[1].final_passes_seconds = 5.0, 7.0
+    now[0] = 945.5  # past rank 0's end (900 + 60 - 5 - 10), not rank 1's (903 + 60 - 7 - 10)
+    assert budgets[0].expired() and not budgets[1].expired()
+    assert budgets[0].progress() != budgets[1].progress()
+
+    def agree(elapsed, reserve):  # what processes.shared_clock's all-reduce (max) returns on every process
+        clocks = [(now[0] - b.start, b.final_passes_seconds) for b in budgets]
+        return max(c[0] for c in clocks), max(c[1] for c in clocks)
+
+    shared = [optim.Budget(1, start=b.start, agree=agree) for b in budgets]
+    for mine, theirs in zip(shared, budgets, strict=True):
+        mine.final_passes_seconds = theirs.final_passes_seconds
+        mine.sync()
+    now[0] += 5  # between two steps the clock is not read again: every process keeps the agreed reading
+    assert shared[0].expired() and shared[1].expired()
+    assert shared[0].progress() == shared[1].progress() == 1.0
+    now[0] = 930.0
+    for budget in shared:
+        budget.sync()
+    assert not shared[0].expired() and not shared[1].expired()
+    assert shared[0].progress() == shared[1].progress() == pytest.approx(30 / (60 - 7 - 10))
+
+
 def test_time_budget_counts_from_the_start_and_keeps_time_for_the_test(monkeypatch):
     """--time-limit-minutes is the whole run: what the test pass and the export will take is kept free."""
     from cifar_tl import optim
