@@ -98,10 +98,15 @@ class Checkpoints:
 
     def latest(self) -> Path | None:
         """The folder the pointer names (the newest one saved), if it is there."""
-        if not self.pointer.is_file():
-            return None
-        path = self.root / self.pointer.read_text().strip()
-        return path if (path / STATE).is_file() else None
+        named = self._named()
+        return self.root / named if FOLDER.fullmatch(named) and (self.root / named / STATE).is_file() else None
+
+    def _named(self) -> str:
+        """What the pointer says ("" when it is missing, not a file or unreadable: damage falls back)."""
+        try:
+            return self.pointer.read_bytes().decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
 
     # ------------------------------------------------------------------------------------------ saving
 
@@ -151,6 +156,8 @@ class Checkpoints:
             if int(stale.name.split("-")[1]) >= state.epoch:
                 shutil.rmtree(stale)
         partial.rename(final)
+        if self.pointer.is_dir():  # damage: a folder in the pointer's place would fail every save
+            shutil.rmtree(self.pointer)
         try:
             atomic_write_text(self.pointer, final.name)
         except WriteError:
@@ -209,7 +216,7 @@ class Checkpoints:
     def _choose(self, state: TrainState) -> tuple[str | None, dict | None, list[str], str | None]:
         """(folder name, its trainer state, lines to print, error): the newest folder that verifies."""
         damaged, folders = [], self.folders()
-        named = self.pointer.read_text().strip() if self.pointer.is_file() else ""
+        named = self._named()
         if FOLDER.fullmatch(named) and (not folders or int(named.split("-")[1]) > int(folders[0].name.split("-")[1])):
             damaged.append((self.root / named, "its folder is missing"))  # the newest, deleted
         for folder in folders:

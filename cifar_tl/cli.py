@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
 from .config import ConfigError, parse_args
-from .console import error_line, one_line_errors, setup_logging
+from .console import error_line, first_process, one_line_errors, setup_logging
 
 
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
@@ -28,9 +29,13 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     def run() -> None:
         train(cfg, started=started)
 
+    # SIGTERM (a scheduler's or a container's stop) ends the run as Ctrl-C does, with the same message
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
     try:
         return one_line_errors(run, ConfigError, DataError, WeightsError, TrainingError, ResumeError, HubError,
                                WriteError)
     except KeyboardInterrupt:
-        print("interrupted: rerun with --resume to continue from the last completed epoch", file=sys.stderr)
+        if first_process():
+            print("interrupted: rerun with --resume to continue from the last completed epoch", file=sys.stderr)
         return 130

@@ -358,10 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"--config {path}: file not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"--config {path}: cannot be read as text ({err})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

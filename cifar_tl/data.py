@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .files import WriteError, atomic_path
+from .integrity import seal, seal_problem
 from .sources import (
     DataError,
     MissingSplitError,
@@ -187,13 +188,16 @@ def load_raw(
     key = _source_key(dataset, image_column, label_column, coarse_label_column, splits, sizing.forced)
     store = cache_dir() / "stores" / f"{key}.safetensors"
     cache = cache and not skip_unreadable
-    if cache and store.is_file():
+    damage = seal_problem(store) if cache and store.is_file() else None
+    if damage:  # a damaged cache is decoded again, never used: a flipped byte is still a loadable file
+        log.warning("ignoring damaged data cache %s (%s); decoding the source again", store, damage)
+    elif cache and store.is_file():
         try:
             raw = _read_store(store, dataset)
             # mixed sizes were fitted to what an earlier model needed: another size needs another decode
             if not raw.fitted or sizing.forced or raw.splits[splits[0]].images.shape[-1] == sizing.mixed:
                 return raw
-        except Exception as err:  # a corrupt cache is rebuilt, never fatal
+        except Exception as err:  # an unreadable cache is rebuilt, never fatal
             log.warning("ignoring unreadable data cache %s (%s)", store, err)
     raw = read_source(dataset, image_column=image_column, label_column=label_column,
                       coarse_label_column=coarse_label_column, splits=splits, skip_unreadable=skip_unreadable,
@@ -243,6 +247,7 @@ def _write_store(raw: RawDataset, path: Path) -> None:
             tensors[f"{name}.coarse"] = s.coarse
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"cifar_tl": json.dumps(meta)})
+    seal(path)
 
 
 def _read_store(path: Path, source: str) -> RawDataset:

@@ -96,7 +96,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in filter(str.strip, path.read_text().splitlines()):
+    for line in filter(str.strip, path.read_bytes().decode("utf-8", "replace").splitlines()):  # garbage: skipped
         try:
             records.append(json.loads(line))
         except ValueError:
@@ -105,8 +105,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        shutil.copyfile(source, tmp)
+    with atomic_path(path) as tmp, open(source, "rb") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst)  # not copyfile: its sendfile error on a full disk names the source
 
 
 @contextmanager

@@ -1,12 +1,15 @@
 """Damage found before anything loads it: a manifest ({file: {size, sha256}}) taken when files are written and
-checked when they are read (a truncated copy, a flipped byte, a missing file), and a structural check of
-safetensors files for folders written without one. Problems are short phrases naming the file."""
+checked when they are read (a truncated copy, a flipped byte, a missing file), a structural check of
+safetensors files for folders written without one, and a seal (a sha256 beside it) on each cache file. Problems
+are short phrases naming the file."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 from pathlib import Path
+
+from .files import atomic_write_text
 
 CHUNK = 1 << 20
 
@@ -54,6 +57,30 @@ def manifest_problems(folder: str | os.PathLike, files: dict[str, dict]) -> list
     problems += [f"{name} is altered (its sha256 differs from the one recorded when it was written)"
                  for name in same_size if sha256_file(folder / name) != files[name]["sha256"]]
     return problems
+
+
+def seal(path: str | os.PathLike) -> None:
+    """Record a cache file's sha256 beside it (`NAME.sha256`), for `seal_problem` to check before the file is
+    used again: a flipped byte in cached features, decoded images or an ONNX graph still loads, and gave wrong
+    results without a word."""
+    path = Path(path)
+    atomic_write_text(_seal_of(path), sha256_file(path) + "\n")
+
+
+def seal_problem(path: str | os.PathLike) -> str | None:
+    """Why the cache file `path` may not be used (no recorded checksum, or not the recorded one), or None."""
+    path = Path(path)
+    try:
+        recorded = _seal_of(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return f"{path.name} has no recorded checksum (an older version wrote it, or its write was cut short)"
+    if sha256_file(path) != recorded:
+        return f"{path.name} is altered or truncated (its sha256 differs from the one recorded when it was written)"
+    return None
+
+
+def _seal_of(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def safetensors_problem(path: str | os.PathLike) -> str | None:

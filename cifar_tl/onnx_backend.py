@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,9 @@ from .augment import eval_transform
 from .data import cache_dir
 from .files import atomic_path
 from .inference import Predictor
+from .integrity import seal, seal_problem
 
+log = logging.getLogger(__name__)
 CONFIG_KEY = "cifar_tl_config"  # metadata_props key holding config.json
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
@@ -91,8 +94,13 @@ class OnnxPredictor(Predictor):
     def from_predictor(cls, predictor: Predictor, threads: int | None = None) -> OnnxPredictor:
         """The ONNX twin of a PyTorch Predictor, exported once per distinct weights+config into the cache."""
         path = cache_dir() / "onnx" / f"{_fingerprint(predictor)}.onnx"
-        if not path.is_file():
+        damage = seal_problem(path) if path.is_file() else None
+        if damage:  # exported again, never used: a flipped byte in a weight still loads and answers wrongly
+            log.warning("exporting %s to ONNX again: the cached %s is damaged (%s)",
+                        predictor.model_dir or "the model", path, damage)
+        if damage or not path.is_file():
             export_onnx(predictor, path)
+            seal(path)
         return cls.from_file(path, predictor.model_dir, threads)
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:

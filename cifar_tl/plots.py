@@ -12,13 +12,15 @@ import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from .files import atomic_path
+
 CORRECT, WRONG = "#1a7f37", "#cf222e"
 DPI = 110
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    with atomic_path(path) as tmp:  # a full disk: one line naming the plot, no torn PNG left
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
     return path
 
 

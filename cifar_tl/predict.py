@@ -90,26 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as err:
         return error_line(err)
 
-    from tqdm import tqdm
+    from .files import WriteError, atomic_path
 
-    try:
-        out = args.output.open("w") if args.output else sys.stdout
-    except OSError as err:
-        return error_line(f"--output {args.output}: cannot write ({err.strerror or err})")
-    done = skipped = 0
-    try:
-        for path, result in predict_files(predictor, files, top_k=args.top_k, batch_size=args.batch_size,
-                                          max_pixels=args.max_pixels, tta=args.tta,
-                                          progress=not args.no_progress):
-            if isinstance(result, str):
-                skipped += 1
-                tqdm.write(f"skipped {path}: {result}", file=sys.stderr)  # keeps the progress bar intact
-            else:
-                done += 1
-                out.write(json.dumps({"path": str(path), **result}) + "\n")
-    finally:
-        if args.output:
-            out.close()
+    results = predict_files(predictor, files, top_k=args.top_k, batch_size=args.batch_size,
+                            max_pixels=args.max_pixels, tta=args.tta, progress=not args.no_progress)
+    if args.output is None:
+        done, skipped = _write(results, sys.stdout)
+    else:
+        try:  # written whole or not at all: a full disk leaves the earlier file as it was
+            with atomic_path(args.output) as tmp, tmp.open("w") as out:
+                done, skipped = _write(results, out)
+        except WriteError as err:
+            return error_line(err)
     print(f"predicted {done} image(s), skipped {skipped + len(missing)}"
           + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
     return 0 if done else 1
@@ -117,3 +109,18 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _write(results, out) -> tuple[int, int]:
+    """JSON lines of the predictions, the skipped images named on stderr; (predicted, skipped)."""
+    from tqdm import tqdm
+
+    done = skipped = 0
+    for path, result in results:
+        if isinstance(result, str):
+            skipped += 1
+            tqdm.write(f"skipped {path}: {result}", file=sys.stderr)  # keeps the progress bar intact
+        else:
+            done += 1
+            out.write(json.dumps({"path": str(path), **result}) + "\n")
+    return done, skipped

@@ -31,6 +31,7 @@ from .config import ConfigError
 from .data import cache_dir, make_loader
 from .ema import ModelEma
 from .files import WriteError, atomic_path, atomic_write_text
+from .integrity import seal, seal_problem
 from .optim import Budget, EarlyStopping, warmup_cosine
 
 EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
@@ -102,10 +103,15 @@ def _runner(extractor: nn.Module, accelerator, key: str, data_size: int):
             from .onnx_backend import save_onnx
 
             path = cache_dir() / "onnx" / f"probe-{key}.onnx"
-            if not path.is_file():
+            damage = seal_problem(path) if path.is_file() else None
+            if damage:
+                accelerator.print(f"linear probe: exporting the frozen part again: the cached {path} is damaged "
+                                  f"({damage})")
+            if damage or not path.is_file():
                 for name in ("onnx_ir", "onnxscript"):  # the exporter's per-pass INFO chatter
                     logging.getLogger(name).setLevel(logging.WARNING)
                 save_onnx(extractor, torch.zeros(2, 3, data_size, data_size, dtype=torch.uint8), path)
+                seal(path)
             options = ort.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -137,9 +143,12 @@ def cached_features(cfg, accelerator, model, bundle, transform, key: str) -> dic
     """train / val / test outputs of the frozen part (+ test_flip with --tta),
     stored in half precision (half the disk); a fresh run rounds the same way, so cached == fresh."""
     path = cache_dir() / "features" / f"{key}.safetensors"
-    if path.is_file():
+    damage = seal_problem(path) if path.is_file() else None
+    if path.is_file() and not damage:
         accelerator.print(f"linear probe: cached features {path}")
         return load_file(str(path))
+    if damage:  # extracted again, never used: a flipped byte still loads, and the test results were wrong
+        accelerator.print(f"linear probe: extracting again: the cached features are damaged ({damage})")
     model.eval()
     t0 = time.time()
     runner = _runner(_Extractor(model, transform, cfg.probe_stages), accelerator, key, bundle.image_size)
@@ -153,6 +162,7 @@ def cached_features(cfg, accelerator, model, bundle, transform, key: str) -> dic
         try:
             with atomic_path(path) as tmp:
                 save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
+            seal(path)
         except WriteError as err:  # a cache: the run goes on with the features in memory
             accelerator.print(f"linear probe: {err}; the features are not cached (CIFAR_TL_CACHE moves the cache)")
     return feats
@@ -310,8 +320,12 @@ def _save(path: Path, key: str, top, optimizer, scheduler, gen, state: dict) -> 
 
 
 def _resume(path: Path, key: str, top, optimizer, scheduler, gen, state: dict) -> None:
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved["key"] != key:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, altered: torch.load's own errors are zip and unpickler internals
+        raise ConfigError(f"--resume: {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                          "start the probe again with --overwrite-output-dir (it keeps no earlier checkpoint)") from None
+    if not isinstance(saved, dict) or saved.get("key") != key:
         raise ConfigError(f"--resume: {path} was trained on other features (model, weights, size, stages or "
                           "data differ); use another --output-dir")
     ema, saved_ema = state["ema"], saved["state"].get("ema")  # none in checkpoints before --ema-decay

@@ -14,7 +14,7 @@ import torch
 
 from . import plots
 from .data import DatasetBundle, coarse_probs
-from .files import atomic_write_text
+from .files import atomic_write_text, read_jsonl
 from .metrics import confusion_matrix, reliability_bins, top_confused_pairs
 
 GRID_IMAGES = 24
@@ -61,10 +61,9 @@ def write_report(out_dir: str | Path, *, results: dict[str, dict], logits: torch
     probs = logits.float().softmax(-1)
     for stale in PLOTS:  # an earlier report in this folder may have drawn plots this one does not
         (out / "plots" / f"{stale}.png").unlink(missing_ok=True)
-    history = Path(history) if history else None
+    epochs = read_jsonl(history) if history else []  # a torn last line (a full disk) is skipped
     sections = [
-        *([_curves(out, history, best_epoch)] if history is not None and history.is_file()
-          and history.stat().st_size else []),
+        *([_curves(out, epochs, Path(history).name, best_epoch)] if epochs else []),
         *_confusions(out, probs, data, bundle),
         _predictions(out, probs, data, bundle, split),
         _section("Calibration", plots.reliability(reliability_bins(probs, data.fine), results["plain"]["ece"],
@@ -87,10 +86,9 @@ def _section(title: str, png: Path, caption: str) -> str:
     return f"## {title}\n\n![{title}](plots/{png.name})\n\n{caption}\n"
 
 
-def _curves(out: Path, history: Path, best_epoch: int | None) -> str:
-    png = plots.training_curves(pd.read_json(history, lines=True), out / "plots" / "training_curves.png",
-                                best_epoch)
-    return _section("Training curves", png, (f"Loss and top-1 accuracy per epoch from `{history.name}`; the "
+def _curves(out: Path, epochs: list[dict], name: str, best_epoch: int | None) -> str:
+    png = plots.training_curves(pd.DataFrame(epochs), out / "plots" / "training_curves.png", best_epoch)
+    return _section("Training curves", png, (f"Loss and top-1 accuracy per epoch from `{name}`; the "
                                              "dashed line marks the epoch with the lowest validation loss, whose "
                                              "weights were kept."))
 

@@ -8,7 +8,10 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,8 @@ from cifar_tl.integrity import manifest, safetensors_problem, sha256_json
 from cifar_tl.loading import ModelLoadError, load_predictor
 from cifar_tl.model_folder import load_model, write_model_folder
 from cifar_tl.optim import EarlyStopping
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CNN = ["--model", "baseline_cnn_bn_small", "--no-pretrained", "--batch-size", "32", "--eval-batch-size", "64",
        "--lr", "3e-3", "--early-stopping-patience", "0", "--mixed-precision", "no", "--max-train-samples", "100"]
@@ -498,3 +503,118 @@ def test_a_time_limited_checkpoint_records_the_budget_it_used(easy10_parquet, tm
     train(parse_args(run_args(easy10_parquet, out, "--epochs", "1", "--time-limit-minutes", "30")))
     saved = json.loads((out / "checkpoints" / "epoch-0001" / "trainer_state.json").read_text())
     assert 0 < saved["budget_seconds"] < 300 and saved["recipe"]["time_limit_minutes"] == 30
+
+
+def test_damaged_caches_are_rebuilt_not_used(cifar100_parquet, tmp_path, monkeypatch, caplog):
+    """A flipped byte in the decoded-image store or in a cached ONNX export still loads: the store gave wrong
+    labels and the ONNX graph wrong answers without a word. Each cache file is sealed with its sha256; a damaged
+    one is decoded or exported again."""
+    from conftest import build_model_dir
+
+    from cifar_tl import data as data_mod
+    from cifar_tl.loading import load_predictor
+
+    monkeypatch.setenv("CIFAR_TL_CACHE", str(tmp_path / "cache"))
+    fresh = data_mod.load_raw(str(cifar100_parquet))
+    store = next((tmp_path / "cache" / "stores").glob("*.safetensors"))
+    assert (store.parent / (store.name + ".sha256")).is_file()
+    with open(store, "r+b") as f:  # the tail: the last split's labels
+        f.seek(store.stat().st_size - 64)
+        f.write(bytes(64))
+    with caplog.at_level("WARNING"):
+        again = data_mod.load_raw(str(cifar100_parquet))
+    assert "ignoring damaged data cache" in caplog.text and "is altered or truncated" in caplog.text
+    for name, split in fresh.splits.items():
+        assert torch.equal(again.splits[name].fine, split.fine)
+        assert torch.equal(again.splits[name].images, split.images)
+
+    folder = build_model_dir("baseline_cnn_bn_small", tmp_path / "model")
+    image = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    want = load_predictor(folder, backend="onnx").logits(image)
+    graph = next((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    raw = bytearray(graph.read_bytes())
+    raw[-5000:-1000] = bytes(4000)  # inside the weights: the file still loads
+    graph.write_bytes(bytes(raw))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        got = load_predictor(folder, backend="onnx").logits(image)
+    assert "exporting" in caplog.text and "is damaged" in caplog.text
+    assert torch.allclose(got, want)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "folder"])
+def test_a_damaged_pointer_neither_stops_resume_nor_later_saves(two_epochs, easy10_parquet, tmp_path, damage):
+    """A flipped byte in `checkpoints/latest` ended resume in a UnicodeDecodeError; a folder in its place let the
+    run train an epoch and then refused every save with "no earlier checkpoint"."""
+    out = shutil.copytree(two_epochs, tmp_path / "run")
+    pointer = out / "checkpoints" / "latest"
+    pointer.unlink()
+    if damage == "garbage":
+        pointer.write_bytes(b"epoch-\xd2003")
+    else:
+        pointer.mkdir()
+    metrics = train(parse_args(run_args(easy10_parquet, out, "--epochs", "3", "--resume")))
+    assert history_epochs(out) == [1, 2, 3] and metrics["epochs_run"] == 3
+    assert pointer.read_text() == "epoch-0003"
+
+
+def test_damaged_history_and_plots_on_a_full_disk_are_one_line(tmp_path, monkeypatch):
+    """history.jsonl with a torn line and non-UTF-8 bytes is read past them (resume, report, tracking); a plot
+    the disk cannot hold is a WriteError naming it, with no torn PNG left."""
+    from matplotlib.figure import Figure
+
+    from cifar_tl import plots
+    from cifar_tl.files import read_jsonl
+
+    history = tmp_path / "history.jsonl"
+    history.write_bytes(b'{"epoch": 1}\n\xff\xfe garbage\n{"epoch": 2}\n{"epoch": 3, "lo')
+    assert read_jsonl(history) == [{"epoch": 1}, {"epoch": 2}]
+
+    def full(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG torn")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(WriteError, match=r"cannot write .*plots/curves.png: No space left on device"):
+        plots._save(Figure(), tmp_path / "plots" / "curves.png")
+    assert not list((tmp_path / "plots").iterdir())
+
+
+def test_predict_output_on_a_full_disk_keeps_the_earlier_file(cnn_model_dir, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from cifar_tl import predict
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    output = tmp_path / "preds.jsonl"
+    output.write_text("earlier\n")
+
+    def full(results, out):
+        out.write("half a line")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(predict, "_write", full)
+    assert predict.main(["--model", str(cnn_model_dir), str(tmp_path / "a.png"), "--output", str(output),
+                         "--backend", "torch", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"error: cannot write {output}: No space left on "
+                                                                "device")
+    assert output.read_text() == "earlier\n" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png",
+                                                                                                "preds.jsonl"]
+
+
+def test_sigterm_stops_like_ctrl_c(easy10_parquet, tmp_path):
+    """A scheduler's or a container's stop (SIGTERM) ended the run without a word: now the Ctrl-C message and
+    exit code, and --resume continues from the last finished epoch."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *run_args(easy10_parquet, tmp_path, "--epochs", "200")]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    pointer = tmp_path / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not pointer.is_file():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted: rerun with --resume" in err and "Traceback" not in err
+    done = int(pointer.read_text().split("-")[1])
+    metrics = train(parse_args(run_args(easy10_parquet, tmp_path, "--epochs", str(done + 1), "--resume")))
+    assert metrics["epochs_run"] == done + 1

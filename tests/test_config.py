@@ -130,3 +130,11 @@ def test_train_answers_help_and_bad_options_before_loading_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert "did you mean optimizer?" in out.stderr
+
+
+def test_a_binary_or_folder_config_is_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"\x00\x01\xff\xfe")
+    with pytest.raises(ConfigError, match="cannot be read as text"):
+        parse_args(["--config", str(tmp_path / "c.yaml")])
+    with pytest.raises(ConfigError, match="a folder, not a YAML file"):
+        parse_args(["--config", str(tmp_path)])

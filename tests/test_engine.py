@@ -229,15 +229,26 @@ def test_drop_path_rate_reaches_the_residual_blocks():
                     SimpleNamespace(num_classes=10))
 
 
-def test_linear_probe_caches_features(easy10_parquet, tmp_path, monkeypatch):
+def test_linear_probe_caches_features(easy10_parquet, tmp_path, monkeypatch, capsys):
     args = ["--model", "test_efficientnet", "--no-pretrained", "--linear-probe", "--image-size", "32",
             "--epochs", "30", "--lr", "1e-2", "--batch-size", "64"]
     first = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "a"), *args]))
+    extract = probe.extract
     monkeypatch.setattr(probe, "extract", lambda *a, **k: pytest.fail("backbone ran again"))
     second = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "b"), *args]))
     assert first["top1"] == pytest.approx(second["top1"])
     assert first["top1"] > 0.3
     Predictor.from_dir(tmp_path / "b" / "model")
+    # zeroed bytes inside the cached test features still load: they gave chance-level test results silently
+    monkeypatch.setattr(probe, "extract", extract)
+    from cifar_tl.data import cache_dir
+    cached = max((cache_dir() / "features").glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    with open(cached, "r+b") as f:
+        f.seek(cached.stat().st_size - 4096)
+        f.write(bytes(4096))
+    third = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "c"), *args]))
+    assert "extracting again: the cached features are damaged" in capsys.readouterr().out
+    assert third["top1"] == pytest.approx(first["top1"])  # extracted again, not used
 
 
 def test_probe_stages_train_the_last_stages_on_cached_maps(easy10_parquet, tmp_path, monkeypatch):
@@ -263,7 +274,7 @@ def test_probe_stages_train_the_last_stages_on_cached_maps(easy10_parquet, tmp_p
     caches = [load_file(str(p)) for p in (cache_dir() / "features").glob("*.safetensors")]
     maps = [c for c in caches if c["train"].ndim == 4]  # maps, not pooled features (other tests cache those)
     assert maps and not any("train_flip" in c for c in maps)  # training mirrors the maps: no second pass
-    assert all(p.suffix == ".onnx" for p in (cache_dir() / "onnx").iterdir())  # self-contained, no leftovers
+    assert all(p.suffix in (".onnx", ".sha256") for p in (cache_dir() / "onnx").iterdir())  # no leftovers
     trained = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
     frozen = [k for k in start if k.startswith(("conv_stem", "bn1", "blocks.")) and not k.startswith(last)]
     assert frozen and [k for k in frozen if not torch.equal(trained[k], start[k])] == []
@@ -322,6 +333,10 @@ def test_probe_resumes_from_its_last_epoch(easy10_parquet, tmp_path):
     assert rows[:3] == first  # the finished epochs were kept, not retrained
     with pytest.raises(Exception, match="other features"):
         train(parse_args([*args, "--epochs", "6", "--resume", "--image-size", "40"]))
+    ckpt = tmp_path / "checkpoints" / "probe-last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a deep zip-reader traceback before
+    with pytest.raises(ConfigError, match=rf"--resume: {ckpt} is damaged \(.*--overwrite-output-dir"):
+        train(parse_args([*args, "--epochs", "6", "--resume"]))
 
 
 def test_a_resumed_probe_goes_on_with_what_is_left_of_its_budget(easy10_parquet, tmp_path):
