@@ -279,11 +279,14 @@ def _parameters(counts: dict | None, weights: Path) -> str:
 
 def _within_superclass(metrics: dict) -> str | None:
     """The share of fine-label mistakes whose superclass is still right, as the test's superclass and fine top-1
-    imply it ("12 %"), or None without both."""
+    imply it ("12 %"), or None without both, or when the superclass top-1 is the lower (a short run's
+    near-uniform probabilities, summed per superclass, disagree with its own top fine class: no share follows)."""
     if "coarse_top1" not in metrics or "top1" not in metrics or metrics["top1"] >= 1:
         return None
+    if metrics["coarse_top1"] < metrics["top1"]:  # summed probabilities of an unsure model: the share is not implied
+        return None
     share = (metrics["coarse_top1"] - metrics["top1"]) / (1 - metrics["top1"])
-    return f"{max(share, 0.0):.0%}".replace("%", " %")
+    return f"{share:.0%}".replace("%", " %")
 
 
 def _weakest_superclasses(run_dir: Path | None, count: int = 3) -> list[tuple[str, str]]:

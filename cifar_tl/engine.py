@@ -485,10 +485,12 @@ def train_one_epoch(run: Training, epoch: int) -> EpochStats:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",  # the epoch's mean so far, as its summary
                                 lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
                 shown = time.time()
-            run.budget.sync()
-            if run.budget.expired():
-                run.state.stopped = f"time limit {cfg.time_limit_minutes} min"
-                break
+            # the budget ends a run between optimiser steps: an accumulation it cut short took no step at all
+            if accelerator.sync_gradients:
+                run.budget.sync()
+                if run.budget.expired():
+                    run.state.stopped = f"time limit {cfg.time_limit_minutes} min"
+                    break
     except torch.OutOfMemoryError:
         raise TrainingError(f"out of memory at --batch-size {cfg.batch_size}, --image-size "
                             f"{run.eval_tf.keywords['size']}: halve --batch-size and set --grad-accum-steps 2 to "
@@ -570,6 +572,7 @@ def end_of_epoch(run: Training, epoch: int, stats: EpochStats, val_loss: float, 
     state.images_seen += stats.images
     record = {"epoch": epoch, "train_loss": stats.loss, "train_top1": stats.top1, "val_loss": val_loss,
               "val_top1": val_top1, "lr": run.optimizer.param_groups[0]["lr"], "seconds": stats.seconds,
+              "train_images": stats.images,  # fewer in an epoch the time budget cut short
               "images_per_second": stats.images / stats.seconds, "elapsed_seconds": state.train_seconds,
               "timestamp": time.time()}
     if cfg.scheduler == "plateau":

@@ -114,8 +114,14 @@ def read_source(dataset: str, *, image_column=None, label_column=None, coarse_la
     kind = source_kind(dataset)
     sizing = sizing or Sizing()
     if kind in ("cifar-tar", "cifar-pickle"):
-        return _load_cifar_pickle(dataset, kind, splits, sizing)
+        return _load_cifar_pickle(dataset, kind, splits, sizing,
+                                  coarse_only=_pickle_level(dataset, image_column, label_column, coarse_label_column))
     if kind == "imagefolder":
+        given = [flag for flag, value in (("--image-column", image_column), ("--label-column", label_column),
+                                          ("--coarse-label-column", coarse_label_column)) if value]
+        if given:  # silently ignored, they trained something else than asked
+            raise DataError(f"--dataset {dataset}: an image folder has no columns (its classes are its sub-folders);"
+                            f" leave out {', '.join(given)}")
         return _load_image_folder(dataset, splits, skip_unreadable, sizing)
     return _load_hf(dataset, kind, image_column, label_column, coarse_label_column, splits, skip_unreadable, sizing)
 
@@ -353,7 +359,25 @@ def _pickle_files(dataset: str, kind: str) -> dict[str, bytes]:
     return files
 
 
-def _load_cifar_pickle(dataset: str, kind: str, splits, sizing: Sizing) -> RawDataset:
+def _pickle_level(dataset: str, image_column, label_column, coarse_label_column) -> bool:
+    """The column flags a cifar-100-python source understands, in its own names or the Hub layout's: True when
+    the run trains on the 20 superclasses (`--label-column coarse_label`). Any other name is refused: ignored,
+    it trained the 100 fine classes whatever was asked."""
+    def check(flag: str, value, allowed: tuple[str, ...]) -> None:
+        if value is not None and value not in allowed:
+            raise DataError(f"{flag} {value}: {dataset} (cifar-100-python) has the columns "
+                            f"{', '.join(allowed)}")
+    check("--image-column", image_column, ("img", "data"))
+    check("--label-column", label_column, ("fine_label", "fine_labels", "coarse_label", "coarse_labels"))
+    check("--coarse-label-column", coarse_label_column, ("coarse_label", "coarse_labels"))
+    coarse_only = label_column in ("coarse_label", "coarse_labels")
+    if coarse_only and coarse_label_column:
+        raise DataError(f"--coarse-label-column {coarse_label_column}: it is the label column too; leave it out")
+    return coarse_only
+
+
+def _load_cifar_pickle(dataset: str, kind: str, splits, sizing: Sizing, coarse_only: bool = False) -> RawDataset:
+    """The official layout (meta, train, test pickles); `coarse_only`: the superclasses are the classes."""
     files = _pickle_files(dataset, kind)
     meta = _unpickle(files["meta"], f"{dataset}: meta")
     fine_names = [str(n) for n in meta.get("fine_label_names", [])]
@@ -380,7 +404,13 @@ def _load_cifar_pickle(dataset: str, kind: str, splits, sizing: Sizing) -> RawDa
         if coarse_names and "coarse_labels" in d:
             coarse = _check_labels(np.asarray(d["coarse_labels"]), len(coarse_names),
                                    f"{dataset}: {split} coarse_labels")
+        if coarse_only:
+            if coarse is None:
+                raise DataError(f"--label-column coarse_label: {dataset} has no coarse labels")
+            fine, coarse = coarse, None
         out[split] = Split(images, fine, coarse)
+    if coarse_only:
+        fine_names, coarse_names = coarse_names, None
     return finish(out, fine_names, coarse_names, dataset, bool(sizing.forced and sizing.forced != 32))
 
 
@@ -424,7 +454,10 @@ def _load_hf(dataset, kind, image_column, label_column, coarse_label_column, spl
         img_col = _pick_column(part, image_column, IMAGE_COLUMNS, "--image-column", dataset, split)
         fine_col = _pick_column(part, label_column, LABEL_COLUMNS, "--label-column", dataset, split)
         coarse_col = (_pick_column(part, coarse_label_column, (), "--coarse-label-column", dataset, split)
-                      if coarse_label_column else next((c for c in COARSE_COLUMNS if c in part.column_names), None))
+                      if coarse_label_column else next((c for c in COARSE_COLUMNS  # training on it: no superclasses
+                                                        if c in part.column_names and c != fine_col), None))
+        if coarse_col == fine_col:
+            raise DataError(f"--coarse-label-column {coarse_col}: it is the label column too; leave it out")
         _check_kinds(part, dataset, split, (img_col, "--image-column", True), (fine_col, "--label-column", False),
                      *([(coarse_col, "--coarse-label-column", False)] if coarse_col else []))
         names["fine"], fine = _labels(part, fine_col, names.get("fine"), f"{dataset}: {split} column {fine_col!r}")

@@ -285,3 +285,25 @@ def test_tampered_pickle_is_refused(cifar100_pickle, tmp_path):
 def test_val_fraction_too_small(cifar100_parquet):
     with pytest.raises(DataError, match="--val-fraction"):
         load_bundle(str(cifar100_parquet), val_fraction=0.001)
+
+
+def test_training_on_the_superclasses_from_any_layout(cifar100_parquet, cifar100_tar, tmp_path, cifar100_arrays):
+    """`--label-column coarse_label`: the pickle layout ignored it (trained the 100 fine classes) and the Hub
+    layout counted the 20 classes again as 20 superclasses. Now both train the 20 superclasses, with no
+    superclass level above them; a column the pickle layout lacks is refused, as image folders refuse columns."""
+    full = load_raw(str(cifar100_tar), cache=False)
+    for source in (cifar100_tar, cifar100_parquet):
+        raw = load_raw(str(source), label_column="coarse_label", cache=False)
+        assert raw.fine_names == COARSE_NAMES and raw.coarse_names is None
+        for name, split in raw.splits.items():
+            assert torch.equal(split.fine, full.splits[name].coarse) and split.coarse is None
+    with pytest.raises(DataError, match="--label-column label_x: .* has the columns fine_label"):
+        load_raw(str(cifar100_tar), label_column="label_x", cache=False)
+    with pytest.raises(DataError, match="--image-column pixels: "):
+        load_raw(str(cifar100_tar), image_column="pixels", cache=False)
+    images, fine, _ = cifar100_arrays["train"]
+    for i in range(2):
+        (tmp_path / "folder" / FINE_NAMES[int(fine[i])]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(tmp_path / "folder" / FINE_NAMES[int(fine[i])] / f"{i}.png")
+    with pytest.raises(DataError, match="an image folder has no columns .* leave out --label-column"):
+        load_raw(str(tmp_path / "folder"), label_column="coarse_label", cache=False)

@@ -45,6 +45,17 @@ def test_time_budget_counts_from_the_process_start(easy10_parquet, tmp_path):
     assert metrics["epochs_run"] == 1 and metrics["stopped"] == "time limit 0.5 min"
 
 
+def test_a_spent_budget_still_ends_on_a_whole_optimiser_step(easy10_parquet, tmp_path):
+    """A budget spent during an accumulation stopped the run after one micro-batch of the four a step needs: no
+    optimiser step, a chance-level model reported as trained. It now stops at the step's end."""
+    from cifar_tl.cli import main
+
+    assert main(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path), *CNN, "--batch-size", "32",
+                 "--grad-accum-steps", "4", "--epochs", "3", "--time-limit-minutes", "0.5"],
+                started=time.time() - 60) == 0
+    assert [h["train_images"] for h in history(tmp_path)] == [4 * 32]  # one whole step (it was 32)
+
+
 def test_time_budget_foresees_the_test_pass_before_the_first_epoch(easy10_parquet, tmp_path, monkeypatch):
     """A validation pass before epoch 1 foretells the final passes, so a budget they fill stops training at once
     instead of after a whole first epoch (a 1.5-minute cpu_fast_cnn run had taken 138 s)."""

@@ -351,3 +351,17 @@ def test_space_with_bundled_model_runs_locally(timm_model_dir, tmp_path):
     imported = subprocess.run([sys.executable, "-c", "import cifar_tl; print(cifar_tl.__file__)"], cwd=space,
                               env=env, capture_output=True, text=True, check=True).stdout
     assert Path(imported.strip()).is_relative_to(space)  # the Space runs its own copy of the package
+
+
+def test_card_says_only_what_its_numbers_support(timm_model_dir, cnn_model_dir):
+    """An unsure model whose summed superclass top-1 is under its fine top-1 implies no share of mistakes (the
+    card said "about 0 %"); a model that upsamples its 32 px images does not get the same probabilities in
+    cifar-tl, timm and transformers (each resizes its own way), one that does not, does."""
+    config = read_config(timm_model_dir)  # 64 px input from 32 px data
+    config["cifar_tl"]["metrics"] = {"top1": 0.41, "coarse_top1": 0.195, "n": 200}
+    text = render_card(config, model_dir=timm_model_dir).text
+    assert "fine-label mistakes" not in text and "summing the probabilities of its fine classes." in text
+    assert "same probabilities" not in text and "upsamples them to 64 px in its own way" in text
+    config["cifar_tl"]["metrics"] = {"top1": 0.5, "coarse_top1": 0.6, "n": 200}
+    assert "about 20 % of the fine-label mistakes" in render_card(config, model_dir=timm_model_dir).text
+    assert "same probabilities" in render_card(read_config(cnn_model_dir), model_dir=cnn_model_dir).text
