@@ -229,7 +229,8 @@ class TrainConfig:
         for name in ("val_fraction", "test_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"--{_flag(name)} must be in [0, 1); got {getattr(self, name)}")
-        for name in ("batch_size", "eval_batch_size", "epochs", "grad_accum_steps", "keep_checkpoints"):
+        for name in ("batch_size", "eval_batch_size", "epochs", "grad_accum_steps", "keep_checkpoints",
+                     "plateau_patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1; got {getattr(self, name)}")
         if self.bias_lr_scale <= 0:

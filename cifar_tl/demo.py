@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # gradio and torch take seconds to import: `app.py --help` an
 
     from .inference import Predictor
 
+log = logging.getLogger(__name__)
 EXAMPLES_ROOT = Path(__file__).resolve().parent / "examples"  # package data: a gallery per dataset
 EXAMPLE_SETS = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}  # folder -> the dataset its images come from
 DELETE_CACHE = (300, 900)  # gradio's (sweep every N s, delete files older than M s)
@@ -143,10 +145,11 @@ def example_label(path: Path) -> str:
 _previews_lock = threading.Lock()  # a sweep never deletes a preview being handed over
 
 
-def save_preview(thumb: np.ndarray, folder: Path) -> str:
-    """Write a preview PNG once per distinct content, atomically, and return its path. Gradio rewrites array
-    outputs in place, so a concurrent download of an identical preview could read a truncated file; files
-    handed over as paths it copies atomically and reuses."""
+def save_preview(thumb: np.ndarray, folder: Path) -> str | None:
+    """Write a preview PNG once per distinct content, atomically, and return its path (None when the disk
+    cannot take it: the prediction still shows). Gradio rewrites array outputs in place, so a concurrent download
+    of an identical preview could read a truncated file; files handed over as paths it copies atomically and
+    reuses."""
     buf = io.BytesIO()
     Image.fromarray(thumb).save(buf, format="PNG")
     data = buf.getvalue()
@@ -156,8 +159,13 @@ def save_preview(thumb: np.ndarray, folder: Path) -> str:
             os.utime(path)  # in use again: out of the next sweep's reach
         else:
             tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError as err:  # a full temp disk failed the whole batch of requests
+                tmp.unlink(missing_ok=True)
+                log.warning("no preview: cannot write %s (%s)", path, err.strerror or err)
+                return None
     return str(path)
 
 
@@ -166,7 +174,7 @@ def sweep_previews(folder: Path, max_age: float = PREVIEW_MAX_AGE_S) -> int:
     this a long-running demo keeps one file per distinct image it ever saw."""
     cutoff, removed = time.time() - max_age, 0
     with _previews_lock:
-        for path in folder.glob("*.png"):
+        for path in [*folder.glob("*.png"), *folder.glob(".*.png.*")]:  # and what a crashed write left
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()

@@ -71,9 +71,11 @@ def warmup_cosine(total_steps: int, warmup_steps: int, floor: float, decay: str 
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, time_progress=None):
     """Plateau (stepped per epoch on val loss) or per-step warm-up + cosine / linear decay (`none`: warm-up, then
     constant)."""
-    if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
-                                                          patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+    if cfg.scheduler == "plateau":  # Keras' semantics, the study's: the LR is cut once `patience` epochs in a row
+        # failed to beat the best val loss by 1e-4 (absolute); torch's counts patience + 1, with a relative margin
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience - 1, threshold=1e-4,
+            threshold_mode="abs", min_lr=cfg.min_lr)
     factor = warmup_cosine(max(1, cfg.epochs * steps_per_epoch), int(cfg.warmup_epochs * steps_per_epoch),
                            cfg.min_lr / cfg.lr, decay=cfg.scheduler, time_progress=time_progress)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

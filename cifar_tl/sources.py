@@ -11,6 +11,7 @@ side and centre-cropped, as timm's and torchvision's eval transforms do, so no a
 `fit_square` is the same operation the Predictor applies to a photo at inference."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -427,6 +428,10 @@ def _open_hf(dataset: str, kind: str):
         with hub_offline():  # no network: the local datasets cache at once, not after the Hub client's retries
             ds = datasets.load_from_disk(dataset) if kind == "save-to-disk" else datasets.load_dataset(dataset)
     except Exception as err:  # datasets raises many types; keep the reason, drop the deep traceback
+        if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"--dataset {dataset}: the datasets library cannot write its cache ({err.strerror}: "
+                            f"{err.filename or datasets.config.HF_DATASETS_CACHE}); point HF_HOME (or "
+                            "HF_DATASETS_CACHE) at a writable folder with room") from None
         if kind == "hub":
             from huggingface_hub import is_offline_mode
 

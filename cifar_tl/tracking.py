@@ -26,7 +26,6 @@ from .files import read_jsonl
 
 TABLE_IMAGES = 100  # test images in the end-of-run predictions table
 MAX_CONFUSION_CLASSES = 100  # W&B's confusion matrix holds one row per (true, predicted) pair
-PLOTS = ("training_curves", "confusion", "predictions")  # report.py's plots logged as images
 KERAS_NAMES = {"train_loss": "loss", "train_top1": "accuracy", "val_loss": "val_loss", "val_top1": "val_accuracy"}
 
 
@@ -115,9 +114,8 @@ def _media(out: Path, history: list[dict], test, names: tuple, logits: torch.Ten
         media["test/confusion_matrix"] = wandb.plot.confusion_matrix(
             y_true=test.fine.tolist(), preds=pred.tolist(), class_names=list(fine_names), title="Test confusion")
     media["test/predictions"] = _predictions_table(test, names, logits.float().softmax(-1))
-    for plot in PLOTS:
-        if (out / "plots" / f"{plot}.png").is_file():
-            media[f"plots/{plot}"] = wandb.Image(str(out / "plots" / f"{plot}.png"))
+    for png in sorted((out / "plots").glob("*.png")):  # every plot of the report (calibration included)
+        media[f"plots/{png.stem}"] = wandb.Image(str(png))
     return media
 
 

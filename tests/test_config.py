@@ -138,3 +138,22 @@ def test_a_binary_or_folder_config_is_one_line(tmp_path):
         parse_args(["--config", str(tmp_path / "c.yaml")])
     with pytest.raises(ConfigError, match="a folder, not a YAML file"):
         parse_args(["--config", str(tmp_path)])
+
+
+def test_plateau_cuts_the_lr_as_keras_does():
+    """The study's ReduceLROnPlateau(patience=5): Keras cuts the LR after 5 epochs in a row without a better
+    val loss (by min_delta 1e-4, absolute); torch's own scheduler waited a sixth."""
+    import torch
+
+    from cifar_tl.optim import build_scheduler
+
+    cfg = TrainConfig(scheduler="plateau", plateau_patience=2, lr=0.1, min_lr=1e-6).resolve().validate()
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=1)
+    lrs = []
+    for loss in (1.0, 0.99995, 1.2):  # the second is not better by 1e-4: two bad epochs
+        scheduler.step(loss)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == [0.1, 0.1, 0.05]
+    with pytest.raises(ConfigError, match="--plateau-patience must be >= 1"):
+        TrainConfig(plateau_patience=0).resolve().validate()

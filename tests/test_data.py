@@ -307,3 +307,18 @@ def test_training_on_the_superclasses_from_any_layout(cifar100_parquet, cifar100
         Image.fromarray(images[i]).save(tmp_path / "folder" / FINE_NAMES[int(fine[i])] / f"{i}.png")
     with pytest.raises(DataError, match="an image folder has no columns .* leave out --label-column"):
         load_raw(str(tmp_path / "folder"), label_column="coarse_label", cache=False)
+
+
+def test_a_datasets_cache_it_cannot_write_is_named_not_the_data(cifar100_parquet, monkeypatch):
+    """A read-only HOME: the datasets library's cache failure read as "could not be read as parquet"."""
+    import errno
+
+    import datasets
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", "/home/me/.cache")
+
+    monkeypatch.setattr(datasets, "load_dataset", read_only)
+    with pytest.raises(DataError, match=r"cannot write its cache \(Read-only file system: /home/me/.cache\); "
+                                        r"point HF_HOME"):
+        load_raw(str(cifar100_parquet), cache=False)

@@ -3,6 +3,7 @@
 Chromium session (screenshot in tests/artifacts/)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -184,6 +185,24 @@ def test_stale_previews_are_swept_and_reused_ones_kept(tmp_path):
     assert sweep_previews(tmp_path, max_age=600) == 1
     assert not old.exists() and reused.exists() and fresh.exists()
     assert Image.open(save_preview(thumbs[0], tmp_path)).size == (128, 128)  # swept content is written anew
+
+
+def test_a_full_temp_disk_costs_the_preview_not_the_answers(tmp_path, monkeypatch):
+    """A preview the disk cannot hold failed every request of the batch (their predictions were made) and left
+    a partial file the sweep never removed."""
+    real_write = Path.write_bytes
+
+    def full(self, data):
+        real_write(self, data[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    assert save_preview(np.zeros((128, 128, 3), np.uint8), tmp_path) is None
+    assert not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    (tmp_path / ".abc.png.123").write_bytes(b"left by a crash")
+    os.utime(tmp_path / ".abc.png.123", (0, 0))
+    assert sweep_previews(tmp_path, max_age=600) == 1
 
 
 # --------------------------------------------------------------------------------------------- live server

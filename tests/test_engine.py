@@ -526,7 +526,7 @@ def test_tracking_offline_and_gradient_accumulation(easy10_parquet, tmp_path, mo
     exported = load_file(str(out / "model" / "model.safetensors"))
     assert all(torch.equal(v, exported[k]) for k, v in load_file(best).items())  # that epoch's weights
     assert {"curves/loss_table", "curves/accuracy_table", "test/confusion_matrix_table", "test/predictions",
-            "plots/predictions"} <= set(got["media"])
+            "plots/predictions", "plots/reliability", "plots/top_confusions"} <= set(got["media"])
     table = load_logged_table(got, "test/predictions")
     assert table["columns"][:6] == ["index", "image", "true_fine", "pred_fine", "true_coarse", "pred_coarse"]
     assert len(table["data"]) == 100 and Path(table["data"][0][1]["local_path"]).is_file()
