@@ -43,7 +43,7 @@ def run_preset(preset: str, dataset: str, out_dir: Path, extra: list[str]) -> di
     return {"command": " ".join(["python", "train.py", *cmd[2:]]), "wall_minutes": round(wall / 60, 2),
             "train_minutes": round(metrics["train_seconds"] / 60, 2), "load_average_after": os.getloadavg()[0],
             "mixed_precision": metrics.get("mixed_precision"), "seed": metrics.get("seed", _seed(out_dir)),
-            "test_top1": metrics["top1"], "test_top5": metrics["top5"], "tta_top1": metrics.get("tta", {}).get("top1"),
+            "test_top1": metrics["top1"], "test_top5": metrics.get("top5"), "tta_top1": metrics.get("tta", {}).get("top1"),
             "tta_level": metrics.get("tta", {}).get("level"),
             "epochs_run": metrics["epochs_run"], "train_images_per_second": metrics["train_images_per_second"],
             "val_top1_by": at, "curve": curve}

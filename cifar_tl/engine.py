@@ -116,7 +116,8 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator, out: Path, started:
         metrics["tta"]["level"] = 1 if cfg.linear_probe else cfg.tta_level  # the probe caches mirror views only
     if accelerator.is_main_process:
         write_outputs(cfg, out, model, bundle, (size, mean, std), metrics, results, logits)
-        accelerator.print(f"test: top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}"
+        accelerator.print(f"test: top1 {metrics['top1']:.4f}"
+                          + (f" top5 {metrics['top5']:.4f}" if "top5" in metrics else "")
                           + (f" coarse_top1 {metrics['coarse_top1']:.4f}" if "coarse_top1" in metrics else "")
                           + (f" | with TTA top1 {metrics['tta']['top1']:.4f}" if cfg.tta else "")
                           + f" | best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "

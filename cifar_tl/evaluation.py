@@ -208,7 +208,7 @@ def write_outputs(out: Path, metrics: dict, results: dict, logits: torch.Tensor,
 
 def summary_line(split: str, results: dict) -> str:
     plain = results["plain"]
-    return (f"{split}: top1 {plain['top1']:.4f} top5 {plain['top5']:.4f}"
+    return (f"{split}: top1 {plain['top1']:.4f}" + (f" top5 {plain['top5']:.4f}" if "top5" in plain else "")
             + (f" coarse_top1 {plain['coarse_top1']:.4f}" if "coarse_top1" in plain else "")
             + f" ece {plain['ece']:.4f}"
             + (f" | tta top1 {results['tta']['top1']:.4f}" if "tta" in results else ""))

@@ -27,7 +27,7 @@ class EvaluationError(ValueError):
 def compute_metrics(logits: torch.Tensor, fine: torch.Tensor, *, fine_names: list[str],
                     coarse: torch.Tensor | None = None, coarse_names: list[str] | None = None,
                     fine_to_coarse: list[int] | None = None) -> dict:
-    """top1/top5/loss/ece over fine classes, per-class accuracy, and superclass accuracy from summed fine
+    """top1/top5 (over 5 classes)/loss/ece over fine classes, per-class accuracy, and superclass accuracy from summed fine
     probabilities when coarse labels exist."""
     if len(fine) == 0:
         raise EvaluationError("cannot evaluate an empty split")
@@ -37,10 +37,11 @@ def compute_metrics(logits: torch.Tensor, fine: torch.Tensor, *, fine_names: lis
     metrics = {
         "n": len(fine),
         "top1": float(multiclass_accuracy(logits, fine, n, average="micro", top_k=1)),
-        "top5": float(multiclass_accuracy(logits, fine, n, average="micro", top_k=min(5, n))),
         "loss": float(F.cross_entropy(logits, fine)),
         "ece": float(multiclass_calibration_error(probs, fine, n, n_bins=ECE_BINS, norm="l1")),
     }
+    if n > 5:  # with 5 classes or fewer top-5 is 100 % by construction: not a measurement
+        metrics["top5"] = float(multiclass_accuracy(logits, fine, n, average="micro", top_k=5))
     per_class = multiclass_accuracy(logits, fine, n, average=None)
     present = torch.bincount(fine, minlength=n) > 0
     metrics["per_class"] = {name: float(acc) for name, acc, ok in zip(fine_names, per_class, present) if ok}

@@ -45,6 +45,10 @@ def headline_markdown(metrics: dict, tta: dict | None = None, n_worst: int = 10)
     if worst:
         text += f"\n\n**Worst {len(worst)} classes** (top-1 accuracy, plain):\n\n"
         text += _table(["class", "accuracy"], [[name, _percent_text(acc)] for name, acc in worst])
+    supers = sorted((metrics.get("per_superclass") or {}).items(), key=lambda item: (item[1], item[0]))
+    if supers:  # the study's question: which superclasses does the model confuse
+        text += "\n\n**Superclasses, weakest first** (superclass top-1 accuracy, plain):\n\n"
+        text += _table(["superclass", "accuracy"], [[name, _percent_text(acc)] for name, acc in supers])
     return text
 
 

@@ -98,6 +98,9 @@ def test_headline_numbers_and_markdown():
     assert "| coarse top-1 (superclass) | 75.00% | 75.00% |" in text
     assert f"| ECE (15 bins) | {m['ece']:.4f} |" in text
     assert "| b | 0.00% |" in text
+    supers = sorted(m["per_superclass"].items(), key=lambda item: (item[1], item[0]))
+    assert "**Superclasses, weakest first**" in text
+    assert all(f"| {name} | {acc:.2%} |" in text for name, acc in supers)
 
 
 def test_align_labels():
@@ -368,3 +371,11 @@ def test_a_class_without_test_images_is_grey_in_the_confusion_plot_not_zero(tmp_
         pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
         grey.append((np.abs(pixels - 216) <= 1).all(1).mean())
     assert grey[0] > 0.1 and grey[1] < 0.01, grey  # one row of three: about a fifth of the figure
+
+
+def test_top5_is_left_out_with_five_classes_or_fewer():
+    """With 3 classes every label is in the top 5: "top5 1.0000" measured nothing."""
+    logits, fine = torch.randn(12, 3), torch.arange(12) % 3
+    metrics = compute_metrics(logits, fine, fine_names=["a", "b", "c"])
+    assert "top5" not in metrics and "fine top-5" not in headline_markdown(metrics)
+    assert "top5" in compute_metrics(torch.randn(12, 6), torch.arange(12) % 6, fine_names=list("abcdef"))
