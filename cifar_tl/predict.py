@@ -62,6 +62,21 @@ def predict_files(predictor: Predictor, files: list[Path], *, top_k: int = 5, ba
                 batch = []
 
 
+def _write(results, out) -> tuple[int, int]:
+    """JSON lines of the predictions, the skipped images named on stderr; (predicted, skipped)."""
+    from tqdm import tqdm
+
+    done = skipped = 0
+    for path, result in results:
+        if isinstance(result, str):
+            skipped += 1
+            tqdm.write(f"skipped {path}: {result}", file=sys.stderr)  # keeps the progress bar intact
+        else:
+            done += 1
+            out.write(json.dumps({"path": str(path), **result}) + "\n")
+    return done, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = FlagParser(prog="python -m cifar_tl.predict", description=__doc__.split("\n\n")[1],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,17 +125,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def _write(results, out) -> tuple[int, int]:
-    """JSON lines of the predictions, the skipped images named on stderr; (predicted, skipped)."""
-    from tqdm import tqdm
-
-    done = skipped = 0
-    for path, result in results:
-        if isinstance(result, str):
-            skipped += 1
-            tqdm.write(f"skipped {path}: {result}", file=sys.stderr)  # keeps the progress bar intact
-        else:
-            done += 1
-            out.write(json.dumps({"path": str(path), **result}) + "\n")
-    return done, skipped

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +97,17 @@ def test_predict_cli_writes_jsonl_and_skips_unreadable(zoo, cnn_model_dir, tmp_p
     got = next(line for line in lines if line["path"].endswith("ok_rgb.png"))
     assert [c["label"] for c in got["fine"]] == [c["label"] for c in expected["fine"]]
     assert got["fine"][0]["score"] == pytest.approx(expected["fine"][0]["score"], abs=1e-5)
+
+
+def test_predict_runs_as_the_readme_writes_it(cnn_model_dir, zoo, tmp_path):
+    """`python -m cifar_tl.predict` as a module: a helper defined below the `__main__` guard was not yet defined
+    when main() ran there (NameError), while in-process calls passed."""
+    out = tmp_path / "preds.jsonl"
+    res = subprocess.run([sys.executable, "-m", "cifar_tl.predict", "--model", str(cnn_model_dir),
+                          str(zoo["ok_rgb.png"]), "--output", str(out), "--backend", "torch", "--no-progress"],
+                         capture_output=True, text=True, timeout=300, check=False, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == [str(zoo["ok_rgb.png"])]
 
 
 def test_predict_cli_errors_are_one_line(cnn_model_dir, zoo, tmp_path, capsys):
