@@ -188,7 +188,7 @@ def load_raw(
     key = _source_key(dataset, image_column, label_column, coarse_label_column, splits, sizing.forced)
     store = cache_dir() / "stores" / f"{key}.safetensors"
     cache = cache and not skip_unreadable
-    damage = seal_problem(store) if cache and store.is_file() else None
+    damage = seal_problem(store) if cache else None
     if damage:  # a damaged cache is decoded again, never used: a flipped byte is still a loadable file
         log.warning("ignoring damaged data cache %s (%s); decoding the source again", store, damage)
     elif cache and store.is_file():

@@ -68,8 +68,11 @@ def seal(path: str | os.PathLike) -> None:
 
 
 def seal_problem(path: str | os.PathLike) -> str | None:
-    """Why the cache file `path` may not be used (no recorded checksum, or not the recorded one), or None."""
+    """Why the cache file `path` may not be used (no recorded checksum, or not the recorded one), or None (also
+    when there is no such file: nothing cached, nothing damaged)."""
     path = Path(path)
+    if not path.is_file():
+        return None
     try:
         recorded = _seal_of(path).read_text().strip()
     except (OSError, UnicodeDecodeError):

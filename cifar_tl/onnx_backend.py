@@ -94,7 +94,7 @@ class OnnxPredictor(Predictor):
     def from_predictor(cls, predictor: Predictor, threads: int | None = None) -> OnnxPredictor:
         """The ONNX twin of a PyTorch Predictor, exported once per distinct weights+config into the cache."""
         path = cache_dir() / "onnx" / f"{_fingerprint(predictor)}.onnx"
-        damage = seal_problem(path) if path.is_file() else None
+        damage = seal_problem(path)
         if damage:  # exported again, never used: a flipped byte in a weight still loads and answers wrongly
             log.warning("exporting %s to ONNX again: the cached %s is damaged (%s)",
                         predictor.model_dir or "the model", path, damage)

@@ -103,7 +103,7 @@ def _runner(extractor: nn.Module, accelerator, key: str, data_size: int):
             from .onnx_backend import save_onnx
 
             path = cache_dir() / "onnx" / f"probe-{key}.onnx"
-            damage = seal_problem(path) if path.is_file() else None
+            damage = seal_problem(path)
             if damage:
                 accelerator.print(f"linear probe: exporting the frozen part again: the cached {path} is damaged "
                                   f"({damage})")
@@ -143,7 +143,7 @@ def cached_features(cfg, accelerator, model, bundle, transform, key: str) -> dic
     """train / val / test outputs of the frozen part (+ test_flip with --tta),
     stored in half precision (half the disk); a fresh run rounds the same way, so cached == fresh."""
     path = cache_dir() / "features" / f"{key}.safetensors"
-    damage = seal_problem(path) if path.is_file() else None
+    damage = seal_problem(path)
     if path.is_file() and not damage:
         accelerator.print(f"linear probe: cached features {path}")
         return load_file(str(path))
