@@ -1,9 +1,10 @@
 """Gradio demo over one Predictor: `python app.py --model DIR_OR_HUB_ID`, or `cifar_tl.demo.main([...])`
 from a Hugging Face Space's app.py.
 
-The model loads once at start. Requests go through gradio's queue and are batched (`batch=True`): while one
-batch runs, the next requests gather, so 16 concurrent users cost about one batched forward pass, not 16.
-Each upload is decoded on its own, so one bad file gets its own message and never fails the batch it rode in.
+The model loads once at start. Requests go through gradio's queue and run side by side, each decoding its own
+upload; only the model step is batched (`Batcher`): while one batch runs, the next requests' thumbnails gather,
+so 16 concurrent users cost about one batched forward pass, not 16. One bad upload (a damaged file, a malformed
+API call, a dead URL) fails only its own request.
 """
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import io
 import json
 import logging
 import os
+import queue
+import re
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .console import FlagParser, error_line
-from .model_flags import MAX_PIXELS, add_model_args, default_model
+from .model_flags import MAX_PIXELS, add_model_args, check_pixel_limit, default_model
 
 if TYPE_CHECKING:  # gradio and torch take seconds to import: `app.py --help` and a bad flag answer without them
     import gradio as gr
@@ -57,17 +61,32 @@ def model_card(predictor: Predictor) -> str:
     dataset = metrics.get("dataset") or (extra.get("train_config") or {}).get("dataset")
     lines = [f"**Model**: `{predictor.config['architecture']}`, {len(predictor.fine_names)} classes"
              + (f" in {len(predictor.coarse_names)} superclasses" if predictor.has_coarse else "")
-             + f", input {predictor.image_size}×{predictor.image_size} px upscaled from "
-             f"{predictor.data_size}×{predictor.data_size}."]
+             + f", input {predictor.image_size}×{predictor.image_size} px"
+             + (f" upscaled from {predictor.data_size}×{predictor.data_size}."
+                if predictor.image_size != predictor.data_size else ".")]
     if dataset:
-        lines.append(f"**Data**: `{dataset}`" + (f", evaluated on {metrics['n']} held-out test images."
-                                                  if "n" in metrics else "."))
+        lines.append(f"**Data**: `{public_name(dataset)}`" + (f", evaluated on {metrics['n']} held-out test images."
+                                                               if "n" in metrics else "."))
     scores = [f"top-1 {metrics['top1']:.1%}" if "top1" in metrics else "",
               f"top-5 {metrics['top5']:.1%}" if "top5" in metrics else "",
               f"superclass {metrics['coarse_top1']:.1%}" if "coarse_top1" in metrics else ""]
     if any(scores):
         lines.append("**Test accuracy**: " + ", ".join(s for s in scores if s) + ".")
     return "  \n".join(lines)
+
+
+def public_name(source: str) -> str:
+    """A Hub id as it is; a local path by its last part: the trainer's folders mean nothing to a visitor."""
+    local = source.startswith(("/", ".", "~")) or source.count("/") > 1  # a Hub id is user/name
+    return Path(source).name if local else source
+
+
+def serving_line(source: str, why: str) -> str:
+    """What the page says it serves: a Hub id, or a folder relative to where the demo runs (on a Space: `model`)."""
+    path = Path(source).expanduser().resolve()
+    if path.exists() and path.is_relative_to(Path.cwd()):
+        source = str(path.relative_to(Path.cwd()))
+    return f"`{source}` ({why})"
 
 
 def _load_json(path: Path) -> dict | None:
@@ -184,39 +203,74 @@ def sweep_previews(folder: Path, max_age: float = PREVIEW_MAX_AGE_S) -> int:
     return removed
 
 
-def make_classifier(predictor: Predictor, top_k: int = 5,
-                    max_pixels: int = MAX_PIXELS) -> Callable[[list[dict | None]], tuple[list, list, list, list]]:
-    """The batched event function: a list of uploads (gradio FileData dicts, unprocessed) -> one list per
-    output: top-k fine classes, superclass, thumbnail preview (a PNG path), message."""
+class Batcher:
+    """Thumbnails from concurrent requests -> one model call per batch. gradio's own batching (`batch=True`)
+    moves every request's upload into its cache before the function runs and fails all of them when one cannot
+    be moved (a malformed API call, a dead URL), so requests run on their own and share only the model step:
+    `workers` threads each take whatever thumbnails are waiting, up to `max_batch_size`, as one batch."""
+
+    def __init__(self, predict: Callable[[list[np.ndarray]], list[dict]], max_batch_size: int = 16,
+                 workers: int = 1):
+        self.predict, self.max_batch_size = predict, max_batch_size
+        self._waiting: queue.SimpleQueue[tuple[np.ndarray, Future]] = queue.SimpleQueue()
+        for i in range(workers):
+            threading.Thread(target=self._serve, name=f"cifar_tl-batches-{i}", daemon=True).start()
+
+    def __call__(self, thumb: np.ndarray) -> dict:
+        done: Future = Future()
+        self._waiting.put((thumb, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            jobs = [self._waiting.get()]
+            while len(jobs) < self.max_batch_size:
+                try:
+                    jobs.append(self._waiting.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                results = self.predict([thumb for thumb, _ in jobs])
+            except Exception as err:  # the model failed: every request of the batch hears why
+                for _, done in jobs:
+                    done.set_exception(err)
+            else:
+                for (_, done), result in zip(jobs, results):
+                    done.set_result(result)
+
+
+def make_classifier(predictor: Predictor, top_k: int = 5, max_pixels: int = MAX_PIXELS, max_batch_size: int = 16,
+                    workers: int = 1) -> Callable[[dict | None], tuple]:
+    """The event function: one upload (a gradio FileData dict, unprocessed) -> top-k fine classes, superclass,
+    thumbnail preview (a PNG path), message. Decoding runs in the request's own thread, at most one per CPU core
+    at a time (a decode of a large image holds it for seconds and a few hundred MB), the model step batched."""
     from .inference import ImageError, open_image
 
     scale = max(1, PREVIEW_SIDE // predictor.data_size)
     previews_dir = tempfile.TemporaryDirectory(prefix="cifar_tl_previews_")  # removed when the app exits
     next_sweep = [time.monotonic() + 60]
+    decoding = threading.BoundedSemaphore(os.cpu_count() or 1)
+    batcher = Batcher(lambda thumbs: predictor.predict(thumbs, top_k=top_k), max_batch_size, workers)
 
-    def classify(image: list[dict | None]) -> tuple[list, list, list, list]:
+    def classify(upload: dict | None) -> tuple:
         if time.monotonic() >= next_sweep[0]:
             next_sweep[0] = time.monotonic() + 60
             sweep_previews(Path(previews_dir.name))
-        thumbs: dict[int, np.ndarray] = {}
-        messages = [""] * len(image)
-        for i, upload in enumerate(image):
-            if not upload or not upload.get("path"):
-                messages[i] = NO_IMAGE
-                continue
-            try:
-                thumbs[i] = predictor.to_thumbnail(open_image(upload["path"], max_pixels))
-            except ImageError as err:
-                messages[i] = f"⚠️ Could not use this file: {err}."
-        preds = dict(zip(thumbs, predictor.predict(list(thumbs.values()), top_k=top_k))) if thumbs else {}
-        fine, coarse, previews = [], [], []
-        for i in range(len(image)):
-            pred = preds.get(i)
-            fine.append({c["label"]: c["score"] for c in pred["fine"]} if pred else None)
-            coarse.append({pred["coarse"]["label"]: pred["coarse"]["score"]} if pred and pred["coarse"] else None)
-            previews.append(save_preview(thumbs[i].repeat(scale, 0).repeat(scale, 1), Path(previews_dir.name))
-                            if i in thumbs else None)
-        return fine, coarse, previews, messages
+        if not upload or not upload.get("path"):
+            return None, None, None, NO_IMAGE
+        if not Path(upload["path"]).exists():  # gradio deletes uploads after 15 minutes; the page still shows it
+            return None, None, None, ("⚠️ This upload is no longer on the server (uploads are kept for "
+                                      f"{DELETE_CACHE[1] // 60} minutes): please upload the image again.")
+        try:
+            with decoding:
+                thumb = predictor.to_thumbnail(open_image(upload["path"], max_pixels))
+        except ImageError as err:
+            return None, None, None, f"⚠️ Could not use this file: {err}."
+        pred = batcher(thumb)
+        fine = {c["label"]: c["score"] for c in pred["fine"]}
+        coarse = {pred["coarse"]["label"]: pred["coarse"]["score"]} if pred["coarse"] else None
+        preview = save_preview(thumb.repeat(scale, 0).repeat(scale, 1), Path(previews_dir.name))
+        return fine, coarse, preview, ""
 
     return classify
 
@@ -227,7 +281,7 @@ def build_demo(predictor: Predictor, *, examples_dir: Path | None = None, top_k:
     import gradio as gr
 
     size = f"{predictor.data_size}×{predictor.data_size}"
-    classify = make_classifier(predictor, top_k, max_pixels)
+    classify = make_classifier(predictor, top_k, max_pixels, max_batch_size, concurrency_limit)
     # delete_cache: uploads are needed only while their request runs, so every 5 minutes files over 15 minutes
     # old go (bench/demo_soak.py: ~0.7 GB of uploads per 1,000 requests; kept a day, a busy Space fills its disk)
     title = dataset_title(predictor)
@@ -246,16 +300,18 @@ def build_demo(predictor: Predictor, *, examples_dir: Path | None = None, top_k:
             with gr.Column():
                 message = gr.Markdown(label="Message", elem_id="message")
                 fine = gr.Label(label=f"Top-{top_k} classes", num_top_classes=top_k, elem_id="fine")
-                coarse = gr.Label(label="Superclass", num_top_classes=1, visible=predictor.has_coarse,
+                coarse = gr.Label(label="Superclass (the most probable group: its classes' summed probability)",
+                                  num_top_classes=1, visible=predictor.has_coarse,
                                   elem_id="coarse")
         outputs = [fine, coarse, preview, message]
+        # as many requests in flight as the model's batches can take; each decodes its own upload
         gr.on([button.click, image.input], classify, inputs=image, outputs=outputs, api_name="classify",
-              batch=True, max_batch_size=max_batch_size, concurrency_limit=concurrency_limit, preprocess=False)
+              concurrency_limit=max_batch_size * concurrency_limit, preprocess=False)
         examples_dir = examples_dir or default_examples(predictor)
         files = example_files(examples_dir) if examples_dir else []
         if files:
             packaged = examples_dir.parent == EXAMPLES_ROOT and examples_dir.name in EXAMPLE_SETS
-            gr.Examples([[str(f)] for f in files], inputs=image, outputs=outputs, fn=classify, batch=True,
+            gr.Examples([[str(f)] for f in files], inputs=image, outputs=outputs, fn=classify,
                         preprocess=False, cache_examples=True, cache_mode="lazy", examples_per_page=len(files),
                         label=(f"{EXAMPLE_SETS[examples_dir.name]} test images" if packaged else "Examples")
                               + "; true classes in order: " + ", ".join(example_label(f) for f in files),
@@ -274,14 +330,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     parser.add_argument("--examples", type=Path, help="folder of example PNGs named <id>_<true class>.png (default: "
                         "the packaged CIFAR-100 or CIFAR-10 test images when the model has those classes)")
-    parser.add_argument("--max-file-size", default="20mb", help="largest upload gradio accepts (default: 20mb)")
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--concurrency-limit", type=int, default=1, help="batches run at once")
+    parser.add_argument("--max-file-size", default="20mb", type=file_size,
+                        help="largest upload gradio accepts: a number of bytes with b, kb, mb or gb (default: 20mb)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="images per model call (default: 16)")
+    parser.add_argument("--concurrency-limit", type=int, default=1, help="model calls run at once (default: 1)")
     parser.add_argument("--queue-size", type=int, default=256, help="requests waiting before new ones are refused")
     parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS,
                         help="visitor sessions gradio keeps in memory, oldest dropped first (default: %(default)s; "
                              "gradio's own 10000 hold ~0.25 GB for this page)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("max_batch_size", "concurrency_limit", "queue_size", "max_sessions"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
+    check_pixel_limit(parser, args.max_pixels)
+    return args
+
+
+def file_size(text: str) -> str:
+    """`--max-file-size` as gradio reads it (digits, then b / kb / mb / gb / tb, binary multiples), checked here:
+    gradio itself fails with a traceback only once the model has loaded."""
+    if not re.fullmatch(r"\d+\s*(b|kb|mb|gb|tb)", text.strip(), re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write it as 20mb, 500kb or 1gb")
+    return text.strip().lower()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,10 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     with examples_cache():
         demo = build_demo(predictor, examples_dir=args.examples, max_pixels=args.max_pixels,
                           max_batch_size=args.max_batch_size, concurrency_limit=args.concurrency_limit,
-                          serving=f"`{source}` ({why})")
-        demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port,
-                                                    max_file_size=args.max_file_size,
-                                                    state_session_capacity=args.max_sessions)
+                          serving=serving_line(source, why))
+        try:
+            demo.queue(max_size=args.queue_size).launch(server_name=args.host, server_port=args.port,
+                                                        max_file_size=args.max_file_size,
+                                                        state_session_capacity=args.max_sessions)
+        except OSError as err:  # the port is taken, or the host is not this machine's
+            return error_line(f"cannot serve on {args.host or '127.0.0.1'}:{args.port or 7860} ({err}); "
+                              "choose another with --port / --host")
     return 0
 
 

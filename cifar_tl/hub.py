@@ -139,9 +139,9 @@ from cifar_tl.demo import main
 MODEL = {model}
 
 if __name__ == "__main__":
-    # ONNX Runtime: the fastest CPU backend measured for this demo (BENCHMARKS.md, demo latency); the graph is
-    # exported into the cache on the first start
-    sys.exit(main(["--model", MODEL, "--backend", "onnx"]))
+    # auto: ONNX Runtime on a CPU, the fastest backend measured for this demo (BENCHMARKS.md, demo latency;
+    # the graph is exported into the cache on the first start), PyTorch where the export fails or on a GPU
+    sys.exit(main(["--model", MODEL, "--backend", "auto"]))
 '''
 SPACE_README = """---
 {{ card_data }}
@@ -149,8 +149,7 @@ SPACE_README = """---
 
 # {{ title }}
 
-A Gradio demo of the CIFAR image classifier {{ source }}: upload or paste an image to get its top-5 classes
-and superclass. The `cifar_tl/` folder is a copy of the cifar-tl package, so the Space installs nothing from
+A Gradio demo of the CIFAR image classifier {{ source }}: upload or paste an image to get its top-5 classes{{ superclass }}. The `cifar_tl/` folder is a copy of the cifar-tl package, so the Space installs nothing from
 git.
 
 Run it locally: `pip install -r requirements.txt gradio=={{ gradio_version }} && python app.py`.
@@ -160,7 +159,8 @@ Run it locally: `pip install -r requirements.txt gradio=={{ gradio_version }} &&
 def build_space(space_dir: str | Path, model: str) -> Path:
     """Write a self-contained Gradio Space: README.md (Space metadata), app.py, requirements.txt, a copy of
     the cifar_tl package (with its example images). `model` is a Hub id, or a local model folder copied into the
-    Space. app.py calls `cifar_tl.demo.main(["--model", MODEL, "--backend", "onnx"])`."""
+    Space. app.py calls `cifar_tl.demo.main(["--model", MODEL, "--backend", "auto"])`. The Space runs this
+    Python's minor version, so the pinned requirements install there as they did here."""
     space = Path(space_dir)
     local = Path(model).is_dir()
     if not local:
@@ -168,8 +168,9 @@ def build_space(space_dir: str | Path, model: str) -> Path:
     space.mkdir(parents=True, exist_ok=True)
     shutil.copytree(PACKAGE_DIR, space / "cifar_tl", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    config = None
     if local:  # bundle the weights: the Space then needs no model repo
-        read_model_folder(model)
+        config = read_model_folder(model)
         keep = (".safetensors", ".json")
         shutil.copytree(model, space / "model", dirs_exist_ok=True,
                         ignore=lambda _, names: [n for n in names if not n.endswith(keep)])
@@ -180,10 +181,14 @@ def build_space(space_dir: str | Path, model: str) -> Path:
     (space / "requirements.txt").write_text("\n".join(space_requirements()) + "\n")
     gradio_version = importlib.metadata.version("gradio")
     data = SpaceCardData(title=title, sdk="gradio", sdk_version=gradio_version, app_file="app.py",
+                         python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
                          models=None if local else [model], license="apache-2.0", emoji="🖼️",
                          colorFrom="blue", colorTo="green", pinned=False)
     source = "bundled in `model/`" if local else f"[{model}](https://huggingface.co/{model})"
+    # a Hub model is not read here (it may not be reachable): its page says whether it has superclasses
+    has_coarse = config is None or bool((config.get("cifar_tl") or {}).get("coarse_names"))
     SpaceCard.from_template(data, template_str=SPACE_README, title=title, source=source,
+                            superclass=" and superclass" if has_coarse else "",
                             gradio_version=gradio_version).save(space / "README.md")
     return space
 
@@ -204,15 +209,18 @@ def push_space(space_dir: str | Path, space_id: str, *, private: bool = False) -
 
 
 def space_requirements() -> list[str]:
-    """cifar-tl's runtime dependencies pinned to the versions installed here (the ones tested), minus gradio,
-    which the Space's `sdk_version` provides."""
+    """cifar-tl's runtime dependencies pinned to the versions installed here (the ones tested; local labels such
+    as +cu130 dropped, PyPI has none), minus gradio, which the Space's `sdk_version` provides. PyTorch comes
+    from its CPU index: a free Space has no GPU, and PyPI's Linux wheel bundles CUDA (several GB)."""
     from packaging.requirements import Requirement
+    from packaging.version import Version
 
-    pins = []
+    pins = ["# PyTorch's CPU wheels (a free Space has no GPU); remove this line on GPU hardware",
+            "--extra-index-url https://download.pytorch.org/whl/cpu"]
     for spec in importlib.metadata.requires("cifar-tl") or []:
         req = Requirement(spec)
         if req.marker is None and req.name.lower() != "gradio":
-            pins.append(f"{req.name}=={importlib.metadata.version(req.name)}")
+            pins.append(f"{req.name}=={Version(importlib.metadata.version(req.name)).public}")
     return pins
 
 

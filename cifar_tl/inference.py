@@ -25,16 +25,22 @@ class ImageError(ValueError):
 def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image file, refusing non-images, damaged files and images over `max_pixels`
     (checked from the header, before any pixel is decoded)."""
+    limit = f"the {max_pixels / 1e6:.3g}-megapixel limit"
     try:
         img = Image.open(path)
-    except Image.DecompressionBombError:
-        raise ImageError("the image is far too large to open safely") from None
+    except Image.DecompressionBombError:  # Pillow's own check, at twice its limit
+        raise ImageError(f"the image is far over {limit}; please send a smaller image") from None
+    except FileNotFoundError:
+        raise ImageError("no such file (it was removed or renamed)") from None
+    except PermissionError:
+        raise ImageError("the file cannot be read (permission denied)") from None
+    except IsADirectoryError:
+        raise ImageError("a folder, not an image file") from None
     except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
         raise ImageError("not an image file (or a format Pillow cannot read)") from None
     width, height = img.size
     if width * height > max_pixels:
-        raise ImageError(f"{width}x{height} pixels is over the {max_pixels / 1e6:.0f}-megapixel limit; "
-                         "please send a smaller image")
+        raise ImageError(f"{width}x{height} pixels is over {limit}; please send a smaller image")
     try:
         img.load()
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # corrupt data surfaces only while decoding
@@ -84,7 +90,7 @@ class Predictor:
         if isinstance(image, (str, os.PathLike)):
             image = open_image(image)
         try:
-            arr = decode_image(image)
+            arr = decode_image(image, shrink_to=self.data_size)
         except (OSError, ValueError, TypeError) as err:  # exotic modes Pillow cannot convert to RGB
             raise ImageError(f"cannot convert this image to RGB ({err})") from None
         return fit_square(arr, self.data_size)

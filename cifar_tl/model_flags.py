@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 
 from PIL import Image
@@ -42,3 +43,12 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
                              "with other busy processes 1 can be several times faster")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                         help="refuse images with more pixels than this (default: %(default)s)")
+
+
+def check_pixel_limit(parser: argparse.ArgumentParser, max_pixels: int) -> None:
+    """Validate --max-pixels and make it Pillow's own limit in this process: Pillow refuses images over twice its
+    limit before ours is checked, and warns on the log about those over it, which ours refuses anyway."""
+    if max_pixels < 1:
+        parser.error(f"--max-pixels must be at least 1; got {max_pixels}")
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)

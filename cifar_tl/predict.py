@@ -1,20 +1,23 @@
 """`python -m cifar_tl.predict --model DIR_OR_HUB_ID PATHS_OR_FOLDERS... [--top-k 5] [--output preds.jsonl]`
 
-Batch prediction: one JSON line per readable image, {"path", "fine": [{"label", "score"}, ...top-k],
-"coarse": {"label", "score"} | null}, to --output or stdout. Folders are searched recursively for image files;
-unreadable files are reported on stderr and skipped. On a CPU the model runs on ONNX Runtime (`--backend auto`;
-`--backend torch` for PyTorch), with the same preprocessing."""
+Batch prediction: one record per readable image, {"path", "fine": [{"label", "score"}, ...top-k],
+"coarse": {"label", "score"} | null}, as JSON lines to stdout or --output (a .json file gets one JSON array,
+a .csv file one row per image). Folders are searched recursively for image files; unreadable files are
+reported on stderr and skipped. On a CPU the model runs on ONNX Runtime (`--backend auto`; `--backend torch`
+for PyTorch), with the same preprocessing."""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .console import FlagParser, error_line
-from .model_flags import MAX_PIXELS, add_model_args
+from .model_flags import MAX_PIXELS, add_model_args, check_pixel_limit
 
 if TYPE_CHECKING:  # torch takes seconds to import: --help and a bad flag answer without it
     import numpy as np
@@ -23,16 +26,28 @@ if TYPE_CHECKING:  # torch takes seconds to import: --help and a bad flag answer
 
 
 def collect_files(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Named files as given, folders searched recursively for image suffixes; returns (files, missing)."""
-    files, missing = [], []
+    """Named files as given, folders searched recursively for image suffixes, each file once however often it
+    is named; returns (files, missing: named paths that do not exist and links in the folders that lead
+    nowhere)."""
+    files, missing, seen = [], [], set()
+
+    def add(path: Path) -> None:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            files.append(path)
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():  # sources imports torch: only a folder needs it, a mistyped path does not
             from .sources import IMAGE_SUFFIXES
 
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            for p in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+                if p.is_file():
+                    add(p)
+                elif p.is_symlink() and not p.exists():
+                    missing.append(f"{p} (a link to {os.readlink(p)})")
         elif path.is_file():
-            files.append(path)
+            add(path)
         else:
             missing.append(item)
     return files, missing
@@ -62,19 +77,41 @@ def predict_files(predictor: Predictor, files: list[Path], *, top_k: int = 5, ba
                 batch = []
 
 
-def _write(results, out) -> tuple[int, int]:
-    """JSON lines of the predictions, the skipped images named on stderr; (predicted, skipped)."""
+def _write(results, out, fmt: str = "jsonl") -> tuple[int, int]:
+    """The predictions as JSON lines, one JSON array ("json") or CSV rows ("csv"), the skipped images named on
+    stderr; (predicted, skipped)."""
     from tqdm import tqdm
 
     done = skipped = 0
+    rows = None
     for path, result in results:
         if isinstance(result, str):
             skipped += 1
             tqdm.write(f"skipped {path}: {result}", file=sys.stderr)  # keeps the progress bar intact
+            continue
+        record = {"path": str(path), **result}
+        if fmt == "csv":
+            if rows is None:
+                rows = csv.writer(out)
+                rows.writerow(["path", *(f"{key}_{i}" for i in range(1, len(result["fine"]) + 1)
+                                         for key in ("label", "score")), "coarse_label", "coarse_score"])
+            coarse = result["coarse"] or {}
+            rows.writerow([record["path"], *(v for c in result["fine"] for v in (c["label"], f"{c['score']:.6g}")),
+                           coarse.get("label", ""), f"{coarse['score']:.6g}" if coarse else ""])
+        elif fmt == "json":
+            out.write(("[\n" if not done else ",\n") + json.dumps(record))
         else:
-            done += 1
-            out.write(json.dumps({"path": str(path), **result}) + "\n")
+            out.write(json.dumps(record) + "\n")
+        done += 1
+    if fmt == "json":
+        out.write("\n]\n" if done else "[]\n")
     return done, skipped
+
+
+def output_format(path: Path | None) -> str:
+    """"csv" for a .csv file, "json" for .json, JSON lines otherwise (stdout, .jsonl, anything else)."""
+    suffix = path.suffix.lower() if path else ""
+    return {".csv": "csv", ".json": "json"}.get(suffix, "jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,21 +120,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", metavar="PATH_OR_FOLDER", help="image files and/or folders")
     add_model_args(parser)
     parser.add_argument("--top-k", type=int, default=5, help="fine classes per image (default: %(default)s)")
-    parser.add_argument("--output", type=Path, help="write JSON lines here instead of stdout")
+    parser.add_argument("--output", type=Path, help="write here instead of stdout: JSON lines, or one JSON array "
+                        "for a .json file, CSV for a .csv file")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
+    check_pixel_limit(parser, args.max_pixels)
 
+    if args.output and not args.output.parent.is_dir():  # before the model loads
+        return error_line(f"--output {args.output}: no folder {args.output.parent}")
+    if args.output and args.output.is_dir():
+        return error_line(f"--output {args.output}: a folder; name the file to write, e.g. {args.output / 'preds.jsonl'}")
     files, missing = collect_files(args.inputs)
     for item in missing:
         print(f"skipped {item}: no such file or folder", file=sys.stderr)
     if not files:
         return error_line("no image files found in the given paths")
-    if args.output and not args.output.parent.is_dir():  # before the model loads
-        return error_line(f"--output {args.output}: no folder {args.output.parent}")
     from .loading import ModelLoadError, load_predictor
 
     try:
@@ -109,12 +150,18 @@ def main(argv: list[str] | None = None) -> int:
 
     results = predict_files(predictor, files, top_k=args.top_k, batch_size=args.batch_size,
                             max_pixels=args.max_pixels, tta=args.tta, progress=not args.no_progress)
+    fmt = output_format(args.output)
     if args.output is None:
-        done, skipped = _write(results, sys.stdout)
+        try:
+            done, skipped = _write(results, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 0
     else:
         try:  # written whole or not at all: a full disk leaves the earlier file as it was
-            with atomic_path(args.output) as tmp, tmp.open("w") as out:
-                done, skipped = _write(results, out)
+            with atomic_path(args.output) as tmp, tmp.open("w", newline="") as out:
+                done, skipped = _write(results, out, fmt)
         except WriteError as err:
             return error_line(err)
     print(f"predicted {done} image(s), skipped {skipped + len(missing)}"

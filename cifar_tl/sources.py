@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +130,21 @@ def read_source(dataset: str, *, image_column=None, label_column=None, coarse_la
 # --------------------------------------------------------------------------------------------- images
 
 
-def decode_image(data: bytes | Image.Image | np.ndarray) -> np.ndarray:
+def decode_image(data: bytes | Image.Image | np.ndarray, shrink_to: int | None = None) -> np.ndarray:
     """Any image (bytes, PIL, array) -> uint8 RGB array [H, W, 3]; grayscale, palette, RGBA, CMYK, 16-bit
-    and EXIF-rotated inputs are all normalised here so every caller sees the same pixels."""
+    and EXIF-rotated inputs are all normalised here so every caller sees the same pixels. With `shrink_to`, an
+    image whose short side is over 16x that is first reduced by whole-pixel box averaging to 8-16x it, so the
+    conversions below copy a small image, not a camera's 89 megapixels several times over."""
     if isinstance(data, np.ndarray):
         img = Image.fromarray(data)
     elif isinstance(data, Image.Image):
         img = data
     else:
         img = Image.open(io.BytesIO(data))
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even an upright image
+        img = ImageOps.exif_transpose(img)
+    if shrink_to and min(img.size) >= 16 * shrink_to:  # 8x the target keeps the final resize's result
+        img = _reduced(img, min(img.size) // (8 * shrink_to))
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (PNG's, as Pillow opens it) to 8 bits by
         # its depth, as an 8-bit copy of the same picture would be: a dark image stays dark, not stretched
         arr = np.asarray(img, dtype=np.float64)
@@ -149,6 +154,17 @@ def decode_image(data: bytes | Image.Image | np.ndarray) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _reduced(img: Image.Image, factor: int) -> Image.Image:
+    """`img` box-averaged over factor x factor blocks; modes Pillow cannot reduce are widened first."""
+    if img.mode.startswith("I;16"):
+        img = img.convert("I")
+    elif img.mode == "1":
+        img = img.convert("L")
+    elif img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    return img.reduce(factor)
 
 
 def fit_square(arr: np.ndarray, size: int) -> np.ndarray:

@@ -52,14 +52,13 @@ def example_pngs() -> list[Path]:
 
 
 @pytest.mark.parametrize("fixture", ["cnn_model_dir", "timm_model_dir"])
-def test_classify_batch_mixes_good_and_bad_inputs(fixture, request, zoo):
+def test_classify_answers_good_inputs_and_explains_bad_ones(fixture, request, zoo):
     predictor = Predictor.from_dir(request.getfixturevalue(fixture), "cpu")
     classify = make_classifier(predictor, top_k=5)
     names = sorted(zoo)
-    uploads = [{"path": str(zoo[n])} for n in names] + [None]
-    fine, coarse, previews, messages = classify(uploads)
-    assert len(fine) == len(coarse) == len(previews) == len(messages) == len(uploads)
-    for name, f, c, preview, msg in zip(names + ["none"], fine, coarse, previews, messages):
+    with ThreadPoolExecutor(len(names) + 1) as pool:  # side by side, as gradio runs them
+        answers = list(pool.map(classify, [{"path": str(zoo[n])} for n in names] + [None]))
+    for name, (f, c, preview, msg) in zip(names + ["none"], answers):
         if name.startswith("ok_"):
             assert len(f) == 5 and len(c) == 1 and msg == "", name
             assert Image.open(preview).size == (128, 128), name  # 32x32 thumbnail shown 4x, pixels kept
@@ -67,8 +66,43 @@ def test_classify_batch_mixes_good_and_bad_inputs(fixture, request, zoo):
             assert f is None and c is None and preview is None, name
             assert msg == NO_IMAGE if name == "none" else msg.startswith("⚠️ Could not use this file"), name
     expected = predictor.predict([open_image(zoo["ok_rgb.png"])])[0]
-    got = fine[names.index("ok_rgb.png")]
+    got = answers[names.index("ok_rgb.png")][0]
     assert max(got, key=got.get) == expected["fine"][0]["label"]
+
+
+def test_an_expired_upload_is_named_as_such(cnn_model_dir, zoo, tmp_path):
+    """gradio deletes uploads after 15 minutes while the page still shows the image: "not an image file" sent
+    the user looking for a fault in a good photo."""
+    gone = tmp_path / "upload.png"
+    shutil.copy(zoo["ok_rgb.png"], gone)
+    classify = make_classifier(Predictor.from_dir(cnn_model_dir, "cpu"))
+    gone.unlink()
+    *_, message = classify({"path": str(gone)})
+    assert "no longer on the server" in message and "upload the image again" in message
+
+
+def test_batcher_batches_waiting_requests_and_routes_answers_back():
+    calls, release = [], threading.Event()
+
+    def predict(items):
+        calls.append(list(items))
+        release.wait(5)  # the first call holds the model while the others queue up behind it
+        return [{"x": item} for item in items]
+
+    batcher = demo_module.Batcher(predict, max_batch_size=4)
+    with ThreadPoolExecutor(9) as pool:
+        futures = [pool.submit(batcher, i) for i in range(9)]
+        while sum(map(len, calls)) < 1 or batcher._waiting.qsize() < 8:
+            time.sleep(0.01)
+        release.set()
+        assert [f.result()["x"] for f in futures] == list(range(9))
+    assert sorted(map(len, calls)) == [1, 4, 4]  # the first alone, then the waiting ones in batches of 4
+
+    def broken(items):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # a failing model answers, never hangs
+        demo_module.Batcher(broken)(0)
 
 
 def test_model_card_and_confusion_highlights(cnn_model_dir, tmp_path):
@@ -263,6 +297,50 @@ def test_client_concurrent_requests_are_batched_and_routed_back(server, example_
         assert _scores(fine) == pytest.approx({c["label"]: c["score"] for c in exp["fine"]}, abs=1e-4)
         assert Image.open(preview).size == (128, 128)
     assert sum(server["batches"]) == len(images) and max(server["batches"]) > 1
+
+
+def test_a_malformed_request_fails_alone(server, example_pngs):
+    """Requests that gradio cannot even hand to the app (a path it did not receive, a URL that does not
+    resolve, not a file at all) used to fail every request batched with them, with no message."""
+    import httpx
+
+    base = server["url"].rstrip("/") + "/gradio_api"
+    with example_pngs[0].open("rb") as f:
+        uploaded = httpx.post(f"{base}/upload", files={"files": f}, timeout=30).json()[0]
+    good = {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
+    bad = [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "not a file",
+           {"path": "https://example.invalid/cat.png", "url": "https://example.invalid/cat.png",
+            "meta": {"_type": "gradio.FileData"}}]
+    payloads = [good] * 8 + [bad[0]] + [good] * 8 + [bad[1]] + [good] * 8 + [bad[2]]  # queued together
+    events = [httpx.post(f"{base}/call/classify", json={"data": [p]}, timeout=30).json()["event_id"]
+              for p in payloads]
+    with ThreadPoolExecutor(len(events)) as pool:
+        streams = list(pool.map(lambda e: httpx.get(f"{base}/call/classify/{e}", timeout=60).text, events))
+    expected = server["predict"]([open_image(example_pngs[0])])[0]["fine"][0]["label"]
+    for payload, stream in zip(payloads, streams):
+        if payload is good:
+            assert "event: complete" in stream and json.dumps(expected) in stream, stream[:300]
+        else:
+            assert "event: error" in stream
+
+
+def test_demo_flags_are_checked_before_the_model_loads(capsys):
+    for argv, flag in ((["--max-file-size", "abc"], "--max-file-size"), (["--max-batch-size", "0"], "--max-batch-size"),
+                       (["--queue-size", "0"], "--queue-size"), (["--max-pixels", "0"], "--max-pixels")):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(["--model", "no/such-model", *argv])
+        assert exit_.value.code == 2 and flag in capsys.readouterr().err
+    assert parse_args(["--model", "x/y", "--max-file-size", "5 MB"]).max_file_size == "5 mb"
+
+
+def test_a_busy_port_is_one_line(cnn_model_dir, monkeypatch, capsys):
+    def taken(self, **kw):
+        raise OSError("Cannot find empty port in range: 7861-7861")
+
+    monkeypatch.setattr(gr.Blocks, "launch", taken)
+    assert demo_module.main(["--model", str(cnn_model_dir), "--backend", "torch", "--port", "7861"]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot serve on 127.0.0.1:7861" in err and "--port" in err and "Traceback" not in err
 
 
 def test_client_bad_uploads_get_a_message(server, zoo):

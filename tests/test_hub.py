@@ -279,9 +279,15 @@ def test_space_folder_for_a_hub_model(tmp_path):
     assert card.data.title and not PLACEHOLDERS.search(str(card))
     app = (space / "app.py").read_text()
     compile(app, "app.py", "exec")
-    assert 'MODEL = "me/cifar-b0"' in app and 'main(["--model", MODEL, "--backend", "onnx"])' in app
-    requirements = (space / "requirements.txt").read_text().split()
-    assert any(r.startswith("torch==") for r in requirements) and not any("gradio" in r for r in requirements)
+    # auto: ONNX Runtime on a CPU, PyTorch where the export fails (an explicit onnx left the Space dead) or on a GPU
+    assert 'MODEL = "me/cifar-b0"' in app and 'main(["--model", MODEL, "--backend", "auto"])' in app
+    # the pins are this Python's versions (numpy 2.4 needs 3.11): a Space on its default Python failed to build
+    assert card.data.python_version == f"{sys.version_info.major}.{sys.version_info.minor}"
+    lines = (space / "requirements.txt").read_text().splitlines()
+    pins = [line for line in lines if line and not line.startswith(("#", "--"))]
+    assert all(re.fullmatch(r"[\w.-]+==[\w.]+", pin) for pin in pins), pins  # no local labels such as +cu130
+    assert any(r.startswith("torch==") for r in pins) and not any("gradio" in r for r in pins)
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines  # not PyPI's CUDA wheel on a CPU
     assert (space / "cifar_tl" / "demo.py").is_file() and not list(space.rglob("__pycache__"))
 
 
@@ -303,7 +309,7 @@ def test_space_push_creates_the_space_in_one_commit(tmp_path):
     files = server.spaces["me/cifar-demo"]
     assert {"README.md", "app.py", "requirements.txt", "cifar_tl/demo.py",
             "cifar_tl/examples/cifar100/00_mountain.png"} <= set(files)
-    assert b'MODEL = "lab/cifar-b0"' in files["app.py"] and b'"--backend", "onnx"' in files["app.py"]
+    assert b'MODEL = "lab/cifar-b0"' in files["app.py"] and b'"--backend", "auto"' in files["app.py"]
     assert not any("__pycache__" in name or "log.csv" in name for name in files)
     assert SpaceCard(files["README.md"].decode()).data.models == ["lab/cifar-b0"]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +76,73 @@ def test_pixel_bound_and_decompression_bomb_guard(zoo, monkeypatch):
     with pytest.raises(ImageError, match="megapixel limit"):
         open_image(zoo["ok_huge.png"], max_pixels=1_000_000)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # PIL raises past twice this
-    with pytest.raises(ImageError, match="too large"):
-        open_image(zoo["ok_huge.png"])
+    with pytest.raises(ImageError, match="far over the 0.01-megapixel limit"):
+        open_image(zoo["ok_huge.png"], max_pixels=10_000)
+
+
+def test_a_large_photo_is_shrunk_before_it_is_converted(tmp_path):
+    """An 81-megapixel RGBA upload was copied whole 5-6 times on its way to a 32 px thumbnail (2.7 GB peak, 8 s);
+    box-averaged first, its thumbnail is the same picture."""
+    from cifar_tl.sources import decode_image, fit_square
+
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (12, 16, 4), dtype=np.uint8), np.ones((200, 200, 1), np.uint8))
+    photo = Image.fromarray(smooth, "RGBA")  # 2400x3200, flat 200 px patches, varying transparency
+    shrunk = decode_image(photo, shrink_to=32)
+    assert min(shrunk.shape[:2]) < 16 * 32
+    full = fit_square(decode_image(photo), 32).astype(int)
+    assert np.abs(fit_square(shrunk, 32).astype(int) - full).mean() < 2
+    for mode in ("1", "P", "I;16", "LA", "CMYK"):  # modes Pillow cannot box-average directly
+        assert decode_image(photo.convert("RGB").convert(mode), shrink_to=32).shape[2] == 3, mode
+
+
+def test_predict_output_follows_the_file_suffix(zoo, cnn_model_dir, tmp_path):
+    """`--output preds.csv` wrote JSON lines; `--output preds.json` a file json.load refused."""
+    import csv
+
+    images = [str(zoo["ok_rgb.png"]), str(zoo["ok_gray.png"]), str(zoo["bad_truncated.png"])]
+    for name in ("p.json", "p.csv"):
+        assert main(["--model", str(cnn_model_dir), *images, "--top-k", "2", "--output", str(tmp_path / name),
+                     "--backend", "torch", "--no-progress"]) == 0
+    records = json.loads((tmp_path / "p.json").read_text())
+    assert [r["path"] for r in records] == images[:2] and len(records[0]["fine"]) == 2
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert list(rows[0]) == ["path", "label_1", "score_1", "label_2", "score_2", "coarse_label", "coarse_score"]
+    assert [(r["path"], r["label_1"], r["coarse_label"]) for r in rows] == \
+        [(r["path"], r["fine"][0]["label"], r["coarse"]["label"]) for r in records]
+    assert float(rows[0]["score_1"]) == pytest.approx(records[0]["fine"][0]["score"], abs=1e-5)
+    assert main(["--model", str(cnn_model_dir), images[2], "--output", str(tmp_path / "none.json"),
+                 "--no-progress"]) == 1
+    assert json.loads((tmp_path / "none.json").read_text()) == []
+
+
+def test_predict_names_each_file_once_and_reports_dead_links(zoo, cnn_model_dir, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(zoo["ok_rgb.png"], folder / "a.png")
+    (folder / "dead.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    out = tmp_path / "p.jsonl"
+    assert main(["--model", str(cnn_model_dir), str(folder), str(folder / "a.png"), "--output", str(out),
+                 "--backend", "torch", "--no-progress"]) == 0
+    assert len(out.read_text().splitlines()) == 1  # the folder's file, named again, once
+    err = capsys.readouterr().err
+    assert "dead.jpg (a link to" in err and "predicted 1 image(s), skipped 1" in err
+    assert main(["--model", str(tmp_path / "never-loaded"), str(folder), "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --output {tmp_path}: a folder")
+
+
+def test_predict_piped_into_head_ends_quietly(zoo, cnn_model_dir, tmp_path):
+    """`predict ... | head -1` ended in a BrokenPipeError traceback and exit status 1."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(400):  # ~100 KB of JSON lines: more than a pipe holds
+        shutil.copy(zoo["ok_tiny.png"], folder / f"{i:03d}.png")
+    command = (f"{sys.executable} -m cifar_tl.predict --model {cnn_model_dir} {folder} --backend torch "
+               "--no-progress | head -1")
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=300,
+                         check=False, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert json.loads(res.stdout)["path"].endswith("000.png")
 
 
 def test_predict_cli_writes_jsonl_and_skips_unreadable(zoo, cnn_model_dir, tmp_path, capsys):
@@ -120,3 +186,8 @@ def test_predict_cli_errors_are_one_line(cnn_model_dir, zoo, tmp_path, capsys):
     nowhere = tmp_path / "no-such-folder" / "p.jsonl"
     assert main(["--model", str(cnn_model_dir), str(zoo["ok_rgb.png"]), "--output", str(nowhere)]) == 2
     assert capsys.readouterr().err == f"error: --output {nowhere}: no folder {nowhere.parent}\n"
+    assert main(["--model", str(tmp_path / "m.onnx"), str(zoo["ok_rgb.png"]), "--backend", "torch"]) == 2
+    assert "runs on ONNX Runtime on the CPU, so --backend torch cannot apply" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(cnn_model_dir), str(zoo["ok_rgb.png"]), "--max-pixels", "0"])
+    assert "--max-pixels must be at least 1" in capsys.readouterr().err
