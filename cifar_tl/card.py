@@ -52,7 +52,7 @@ SOURCE_KINDS = {"parquet": "a local folder of parquet files", "save-to-disk": "a
                 "cifar-pickle": "a local cifar-100-python folder", "cifar-tar": "a local cifar-100-python archive",
                 "imagefolder": "a local image folder"}
 # Run settings that say where and how a run was logged, not how the model was trained.
-NOT_HYPERPARAMETERS = {"output_dir", "resume", "report_to", "wandb_log_model", "project_name", "push_to_hub",
+NOT_HYPERPARAMETERS = {"output_dir", "overwrite_output_dir", "resume", "report_to", "wandb_log_model", "project_name", "push_to_hub",
                        "hub_model_id", "hub_private", "data_cache", "eval_batch_size", "image_column",
                        "label_column", "coarse_label_column", "train_split", "test_split", "dataset"}
 METRICS = (("top1", "accuracy", "Top-1 accuracy"), ("top5", "top_5_accuracy", "Top-5 accuracy"),
@@ -106,7 +106,9 @@ def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
         base_model=base_model,
         pipeline_tag="image-classification",
         model_name=title,
-        eval_results=_eval_results(metrics, dataset_id or dataset_name, dataset_name) or None,
+        # results on a named Hub dataset only: a local folder's name ("cifar100", "mnist") reads as a Hub id there
+        eval_results=_eval_results(metrics, dataset_id, dataset_name, train.get("label_column")) or None
+        if dataset_id else None,
     )
     cfg = config["pretrained_cfg"]
     folder = location or model_dir
@@ -230,9 +232,15 @@ def _floats(values) -> str:
     return ", ".join(f"{v:.4f}" for v in values)
 
 
-def _eval_results(metrics: dict, dataset_type: str, dataset_name: str) -> list[EvalResult]:
+def _eval_results(metrics: dict, dataset_type: str, dataset_name: str, label_column: str | None = None
+                  ) -> list[EvalResult]:
+    """The model-index entries; a run on another label column than the dataset's default (CIFAR-100's
+    `coarse_label`: 20 classes) says so in the dataset's name and args, or it would read as a fine-label result."""
+    if label_column:
+        dataset_name = f"{dataset_name} ({label_column})"
     return [EvalResult(task_type="image-classification", task_name="Image Classification",
                        dataset_type=dataset_type, dataset_name=dataset_name, dataset_split="test",
+                       dataset_args={"label_column": label_column} if label_column else None,
                        metric_type=kind, metric_name=f"{name} (%)", metric_value=percent(metrics[key]))
             for key, kind, name in METRICS if key in metrics]
 
@@ -240,7 +248,9 @@ def _eval_results(metrics: dict, dataset_type: str, dataset_name: str) -> list[E
 def _results(metrics: dict) -> list[tuple[str, str]]:
     rows = [(name, f"{percent(metrics[key]):.2f} %") for key, _, name in METRICS if key in metrics]
     if "top1" in metrics.get("tta", {}):
-        rows.append(("Top-1 accuracy with horizontal-flip TTA", f"{percent(metrics['tta']['top1']):.2f} %"))
+        views = ("6-view TTA (mirror + 1 px shifts)" if metrics["tta"].get("level", 1) >= 2
+                 else "horizontal-flip TTA")
+        rows.append((f"Top-1 accuracy with {views}", f"{percent(metrics['tta']['top1']):.2f} %"))
     rows += [(name, f"{metrics[key]:.4f}") for key, name in (("loss", "Cross-entropy loss"),
                                                               ("ece", "Expected calibration error (15 bins)"))
              if key in metrics]

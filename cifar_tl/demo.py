@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .console import FlagParser, error_line
-from .model_flags import MAX_PIXELS, add_model_args, check_pixel_limit, default_model
+from .model_flags import MAX_PIXELS, add_model_args, check_pixel_limit, default_model, onnx_conflict
 
 if TYPE_CHECKING:  # gradio and torch take seconds to import: `app.py --help` and a bad flag answer without them
     import gradio as gr
@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     source, why = (args.model, "--model") if args.model else default_model()
     if source is None:
         return error_line(why)
+    if onnx_conflict(source, args.backend, args.device):
+        return error_line(onnx_conflict(source, args.backend, args.device))
     print(f"serving {source} ({why})", flush=True)
     from .loading import ModelLoadError, backend_of, load_predictor
 

@@ -125,9 +125,8 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator, out: Path, started:
     tracking.log_end_of_run(accelerator, cfg, out, metrics, bundle.test,
                             (bundle.fine_names, bundle.coarse_names, bundle.fine_to_coarse), logits)
     if cfg.push_to_hub and accelerator.is_main_process:
-        from .hub import push_model_dir
-        push_model_dir(out / "model", cfg.hub_model_id, private=cfg.hub_private,
-                       message=f"cifar-tl run {out.name}: top1 {metrics['top1']:.4f}")
+        from .hub import push_finished_run
+        accelerator.print(f"pushed to the Hub: {push_finished_run(out / 'model', cfg.hub_model_id, cfg.hub_private)}")
     accelerator.wait_for_everyone()
     tracking.finish(accelerator)  # also tears down the process group: nothing collective after this
     return metrics

@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="model folder or Hugging Face Hub id")
     parser.add_argument("--output", required=True, type=Path, help="where to write the .onnx file")
     args = parser.parse_args(argv)
+    if args.output.suffix.lower() != ".onnx":  # every loader tells an ONNX file by its suffix
+        parser.error(f"--output {args.output}: name the file *.onnx (the demo, predict and evaluate take it by "
+                     "that name)")
     from .loading import ModelLoadError, load_predictor  # torch: seconds to import, not needed for --help
     from .onnx_backend import INPUT_NAME, OUTPUT_NAME, export_onnx
 

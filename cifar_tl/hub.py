@@ -86,13 +86,21 @@ def push_model_dir(model_dir: str | Path, repo_id: str, *, private: bool = False
     """Create `repo_id` (if needed) and upload the model folder as one commit; the card is re-rendered first
     so its loading snippets name the repo (and put back as it was when the push fails). `flag` names `repo_id`
     in errors. Returns the commit URL."""
+    model_dir = model_folder_of(model_dir)
     config = read_model_folder(model_dir)
+    check_pushable(model_dir, config)
     check_push_access(repo_id, flag)
-    from .model_folder import write_card  # torch and timm: not needed for --help or the other commands
+    from .integrity import seal, seal_problem
+    from .model_folder import write_card
 
     card = Path(model_dir) / "README.md"
     before = card.read_text() if card.is_file() else None
-    write_card(model_dir, config, repo_id=repo_id)
+    edited = before is not None and Path(f"{card}.sha256").is_file() and seal_problem(card) is not None
+    if edited:
+        print(f"note: {card} was edited after cifar-tl wrote it: pushed as it is (its loading snippets were not "
+              f"changed to name {repo_id}; delete it to have the card written again)", file=sys.stderr)
+    else:
+        write_card(model_dir, config, repo_id=repo_id)
     api = HfApi()
     try:  # upload_folder has the Hub validate README.md's metadata before any file is sent
         api.create_repo(repo_id, private=private or None, exist_ok=True)
@@ -101,24 +109,69 @@ def push_model_dir(model_dir: str | Path, repo_id: str, *, private: bool = False
     except Exception as err:
         if before is None:
             card.unlink()
-        else:
+        elif not edited:  # our card as it was, still ours
             atomic_write_text(card, before)
+            seal(card)
         retry = f"python -m cifar_tl.hub push {model_dir} {repo_id}"
         raise HubError(f"push to {repo_id} failed ({type(err).__name__}: {str(err).splitlines()[0]}); the "
                        f"model folder is intact: retry with `{retry}`") from None
     return commit.commit_url
 
 
+def push_finished_run(model_dir: Path, repo_id: str, private: bool = False) -> str:
+    """`train.py --push-to-hub` at the end of a run: the commit URL, or a HubError that says the run itself is
+    complete and how to push it."""
+    try:
+        return push_model_dir(model_dir, repo_id, private=private)
+    except (HubError, ValueError, FileNotFoundError) as err:
+        raise HubError(f"the run finished (its model folder {model_dir} is complete), but the push to {repo_id} "
+                       f"failed: {err}; push it with `python -m cifar_tl.hub push {model_dir} {repo_id}`") from None
+
+
+def model_folder_of(path: str | Path) -> Path:
+    """A model folder as it is, or a training run's folder as its model/ (as every loader takes it)."""
+    path = Path(path)
+    return path / "model" if not (path / "config.json").exists() and (path / "model" / "config.json").is_file() \
+        else path
+
+
 def read_model_folder(model_dir: str | Path) -> dict:
     """config.json of a model folder whose weights are as they were written (read without importing torch): a
     truncated or altered copy is never published."""
     model_dir = Path(model_dir)
+    if not (model_dir / "model.safetensors").is_file() and any(model_dir.glob("*.bin")):
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors, only pickled weights (*.bin), which cifar-tl "
+                                "never loads or publishes: save the weights as safetensors")
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise FileNotFoundError(f"{model_dir}: not a model folder (needs config.json and model.safetensors)")
-    config = json.loads((model_dir / "config.json").read_text())
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{model_dir / 'config.json'} is not valid JSON ({err}); export the folder again") from None
     check_weights(model_dir / "model.safetensors",
                   ((config.get("cifar_tl") or {}).get("files") or {}).get("model.safetensors"))
     return config
+
+
+def check_pushable(model_dir: Path, config: dict) -> None:
+    """What the Hub would get must load: the weights fit the architecture config.json names (a replaced
+    safetensors file with its checksum removed passed the header check), the folder is of the current format
+    (timm cannot build an older format's architecture names), and no run is still writing it."""
+    from .model_folder import FORMAT_VERSION, load_model
+    from .processes import holder
+
+    run = model_dir.resolve().parent
+    if holder(run):
+        raise ValueError(f"{model_dir}: the run in {run} is still going ({holder(run)}); push once it has ended")
+    version = (config.get("cifar_tl") or {}).get("format_version", FORMAT_VERSION)
+    if version < FORMAT_VERSION:
+        raise ValueError(f"{model_dir}: written by an older cifar-tl (model-folder format {version}), which timm "
+                         f"and transformers cannot load; write it again in format {FORMAT_VERSION} with `python -m "
+                         f"cifar_tl.export --checkpoint {model_dir} --output-dir NEW_DIR` and push that")
+    try:
+        load_model(model_dir)
+    except Exception as err:  # weights that do not fit, an architecture this timm lacks: never published
+        raise ValueError(f"{model_dir}: cannot be loaded, so it is not pushed ({err})") from None
 
 
 def default_message(config: dict) -> str:

@@ -62,10 +62,6 @@ def load_predictor(source: str | Path, backend: str = "torch", device: str | tor
     if threads:
         torch.set_num_threads(threads)
     onnx_file = str(source).endswith(".onnx")
-    if onnx_file and (requested == "torch" or device is not None and torch.device(device).type != "cpu"):
-        flag = "--backend torch" if requested == "torch" else f"--device {device}"
-        raise ModelLoadError(f"--model {source}: an exported ONNX file runs on ONNX Runtime on the CPU, so "
-                             f"{flag} cannot apply; give the model folder it was exported from to use PyTorch")
     folder = None if onnx_file else model_folder(source)
     try:
         if onnx_file:

@@ -52,3 +52,14 @@ def check_pixel_limit(parser: argparse.ArgumentParser, max_pixels: int) -> None:
         parser.error(f"--max-pixels must be at least 1; got {max_pixels}")
     Image.MAX_IMAGE_PIXELS = max_pixels
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def onnx_conflict(model: str | None, backend: str, device: str | None) -> str | None:
+    """Why --backend / --device cannot apply to an exported .onnx model (it runs on ONNX Runtime on the CPU), or
+    None; silently ignored, they left the user believing PyTorch or the GPU served."""
+    if not (model or "").endswith(".onnx"):
+        return None
+    flag = "--backend torch" if backend == "torch" else (f"--device {device}" if device and not
+                                                          device.startswith("cpu") else None)
+    return (f"--model {model}: an exported ONNX file runs on ONNX Runtime on the CPU, so {flag} cannot apply; "
+            "give the model folder it was exported from to use PyTorch or a GPU") if flag else None

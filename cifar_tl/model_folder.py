@@ -7,7 +7,8 @@
                         metrics, dataset_fingerprint, data (source, kind, split sizes), parameters (total /
                         trainable / non_trainable, counted as Keras does), library_name, base_model,
                         files: {"model.safetensors": {size, sha256}}}
-    README.md           the model card (`card.render_card`)
+    README.md           the model card (`card.render_card`); README.md.sha256 beside it records the card as
+                        written, so a push re-renders it only when nobody has edited it (not uploaded)
     confusion.json      the test confusion matrix the demo shows ({"labels", "matrix"}, rows = true class)
     plots/*.png         the run's evaluation plots, embedded in the card
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from .architectures import is_own
 from .card import render_card
 from .files import atomic_folder, atomic_path, atomic_write_text
-from .integrity import check_weights, manifest
+from .integrity import check_weights, manifest, seal
 from .models import create_model
 from .summary import parameter_counts
 
@@ -47,6 +49,8 @@ FORMAT_VERSION = 2  # 2: baseline_cnn is the study's CNN (format 1's baseline_cn
 LEGACY_ARCHITECTURES = {1: {"baseline_cnn": "baseline_cnn_bn", "baseline_cnn_small": "baseline_cnn_bn_small",
                             "baseline_cnn_wide": "baseline_cnn_bn_wide"}}
 WEIGHTS = "model.safetensors"
+UNSAFE_MODEL_ARGS = {"num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                     "weights", "cache_dir"}
 UMASK = os.umask(0o022)  # the process's umask (read by setting it, so set back at once)
 os.umask(UMASK)
 
@@ -112,6 +116,12 @@ def write_model_folder(out_dir: str | os.PathLike, model: torch.nn.Module, confi
         if confusion is not None:
             atomic_write_text(tmp / "confusion.json", json.dumps(confusion) + "\n")
         write_card(tmp, config, repo_id=repo_id, run_dir=run_dir, location=out)
+        written = {entry.name for entry in tmp.iterdir()}
+    # rewritten in place (a re-export of another epoch): the previous weights' evaluation must not stay behind
+    if "confusion.json" not in written:
+        (out / "confusion.json").unlink(missing_ok=True)
+    if "plots" not in written:
+        shutil.rmtree(out / "plots", ignore_errors=True)
     return out
 
 
@@ -126,7 +136,7 @@ def write_card(model_dir: str | Path, config: dict, *, repo_id: str | None = Non
     if not (config.get("cifar_tl") or {}).get("metrics"):  # the run's plots and results are of other weights
         run_dir = None
     if run_dir is not None and run_dir.resolve() != model_dir.resolve():
-        for png in sorted([*run_dir.glob("*.png"), *run_dir.glob("plots/*.png")]):  # report.py writes plots/
+        for png in sorted(run_dir.glob("plots/*.png")):  # report.py's; other PNGs in the run folder are not its
             (model_dir / "plots").mkdir(exist_ok=True)
             # not copyfile: its sendfile path names the source when the destination's disk is full
             (model_dir / "plots" / png.name).write_bytes(png.read_bytes())
@@ -134,6 +144,7 @@ def write_card(model_dir: str | Path, config: dict, *, repo_id: str | None = Non
     path = model_dir / "README.md"
     with atomic_path(path) as tmp:
         card.save(tmp)
+    seal(path)  # a push re-renders the card only while it is as written here: a user's edits are kept
     return path
 
 
@@ -183,8 +194,10 @@ def load_model(model_dir: str | os.PathLike, weights: Path | None = None) -> tup
         raise FileNotFoundError(f"{weights.parent}: no {weights.name}")
     recorded = ((config.get("cifar_tl") or {}).get("files") or {}).get(WEIGHTS)
     check_weights(weights, recorded if weights.resolve() == own.resolve() else None)
-    model = create_model(config["architecture"], pretrained=False, num_classes=len(config["label_names"]),
-                         **config.get("model_args", {}))
+    # model_args are the architecture's own; timm's exports also record num_classes there, and a config.json
+    # from elsewhere must not make create_model fetch or unpickle anything
+    args = {k: v for k, v in (config.get("model_args") or {}).items() if k not in UNSAFE_MODEL_ARGS}
+    model = create_model(config["architecture"], pretrained=False, num_classes=len(config["label_names"]), **args)
     state = load_file(str(weights))
     for prefix in ("module.", "_orig_mod."):  # DDP- and torch.compile-wrapped checkpoints
         consume_prefix_in_state_dict_if_present(state, prefix)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .console import FlagParser, error_line
-from .model_flags import MAX_PIXELS, add_model_args, check_pixel_limit
+from .model_flags import MAX_PIXELS, add_model_args, check_pixel_limit, onnx_conflict
 
 if TYPE_CHECKING:  # torch takes seconds to import: --help and a bad flag answer without it
     import numpy as np
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
     check_pixel_limit(parser, args.max_pixels)
+    if onnx_conflict(args.model, args.backend, args.device):
+        return error_line(onnx_conflict(args.model, args.backend, args.device))
 
     if args.output and not args.output.parent.is_dir():  # before the model loads
         return error_line(f"--output {args.output}: no folder {args.output.parent}")

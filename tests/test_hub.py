@@ -148,7 +148,79 @@ def test_fixture_folders_carry_a_card(cnn_model_dir, timm_model_dir):
     for folder in (cnn_model_dir, timm_model_dir):
         card = ModelCard.load(folder / "README.md")
         assert card.data.pipeline_tag == "image-classification" and not PLACEHOLDERS.search(str(card))
-        assert card.data.eval_results[0].metric_value == 1.0  # the fixture's top1 0.01, in %
+        # a fixture is no Hub dataset: no model-index (its folder name would read as a Hub dataset id there)
+        assert not card.data.eval_results and "| Top-1 accuracy | 1.00 % |" in card.text
+
+
+def test_model_index_names_the_label_column_and_the_tta_views(run_dir):
+    """A 20-class `--label-column coarse_label` run read as a fine-label CIFAR-100 result, and airbench's 6-view
+    TTA was called flip TTA."""
+    config = read_config(run_dir / "model")
+    config["cifar_tl"]["train_config"]["label_column"] = "coarse_label"
+    config["cifar_tl"]["metrics"]["tta"] = {"top1": 0.8345, "level": 2}
+    card = render_card(config, model_dir=run_dir / "model")
+    (result, *_) = card.data.eval_results
+    assert result.dataset_name == "CIFAR-100 (coarse_label)" and result.dataset_args == {"label_column": "coarse_label"}
+    assert "| Top-1 accuracy with 6-view TTA (mirror + 1 px shifts) | 83.45 % |" in card.text
+
+
+def test_reexport_in_place_drops_the_earlier_evaluation(run_dir):
+    """Another epoch exported into the model folder kept the best epoch's confusion.json and plots, and a push
+    then showed them under weights they were not made with."""
+    model = run_dir / "model"
+    (model / "confusion.json").write_text(json.dumps({"labels": FINE_NAMES, "matrix": []}))
+    assert (model / "plots" / "confusion.png").is_file()
+    assert export.main(["--checkpoint", str(run_dir / "checkpoints" / "epoch-0005"), "--output-dir", str(model)]) == 0
+    assert not (model / "confusion.json").exists() and not (model / "plots").exists()
+    assert "plots/" not in (model / "README.md").read_text()
+
+
+def test_push_refuses_what_would_not_load(timm_model_dir, cnn_model_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(timm_model_dir, folder)
+    config = read_config(folder)
+    config["cifar_tl"].pop("files")  # as the loader's advice says, for weights replaced on purpose
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(cnn_model_dir / "model.safetensors", folder / "model.safetensors")  # another network's weights
+    with pytest.raises(ValueError, match="cannot be loaded, so it is not pushed .*does not fit the test_efficientnet"):
+        hub.check_pushable(folder, hub.read_model_folder(folder))
+    config["cifar_tl"]["format_version"] = 1
+    with pytest.raises(ValueError, match="model-folder format 1.*python -m cifar_tl.export --checkpoint"):
+        hub.check_pushable(folder, config)
+    (folder / "config.json").write_text('{"architecture": ')
+    with pytest.raises(ValueError, match=f"{folder / 'config.json'} is not valid JSON"):
+        hub.read_model_folder(folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="only pickled weights"):
+        hub.read_model_folder(folder)
+    run = tmp_path / "run"
+    shutil.copytree(timm_model_dir, run / "model")
+    assert hub.model_folder_of(run) == run / "model"  # a run's folder pushes its model/, as loaders take it
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (run / "run.lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        with pytest.raises(ValueError, match="is still going"):
+            hub.check_pushable(run / "model", read_config(run / "model"))
+    finally:
+        other.kill()
+
+
+def test_a_finished_runs_failed_push_says_the_run_is_kept(timm_model_dir):
+    with pytest.raises(hub.HubError) as err:
+        hub.push_finished_run(timm_model_dir, "me/cifar")  # HF_HUB_OFFLINE=1 in the tests
+    assert str(err.value).startswith(f"the run finished (its model folder {timm_model_dir} is complete)")
+    assert f"push it with `python -m cifar_tl.hub push {timm_model_dir} me/cifar`" in str(err.value)
+
+
+def test_a_plain_timm_export_loads(tmp_path):
+    """timm's save_for_hf records num_classes in model_args: from_pretrained passed it twice (TypeError)."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    model = timm.create_model("test_efficientnet", num_classes=3)
+    save_for_hf(model, tmp_path, model_config={"label_names": ["a", "b", "c"]}, model_args={"num_classes": 3},
+                safe_serialization=True)
+    assert cifar_tl.from_pretrained(str(tmp_path)).fine_names == ["a", "b", "c"]
 
 
 # --------------------------------------------------------------------------------------------- push checks
@@ -231,6 +303,19 @@ def test_a_failed_push_leaves_the_folder_as_it_was(timm_model_dir, tmp_path):
         proc = run_python("-m", "cifar_tl.hub", "push", str(model), "me/fails", env=hub_env(server, tmp_path / "hf"))
     assert proc.returncode == 2 and "push to me/fails failed" in proc.stderr and "is intact" in proc.stderr
     assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before  # the card too
+
+
+def test_a_hand_edited_card_is_pushed_as_written(run_dir, tmp_path):
+    model = run_dir / "model"
+    with (model / "README.md").open("a") as card:
+        card.write("\n## Notes from the author\n\nTrained on a Tuesday.\n")
+    with FakeHub() as server:
+        proc = run_python("-m", "cifar_tl.hub", "push", str(run_dir), "lab/cifar-b0",
+                          env=hub_env(server, tmp_path / "hf"))
+        assert proc.returncode == 0, proc.stderr
+        readme = server.repos["lab/cifar-b0"]["README.md"].decode()
+    assert "Trained on a Tuesday." in readme and "Trained on a Tuesday." in (model / "README.md").read_text()
+    assert "was edited after cifar-tl wrote it: pushed as it is" in proc.stderr
 
 
 def test_push_errors_name_the_push_command_not_train_flags(timm_model_dir, tmp_path, capsys):
