@@ -29,7 +29,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from .files import WRITE_ERRORS, WriteError, atomic_copy, atomic_write_text, relocated, write_failure
+from .files import (
+    WRITE_ERRORS,
+    WriteError,
+    atomic_copy,
+    atomic_write_text,
+    read_jsonl,
+    relocated,
+    write_failure,
+)
 from .integrity import manifest, manifest_problems, sha256_json
 from .model_folder import save_weights
 from .optim import EarlyStopping
@@ -255,12 +263,9 @@ def mismatch(folder: Path, saved: dict, state: TrainState) -> str | None:
     if saved["fine_names"] != state.fine_names:
         return (f"--resume: {folder} has {len(saved['fine_names'])} classes that differ from this "
                 f"dataset's {len(state.fine_names)}; use another --output-dir")
-    changed = [(key, value, state.recipe.get(key)) for key, value in (saved.get("recipe") or {}).items()
-               if key in state.recipe and state.recipe[key] != value]
+    changed = recipe_change(folder, saved.get("recipe") or {}, state.recipe, folder.parent.parent / "config.yaml")
     if changed:
-        flags = ", ".join(f"--{key.replace('_', '-')} {value}, not {now}" for key, value, now in changed)
-        return (f"--resume: {folder} was trained with {flags}; resume with the run's own settings (python train.py "
-                f"--config {folder.parent.parent / 'config.yaml'} --resume), or use another --output-dir")
+        return changed
     for key, value in (saved.get("data") or {}).items():  # checkpoints written before it recorded none
         now = state.data.get(key)
         if key == "fingerprint" and now != value:
@@ -271,6 +276,34 @@ def mismatch(folder: Path, saved: dict, state: TrainState) -> str | None:
             return (f"--resume: {folder} split its data with {flag} {value}, not {now}; resume with {flag} "
                     f"{value}, or use another --output-dir")
     return None
+
+
+def recipe_change(checkpoint: Path, saved: dict, now: dict, config: Path) -> str | None:
+    """Why a resume from `checkpoint` may not go on: the options of `config.RESUME_KEEPS` that differ from the
+    ones it was trained with (`saved`; keys a checkpoint predates are not compared), or None."""
+    changed = [(key, value, now[key]) for key, value in saved.items() if key in now and now[key] != value]
+    if not changed:
+        return None
+    flags = ", ".join(f"--{key.replace('_', '-')} {value}, not {new}" for key, value, new in changed)
+    return (f"--resume: {checkpoint} was trained with {flags}; resume with the run's own settings (python train.py "
+            f"--config {config} --resume), or use another --output-dir")
+
+
+def resumable(out: Path, probe: bool) -> str | None:
+    """Why `--resume` cannot continue the run in `out`, or None: it holds results (a finished or trained run)
+    but no checkpoint of this kind of run (a --linear-probe run keeps checkpoints/probe-last.pt, full training
+    checkpoints/epoch-N/). A run cut short before its first checkpoint holds no results and starts over."""
+    kind_found = ((out / "checkpoints" / "probe-last.pt").is_file() if probe
+                  else bool(Checkpoints(out / "checkpoints").folders()))
+    results = (out / "metrics.json").is_file() or any(read_jsonl(out / "history.jsonl"))
+    other = existing_run(out)
+    if kind_found or not results:
+        return None
+    kind = "--linear-probe" if probe else "full-training"
+    return (f"--resume: {out} holds a run ({other}) but no {kind} checkpoint to continue (was it trained "
+            f"{'without' if probe else 'with'} --linear-probe?); resume it with its own settings (python train.py "
+            f"--config {out / 'config.yaml'} --resume), start it again with --overwrite-output-dir, or choose "
+            "another --output-dir")
 
 
 def existing_run(out: Path) -> str | None:

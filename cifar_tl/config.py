@@ -235,6 +235,7 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(name)} must be >= 1; got {getattr(self, name)}")
         if self.bias_lr_scale <= 0:
             raise ConfigError(f"--bias-lr-scale must be positive; got {self.bias_lr_scale}")
+        self._validate_ranges()
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive; got {self.lr}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
@@ -270,6 +271,27 @@ class TrainConfig:
         if self.linear_probe and self.freeze_backbone:
             raise ConfigError("--linear-probe already freezes the backbone; drop --freeze-backbone")
         return self
+
+    def _validate_ranges(self) -> None:
+        """Values that would run but mean nothing: a negative patience stopped after one epoch, a negative time
+        limit after one batch."""
+        if self.resume and self.overwrite_output_dir:
+            raise ConfigError("--resume continues the run in --output-dir and --overwrite-output-dir starts it "
+                              "again: give one of them")
+        if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
+            raise ConfigError(f"--time-limit-minutes must be positive; got {self.time_limit_minutes}")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ConfigError(f"--plateau-factor must be in (0, 1); got {self.plateau_factor}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"--max-grad-norm must be positive; got {self.max_grad_norm}")
+        for name in ("early_stopping_patience", "warmup_epochs", "min_lr", "weight_decay", "momentum", "shift",
+                     "zoom", "mixup", "cutmix", "unfreeze_after"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"--{_flag(name)} must be >= 0; got {value}")
+        for name in ("momentum", "muon_momentum"):
+            if getattr(self, name) is not None and getattr(self, name) >= 1:
+                raise ConfigError(f"--{_flag(name)} must be below 1; got {getattr(self, name)}")
 
     def _validate_transfer_options(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
@@ -382,6 +404,9 @@ def load_yaml(path: str | Path) -> dict:
     hints = typing.get_type_hints(TrainConfig)
     for key, value in data.items():
         base = _base_type(hints[key])
+        if value is None and base is hints[key]:  # only options that may be unset take null
+            raise ConfigError(f"--config {path}: {key} cannot be null; give it "
+                              f"{'an integer' if base is int else 'a ' + base.__name__} or leave it out")
         if value is None or base is str and isinstance(value, str):
             continue
         try:  # YAML reads 1e-4 (no dot) as a string; yes/on are booleans only where a boolean is meant
@@ -418,7 +443,7 @@ RESUME_KEEPS = ("pretrained", "weights", "image_size", "drop_rate", "drop_path_r
                 "lookahead", "ema_decay", "layer_decay", "whiten_bias_epochs", "label_smoothing", "augment", "shift",
                 "zoom", "progressive_resize", "resize_full_at", "alternating_flip", "cutout", "mixup", "cutmix",
                 "grad_accum_steps", "max_grad_norm", "mixed_precision", "time_limit_minutes", "head_init",
-                "freeze_backbone", "unfreeze_after", "bn_eval")
+                "freeze_backbone", "unfreeze_after", "bn_eval", "linear_probe", "probe_stages", "store_size")
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:

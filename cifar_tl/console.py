@@ -43,7 +43,12 @@ def error_line(err: BaseException | str) -> int:
 
 
 class FlagParser(argparse.ArgumentParser):
-    """argparse that names the nearest real option for a misspelt one: `--prot` -> "did you mean --port?"."""
+    """argparse that names the nearest real option for a misspelt one: `--prot` -> "did you mean --port?", and
+    takes no abbreviations (`--epoch 3` worked on the command line while a config file's `epoch` was refused)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         if not first_process():  # the first process prints the usage and the error

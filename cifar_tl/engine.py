@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import cuda_graphs, probe, tracking
 from .augment import TrainTransform, eval_transform, progressive_size, size_multiple
-from .checkpoints import Checkpoints, TrainState, existing_run
+from .checkpoints import Checkpoints, TrainState, existing_run, resumable
 from .config import RESUME_KEEPS, ConfigError, TrainConfig, save_yaml
 from .data import DatasetBundle, load_bundle, make_loader, on_device
 from .ema import ModelEma
@@ -141,6 +141,8 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> None:
     if busy:  # e.g. the processes of a launcher killed with kill -9 go on training
         raise ConfigError(f"--output-dir {out} is in use by a run still going ({busy}): wait for it or stop it, or "
                           "choose another --output-dir")
+    if cfg.resume and resumable(out, cfg.linear_probe):  # it would start over, replacing the run
+        raise ConfigError(resumable(out, cfg.linear_probe))
     held = None if cfg.resume or cfg.overwrite_output_dir else existing_run(out)
     if held:
         raise ConfigError(f"--output-dir {out} holds a run ({held}): continue it with --resume, start it again "
@@ -376,7 +378,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bu
     resume(run)
     if cfg.cuda_graphs and accelerator.device.type == "cuda":  # one graph per training size still to come
         capture_graphs(run, min(cfg.batch_size, len(bundle.train)), sizes_to_come(run))
-    tracking.start(accelerator, cfg, out, bundle.fingerprint)
+    tracking.start(accelerator, cfg, out, bundle.fingerprint, resumed=read_jsonl(run.history_path))
     return run
 
 
@@ -393,6 +395,9 @@ def resume(run: Training) -> None:
     last = run.checkpoints.resume(run.accelerator, run.state) if run.cfg.resume else None
     if last is not None:
         early = run.state.early
+        if run.state.epoch > run.cfg.epochs:  # config.yaml would say fewer epochs than the run has
+            raise ConfigError(f"--resume --epochs {run.cfg.epochs}: {last} has trained {run.state.epoch} epochs "
+                              f"already; --epochs may only grow (leave it at {run.state.epoch} or more)")
         run.accelerator.print(f"resumed from {last} (epoch {run.state.epoch}, best val loss "
                               f"{early.best_loss:.4f} at epoch {early.best_epoch})")
     elif run.cfg.resume:
@@ -588,9 +593,9 @@ def end_of_epoch(run: Training, epoch: int, stats: EpochStats, val_loss: float, 
                          first=partial(append_line, run.history_path, json.dumps(record)))
     accelerator.log({f"train/{k}": v for k, v in record.items()}, step=epoch)
     tracking.log_epoch(accelerator, cfg, weights, record, improved)
-    accelerator.print(f"epoch {epoch}: train loss {stats.loss:.4f} acc {stats.top1:.4f} | val loss "
-                      f"{val_loss:.4f} acc {val_top1:.4f} | {record['images_per_second']:.0f} img/s"
-                      f"{' *' if improved else ''}")
+    checked = f"val loss {val_loss:.4f} acc {val_top1:.4f}" if run.has_val else "no val split"
+    accelerator.print(f"epoch {epoch}: train loss {stats.loss:.4f} acc {stats.top1:.4f} | {checked} | "
+                      f"{record['images_per_second']:.0f} img/s{' *' if improved else ''}")
 
 
 def append_line(path: Path, line: str) -> None:

@@ -27,7 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import depthwise
-from .config import ConfigError
+from .checkpoints import recipe_change
+from .config import RESUME_KEEPS, ConfigError
 from .data import cache_dir, make_loader
 from .ema import ModelEma
 from .files import WriteError, atomic_path, atomic_write_text
@@ -216,8 +217,9 @@ def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, 
     state = {"epoch": 0, "early": EarlyStopping(cfg.early_stopping_patience), "best_state": None, "history": [],
              "ema": ModelEma(top, cfg.ema_decay) if cfg.ema_decay else None}
     ckpt = out / "checkpoints" / "probe-last.pt"
+    recipe = {name: getattr(cfg, name) for name in RESUME_KEEPS}  # what a resume must train with, as full training
     if cfg.resume and ckpt.is_file():
-        _resume(ckpt, key, top, optimizer, scheduler, gen, state)
+        _resume(ckpt, key, top, optimizer, scheduler, gen, state, recipe, cfg.epochs)
         accelerator.print(f"resumed the probe from {ckpt} (epoch {state['epoch']})")
         budget.continue_from(state.get("budget_seconds", 0.0))
     if budget.seconds:  # foretell the final passes before epoch 1 too: a short budget would go to a whole epoch
@@ -237,7 +239,7 @@ def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, 
         state["epoch"] = epoch
         state["budget_seconds"] = budget.used()
         if accelerator.is_main_process:  # a crash loses at most the epoch in progress
-            _save(ckpt, key, top, optimizer, scheduler, gen, state)
+            _save(ckpt, key, top, optimizer, scheduler, gen, state, recipe)
             atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     early = state["early"]
     top.load_state_dict(state["best_state"])
@@ -310,16 +312,16 @@ def _validate(top, feats: dict, bundle, device, batch_size: int, budget: Budget)
     return logits, y_val
 
 
-def _save(path: Path, key: str, top, optimizer, scheduler, gen, state: dict) -> None:
+def _save(path: Path, key: str, top, optimizer, scheduler, gen, state: dict, recipe: dict) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"key": key, "top": top.state_dict(), "optimizer": optimizer.state_dict(),
+        torch.save({"key": key, "recipe": recipe, "top": top.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
                     "torch_rng": torch.get_rng_state(),
                     "state": {**state, "early": state["early"].state_dict(),
                               "ema": state["ema"].state_dict() if state["ema"] else None}}, tmp)
 
 
-def _resume(path: Path, key: str, top, optimizer, scheduler, gen, state: dict) -> None:
+def _resume(path: Path, key: str, top, optimizer, scheduler, gen, state: dict, recipe: dict, epochs: int) -> None:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, altered: torch.load's own errors are zip and unpickler internals
@@ -328,6 +330,12 @@ def _resume(path: Path, key: str, top, optimizer, scheduler, gen, state: dict) -
     if not isinstance(saved, dict) or saved.get("key") != key:
         raise ConfigError(f"--resume: {path} was trained on other features (model, weights, size, stages or "
                           "data differ); use another --output-dir")
+    changed = recipe_change(path, saved.get("recipe") or {}, recipe, path.parent.parent / "config.yaml")
+    if changed:  # config.yaml would describe a recipe the probe was not trained with
+        raise ConfigError(changed)
+    if saved["state"]["epoch"] > epochs:
+        raise ConfigError(f"--resume --epochs {epochs}: {path} has trained {saved['state']['epoch']} epochs "
+                          f"already; --epochs may only grow (leave it at {saved['state']['epoch']} or more)")
     ema, saved_ema = state["ema"], saved["state"].get("ema")  # none in checkpoints before --ema-decay
     if (ema is None) != (saved_ema is None):
         raise ConfigError(f"--resume: {path} was trained {'without' if ema else 'with'} --ema-decay; resume with "

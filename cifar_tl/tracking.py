@@ -15,6 +15,8 @@ W&B, as the reference study's run recorded itself:
 `run.finish()` returns before an offline run's file is complete."""
 from __future__ import annotations
 
+import secrets
+import string
 import tempfile
 from pathlib import Path
 
@@ -36,10 +38,36 @@ def trackers(cfg: TrainConfig) -> list[str] | None:
     return ["wandb", "tensorboard"] if cfg.report_to == "all" else [cfg.report_to]
 
 
-def start(accelerator: Accelerator, cfg: TrainConfig, out: Path, fingerprint: str | None = None) -> None:
-    if cfg.report_to != "none":
-        accelerator.init_trackers(cfg.project_name, config={**cfg.to_dict(), "dataset_fingerprint": fingerprint},
-                                  init_kwargs={"wandb": {"dir": str(out), "name": out.name}})
+def start(accelerator: Accelerator, cfg: TrainConfig, out: Path, fingerprint: str | None = None,
+          resumed: list[dict] = ()) -> None:
+    """Start the trackers. A resumed run continues its W&B run (the id kept in OUT/wandb_run_id) and logs again
+    the epochs of history.jsonl it lacks: a run killed with kill -9 loses what W&B had not yet written (offline,
+    the whole run file), and without this the resumed run began at the checkpoint's epoch."""
+    if cfg.report_to == "none":
+        return
+    wandb_kwargs = {"dir": str(out), "name": out.name}
+    if "wandb" in trackers(cfg) and accelerator.is_main_process:
+        wandb_kwargs.update(id=_wandb_id(out, cfg.resume), resume="allow")
+    accelerator.init_trackers(cfg.project_name, config={**cfg.to_dict(), "dataset_fingerprint": fingerprint},
+                              init_kwargs={"wandb": wandb_kwargs})
+    run = wandb_run(accelerator)
+    if run is not None and resumed:
+        logged = run.summary.get("train/epoch") or 0  # an online run resumed: what the W&B server kept
+        for record in resumed:
+            if record["epoch"] > logged:
+                run.log({f"train/{k}": v for k, v in record.items()}, step=record["epoch"])
+
+
+def _wandb_id(out: Path, resume: bool) -> str:
+    """The W&B run id of the run in `out`: the one it started with when resumed, else a new one (kept there)."""
+    from .files import atomic_write_text
+
+    path = out / "wandb_run_id"
+    if resume and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's own form
+    atomic_write_text(path, run_id + "\n")
+    return run_id
 
 
 def wandb_run(accelerator: Accelerator):

@@ -498,6 +498,41 @@ def test_resume_with_another_recipe_is_refused_and_records_nothing(two_epochs, e
     assert (out / "config.yaml").read_text() == config and history_epochs(out) == [1, 2]
 
 
+def test_resume_never_starts_a_finished_run_over(two_epochs, easy10_parquet, tmp_path, capsys):
+    """`--resume --linear-probe` on a full-training run (or the reverse) found no checkpoint of its kind, said
+    "starting from scratch" and replaced the run's history, metrics and model; `--resume --epochs 1` on a
+    2-epoch run rewrote config.yaml to a recipe the run did not have."""
+    out = shutil.copytree(two_epochs, tmp_path / "run")
+    before = {name: (out / name).read_bytes() for name in ("config.yaml", "history.jsonl", "metrics.json")}
+    assert cli.main(run_args(easy10_parquet, out, "--epochs", "2", "--resume", "--linear-probe")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --resume: {out} holds a run (checkpoints up to epoch-0002) but no "
+                          "--linear-probe checkpoint to continue"), err
+    assert cli.main(run_args(easy10_parquet, out, "--epochs", "1", "--resume")) == 2
+    assert "--epochs may only grow (leave it at 2 or more)" in capsys.readouterr().err
+    assert before == {name: (out / name).read_bytes() for name in before}
+    empty = tmp_path / "crashed-in-epoch-1"  # no results yet: a resume starts it, as a crash before epoch 1 ends
+    empty.mkdir()
+    assert train(parse_args(run_args(easy10_parquet, empty, "--epochs", "1", "--resume")))["epochs_run"] == 1
+
+
+def test_resume_continues_the_wandb_run_with_every_epoch(easy10_parquet, tmp_path, monkeypatch):
+    """A run killed with kill -9 and resumed became two unrelated W&B runs, and (offline) the first one's file was
+    empty: epochs 1-4 were nowhere. The resumed run keeps the id and logs again what history.jsonl holds."""
+    from wandb_offline import read_offline_run
+
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    train(parse_args(run_args(easy10_parquet, out, "--epochs", "1", "--report-to", "wandb")))
+    train(parse_args(run_args(easy10_parquet, out, "--epochs", "2", "--report-to", "wandb", "--resume")))
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    first, resumed = (read_offline_run(r) for r in runs)
+    assert first["run"]["id"] == resumed["run"]["id"] == (out / "wandb_run_id").read_text().strip()
+    assert [row["train/epoch"] for row in resumed["history"] if "train/epoch" in row] == [1, 2]
+
+
 def test_a_time_limited_checkpoint_records_the_budget_it_used(easy10_parquet, tmp_path):
     out = tmp_path / "run"
     train(parse_args(run_args(easy10_parquet, out, "--epochs", "1", "--time-limit-minutes", "30")))
@@ -589,7 +624,7 @@ def test_predict_output_on_a_full_disk_keeps_the_earlier_file(cnn_model_dir, tmp
     output = tmp_path / "preds.jsonl"
     output.write_text("earlier\n")
 
-    def full(results, out):
+    def full(results, out, fmt="jsonl"):
         out.write("half a line")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

@@ -56,6 +56,13 @@ def test_reference_presets_reproduce_the_study():
     (["--model", "fast_cnn", "--drop-path-rate", "0.1"], "--drop-path-rate: fast_cnn has no residual blocks"),
     (["--linear-probe", "--image-size", "32", "--progressive-resize", "16"],
      "^--progressive-resize does not apply to --linear-probe"),
+    # values that ran but meant nothing: -1 patience stopped after one epoch, a -1 minute budget after one batch
+    (["--early-stopping-patience", "-1"], "^--early-stopping-patience must be >= 0; got -1"),
+    (["--time-limit-minutes", "-1"], "^--time-limit-minutes must be positive"),
+    (["--plateau-factor", "1.5"], "^--plateau-factor must be in \\(0, 1\\)"),
+    (["--zoom", "-0.1"], "^--zoom must be >= 0"),
+    (["--momentum", "1.2"], "^--momentum must be below 1"),
+    (["--resume", "--overwrite-output-dir"], "give one of them"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -76,10 +83,23 @@ def test_bad_yaml(tmp_path):
         with pytest.raises(ConfigError) as err:
             parse_args(["--config", str(bad)])
         assert str(err.value) == f"--config {bad}: {says}"
+    for key in ("epochs", "zoom", "tta", "model", "seed"):  # null only where an option may be unset
+        bad.write_text(f"{key}: null\n")
+        with pytest.raises(ConfigError, match=f"^--config {bad}: {key} cannot be null; give it"):
+            parse_args(["--config", str(bad)])
+    bad.write_text("lr: null\nimage_size: null\n")  # unset: the model's defaults
+    assert parse_args(["--config", str(bad)]).lr is not None
     bad.write_text("epochs: 3.0\nlr: 1e-4\n")  # YAML reads 1e-4 as a string
     assert (parse_args(["--config", str(bad)]).epochs, parse_args(["--config", str(bad)]).lr) == (3, 1e-4)
     with pytest.raises(ConfigError, match="file not found"):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_flags_are_not_abbreviated(capsys):
+    """`--epoch 3` trained 3 epochs while a config file's `epoch: 3` was refused."""
+    with pytest.raises(SystemExit):
+        parse_args(["--epoch", "3"])
+    assert "unrecognized arguments: --epoch 3 (did you mean --epochs?)" in capsys.readouterr().err
 
 
 def test_names_tied_for_nearest_are_all_offered():

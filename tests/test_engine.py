@@ -344,6 +344,12 @@ def test_probe_resumes_from_its_last_epoch(easy10_parquet, tmp_path):
     assert rows[:3] == first  # the finished epochs were kept, not retrained
     with pytest.raises(Exception, match="other features"):
         train(parse_args([*args, "--epochs", "6", "--resume", "--image-size", "40"]))
+    config = (tmp_path / "config.yaml").read_text()  # a new lr passed, and config.yaml said so
+    with pytest.raises(ConfigError, match="probe-last.pt was trained with --lr 0.01, not 0.05; resume with"):
+        train(parse_args([*args, "--epochs", "6", "--resume", "--lr", "0.05"]))
+    with pytest.raises(ConfigError, match="--epochs may only grow"):
+        train(parse_args([*args, "--epochs", "4", "--resume"]))
+    assert (tmp_path / "config.yaml").read_text() == config
     ckpt = tmp_path / "checkpoints" / "probe-last.pt"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a deep zip-reader traceback before
     with pytest.raises(ConfigError, match=rf"--resume: {ckpt} is damaged \(.*--overwrite-output-dir"):
