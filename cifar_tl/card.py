@@ -100,7 +100,7 @@ def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
         library_name="timm" if is_timm else "pytorch",
         tags=["image-classification", *(["timm", "transformers"] if is_timm else ["pytorch"]), "safetensors",
               "cifar-tl", *([dataset_id.split("/")[-1]] if dataset_id else []),
-              *(["transfer-learning"] if base_model else [])],
+              *(["transfer-learning"] if base_model or extra.get("weights_source") else [])],
         datasets=[dataset_id] if dataset_id else None,
         metrics=["accuracy"],
         base_model=base_model,
@@ -114,7 +114,7 @@ def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
     folder = location or model_dir
     location = repo_id or str(folder)
     context = dict(
-        title=title, architecture=architecture, is_timm=is_timm, origin=_origin(train, base_model),
+        title=title, architecture=architecture, is_timm=is_timm, origin=_origin(train, base_model, extra.get("weights_source")),
         num_classes=len(names), num_coarse=len(coarse_names) if coarse_names else 0,
         params=_parameters(extra.get("parameters"), model_dir / "model.safetensors"),
         data_size=extra.get("data_size") or cfg["input_size"][-1], image_size=cfg["input_size"][-1],
@@ -209,11 +209,13 @@ def _data_used(data: dict, dataset_id: str | None, name: str, train: dict) -> st
             f"on which the results below are reported.{fingerprint}")
 
 
-def _origin(train: dict, base_model: str | None) -> str:
+def _origin(train: dict, base_model: str | None, weights_source: str | None = None) -> str:
     if not train:
         return "trained"
     if base_model:
         source = f"the ImageNet-1k weights [{base_model}](https://huggingface.co/{base_model})"
+    elif weights_source:
+        source = f"the ImageNet-1k weights of the package {weights_source}"
     elif train.get("weights"):
         source = f"the weights file `{Path(train['weights']).name}`"
     else:

@@ -6,6 +6,7 @@
                         + "cifar_tl": {format_version, data_size, coarse_names, fine_to_coarse, train_config,
                         metrics, dataset_fingerprint, data (source, kind, split sizes), parameters (total /
                         trainable / non_trainable, counted as Keras does), library_name, base_model,
+                        weights_source (ImageNet weights from an offline package, not the Hub),
                         files: {"model.safetensors": {size, sha256}}}
     README.md           the model card (`card.render_card`); README.md.sha256 beside it records the card as
                         written, so a push re-renders it only when nobody has edited it (not uploaded)
@@ -79,7 +80,8 @@ def folder_config(model: torch.nn.Module, *, image_size: int, mean, std, data_si
         "fine_to_coarse": fine_to_coarse, "dataset_fingerprint": dataset_fingerprint, "data": data,
         "parameters": parameter_counts(model), "train_config": train_config or {}, "metrics": metrics or {},
         "library_name": "pytorch" if is_own(architecture) else "timm",
-        "base_model": base_model(architecture, train_config or {}),
+        "base_model": base_model(architecture, train_config or {}, getattr(model, "weights_source", None)),
+        "weights_source": getattr(model, "weights_source", None),  # ImageNet weights from elsewhere than the Hub
     }
     data_config = {"input_size": (3, image_size, image_size), "mean": tuple(mean), "std": tuple(std),
                    "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
@@ -92,10 +94,12 @@ def folder_config(model: torch.nn.Module, *, image_size: int, mean, std, data_si
     return config
 
 
-def base_model(architecture: str, train_config: dict) -> str | None:
+def base_model(architecture: str, train_config: dict, weights_source: str | None = None) -> str | None:
     """The Hub id of the ImageNet weights a run started from: timm's default tag for the architecture, which
-    is what `create_model(pretrained=True)` loads (the offline Lite0 package ports the same TF weights)."""
-    if not timm.is_model(architecture) or not train_config.get("pretrained") or train_config.get("weights"):
+    is what `create_model(pretrained=True)` loads; None when they came from elsewhere (a --weights file, an
+    offline package: `weights_source`), which the card then names instead."""
+    if (not timm.is_model(architecture) or not train_config.get("pretrained") or train_config.get("weights")
+            or weights_source):
         return None
     cfg = timm.models.get_pretrained_cfg(architecture)
     return cfg.hf_hub_id if cfg is not None else None

