@@ -91,6 +91,9 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator, out: Path, started:
             save_yaml(cfg, out / "config.yaml")
         accelerator.print(write_summary(model, size, out / "model_summary.txt"))  # Keras-style: one forward pass
     accelerator.print("choices: " + "; ".join(f"{k}: {v}" for k, v in choice_summary(cfg).items()))
+    if cfg.linear_probe and not (cfg.pretrained or cfg.weights):  # allowed (the tests do it), rarely meant
+        accelerator.print(f"note: --linear-probe on randomly initialised {cfg.model} (no ImageNet weights, no "
+                          "--weights): the frozen part computes random features")
     eval_tf = partial(eval_transform, size=size, mean=mean, std=std, channels_last=cfg.channels_last)
     if cfg.linear_probe:  # the probe already has the test logits, from its cached features
         summary, precomputed = probe.run(cfg, accelerator, model, bundle, eval_tf, out, Budget(

@@ -244,6 +244,7 @@ def test_linear_probe_caches_features(easy10_parquet, tmp_path, monkeypatch, cap
     args = ["--model", "test_efficientnet", "--no-pretrained", "--linear-probe", "--image-size", "32",
             "--epochs", "30", "--lr", "1e-2", "--batch-size", "64"]
     first = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "a"), *args]))
+    assert "note: --linear-probe on randomly initialised test_efficientnet" in capsys.readouterr().out
     extract = probe.extract
     monkeypatch.setattr(probe, "extract", lambda *a, **k: pytest.fail("backbone ran again"))
     second = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "b"), *args]))
