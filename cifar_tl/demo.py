@@ -9,6 +9,7 @@ API call, a dead URL) fails only its own request.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import logging
 import os
 import queue
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -363,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         return error_line(why)
     if onnx_conflict(source, args.backend, args.device):
         return error_line(onnx_conflict(source, args.backend, args.device))
+    if args.port and port_taken(args.host or "127.0.0.1", args.port):  # before seconds of model loading
+        return error_line(f"cannot serve on {args.host or '127.0.0.1'}:{args.port}: the port is in use; choose "
+                          "another with --port")
     print(f"serving {source} ({why})", flush=True)
     from .loading import ModelLoadError, backend_of, load_predictor
 
@@ -383,6 +388,16 @@ def main(argv: list[str] | None = None) -> int:
             return error_line(f"cannot serve on {args.host or '127.0.0.1'}:{args.port or 7860} ({err}); "
                               "choose another with --port / --host")
     return 0
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether another process listens on host:port (a failed bind for any other reason is gradio's to report)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            return err.errno == errno.EADDRINUSE
+    return False
 
 
 @contextmanager

@@ -334,6 +334,16 @@ def test_demo_flags_are_checked_before_the_model_loads(capsys):
 
 
 def test_a_busy_port_is_one_line(cnn_model_dir, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as listener:  # found before the model loads
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert demo_module.main(["--model", str(cnn_model_dir / "missing"), "--port", str(port)]) == 2
+        assert capsys.readouterr().err == f"error: cannot serve on 127.0.0.1:{port}: the port is in use; choose " \
+                                          "another with --port\n"
+
     def taken(self, **kw):
         raise OSError("Cannot find empty port in range: 7861-7861")
 
