@@ -52,9 +52,9 @@ SOURCE_KINDS = {"parquet": "a local folder of parquet files", "save-to-disk": "a
                 "cifar-pickle": "a local cifar-100-python folder", "cifar-tar": "a local cifar-100-python archive",
                 "imagefolder": "a local image folder"}
 # Run settings that say where and how a run was logged, not how the model was trained.
-NOT_HYPERPARAMETERS = {"output_dir", "overwrite_output_dir", "resume", "report_to", "wandb_log_model", "project_name", "push_to_hub",
-                       "hub_model_id", "hub_private", "data_cache", "eval_batch_size", "image_column",
-                       "label_column", "coarse_label_column", "train_split", "test_split", "dataset"}
+NOT_HYPERPARAMETERS = {"output_dir", "overwrite_output_dir", "resume", "report_to", "wandb_log_model",
+                       "project_name", "push_to_hub", "hub_model_id", "hub_private", "data_cache", "eval_batch_size",
+                       "image_column", "label_column", "coarse_label_column", "train_split", "test_split", "dataset"}
 METRICS = (("top1", "accuracy", "Top-1 accuracy"), ("top5", "top_5_accuracy", "Top-5 accuracy"),
            ("coarse_top1", "superclass_accuracy", "Superclass top-1 accuracy"))
 CITATIONS = {
@@ -114,7 +114,8 @@ def render_card(config: dict, *, model_dir: Path, repo_id: str | None = None,
     folder = location or model_dir
     location = repo_id or str(folder)
     context = dict(
-        title=title, architecture=architecture, is_timm=is_timm, origin=_origin(train, base_model, extra.get("weights_source")),
+        title=title, architecture=architecture, is_timm=is_timm,
+        origin=_origin(train, base_model, extra.get("weights_source")),
         num_classes=len(names), num_coarse=len(coarse_names) if coarse_names else 0,
         params=_parameters(extra.get("parameters"), model_dir / "model.safetensors"),
         data_size=extra.get("data_size") or cfg["input_size"][-1], image_size=cfg["input_size"][-1],

@@ -289,6 +289,15 @@ def recipe_change(checkpoint: Path, saved: dict, now: dict, config: Path) -> str
             f"--config {config} --resume), or use another --output-dir")
 
 
+def epochs_shrink(checkpoint: Path, trained: int, epochs: int) -> str | None:
+    """Why `--resume --epochs epochs` may not go on from a checkpoint of `trained` epochs (the count may only
+    grow: config.yaml would describe fewer epochs than the run has), or None."""
+    if trained <= epochs:
+        return None
+    return (f"--resume --epochs {epochs}: {checkpoint} has trained {trained} epochs already; --epochs may only "
+            f"grow (leave it at {trained} or more)")
+
+
 def resumable(out: Path, probe: bool) -> str | None:
     """Why `--resume` cannot continue the run in `out`, or None: it holds results (a finished or trained run)
     but no checkpoint of this kind of run (a --linear-probe run keeps checkpoints/probe-last.pt, full training
@@ -296,11 +305,10 @@ def resumable(out: Path, probe: bool) -> str | None:
     kind_found = ((out / "checkpoints" / "probe-last.pt").is_file() if probe
                   else bool(Checkpoints(out / "checkpoints").folders()))
     results = (out / "metrics.json").is_file() or any(read_jsonl(out / "history.jsonl"))
-    other = existing_run(out)
     if kind_found or not results:
         return None
     kind = "--linear-probe" if probe else "full-training"
-    return (f"--resume: {out} holds a run ({other}) but no {kind} checkpoint to continue (was it trained "
+    return (f"--resume: {out} holds a run ({existing_run(out)}) but no {kind} checkpoint to continue (was it trained "
             f"{'without' if probe else 'with'} --linear-probe?); resume it with its own settings (python train.py "
             f"--config {out / 'config.yaml'} --resume), start it again with --overwrite-output-dir, or choose "
             "another --output-dir")

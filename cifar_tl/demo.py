@@ -363,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     source, why = (args.model, "--model") if args.model else default_model()
     if source is None:
         return error_line(why)
-    if onnx_conflict(source, args.backend, args.device):
-        return error_line(onnx_conflict(source, args.backend, args.device))
+    conflict = onnx_conflict(source, args.backend, args.device)
+    if conflict:
+        return error_line(conflict)
     if args.port and port_taken(args.host or "127.0.0.1", args.port):  # before seconds of model loading
         return error_line(f"cannot serve on {args.host or '127.0.0.1'}:{args.port}: the port is in use; choose "
                           "another with --port")

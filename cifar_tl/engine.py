@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import cuda_graphs, probe, tracking
 from .augment import TrainTransform, eval_transform, progressive_size, size_multiple
-from .checkpoints import Checkpoints, TrainState, existing_run, resumable
+from .checkpoints import Checkpoints, TrainState, epochs_shrink, existing_run, resumable
 from .config import RESUME_KEEPS, ConfigError, TrainConfig, save_yaml
 from .data import DatasetBundle, load_bundle, make_loader, on_device
 from .ema import ModelEma
@@ -129,7 +129,8 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator, out: Path, started:
                             (bundle.fine_names, bundle.coarse_names, bundle.fine_to_coarse), logits)
     if cfg.push_to_hub and accelerator.is_main_process:
         from .hub import push_finished_run
-        accelerator.print(f"pushed to the Hub: {push_finished_run(out / 'model', cfg.hub_model_id, cfg.hub_private)}")
+        url = push_finished_run(out / "model", cfg.hub_model_id, cfg.hub_private)
+        accelerator.print(f"pushed to the Hub: {url}")
     accelerator.wait_for_everyone()
     tracking.finish(accelerator)  # also tears down the process group: nothing collective after this
     return metrics
@@ -144,8 +145,9 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> None:
     if busy:  # e.g. the processes of a launcher killed with kill -9 go on training
         raise ConfigError(f"--output-dir {out} is in use by a run still going ({busy}): wait for it or stop it, or "
                           "choose another --output-dir")
-    if cfg.resume and resumable(out, cfg.linear_probe):  # it would start over, replacing the run
-        raise ConfigError(resumable(out, cfg.linear_probe))
+    refused = resumable(out, cfg.linear_probe) if cfg.resume else None
+    if refused:  # it would start over, replacing the run
+        raise ConfigError(refused)
     held = None if cfg.resume or cfg.overwrite_output_dir else existing_run(out)
     if held:
         raise ConfigError(f"--output-dir {out} holds a run ({held}): continue it with --resume, start it again "
@@ -398,9 +400,9 @@ def resume(run: Training) -> None:
     last = run.checkpoints.resume(run.accelerator, run.state) if run.cfg.resume else None
     if last is not None:
         early = run.state.early
-        if run.state.epoch > run.cfg.epochs:  # config.yaml would say fewer epochs than the run has
-            raise ConfigError(f"--resume --epochs {run.cfg.epochs}: {last} has trained {run.state.epoch} epochs "
-                              f"already; --epochs may only grow (leave it at {run.state.epoch} or more)")
+        shrunk = epochs_shrink(last, run.state.epoch, run.cfg.epochs)
+        if shrunk:  # config.yaml would say fewer epochs than the run has
+            raise ConfigError(shrunk)
         run.accelerator.print(f"resumed from {last} (epoch {run.state.epoch}, best val loss "
                               f"{early.best_loss:.4f} at epoch {early.best_epoch})")
     elif run.cfg.resume:

@@ -129,10 +129,9 @@ def push_finished_run(model_dir: Path, repo_id: str, private: bool = False) -> s
 
 
 def model_folder_of(path: str | Path) -> Path:
-    """A model folder as it is, or a training run's folder as its model/ (as every loader takes it)."""
-    path = Path(path)
-    return path / "model" if not (path / "config.json").exists() and (path / "model" / "config.json").is_file() \
-        else path
+    """A model folder as it is, or a training run's folder as its model/ (what push and every loader take)."""
+    path, run_model = Path(path), Path(path) / "model"
+    return run_model if not (path / "config.json").exists() and (run_model / "config.json").is_file() else path
 
 
 def read_model_folder(model_dir: str | Path) -> dict:
@@ -161,8 +160,9 @@ def check_pushable(model_dir: Path, config: dict) -> None:
     from .processes import holder
 
     run = model_dir.resolve().parent
-    if holder(run):
-        raise ValueError(f"{model_dir}: the run in {run} is still going ({holder(run)}); push once it has ended")
+    busy = holder(run)
+    if busy:
+        raise ValueError(f"{model_dir}: the run in {run} is still going ({busy}); push once it has ended")
     version = (config.get("cifar_tl") or {}).get("format_version", FORMAT_VERSION)
     if version < FORMAT_VERSION:
         raise ValueError(f"{model_dir}: written by an older cifar-tl (model-folder format {version}), which timm "
@@ -202,8 +202,9 @@ SPACE_README = """---
 
 # {{ title }}
 
-A Gradio demo of the CIFAR image classifier {{ source }}: upload or paste an image to get its top-5 classes{{ superclass }}. The `cifar_tl/` folder is a copy of the cifar-tl package, so the Space installs nothing from
-git.
+A Gradio demo of the CIFAR image classifier {{ source }}: upload or paste an image to get its top-5
+classes{{ superclass }}. The `cifar_tl/` folder is a copy of the cifar-tl package, so the Space installs nothing
+from git.
 
 Run it locally: `pip install -r requirements.txt gradio=={{ gradio_version }} && python app.py`.
 """

@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import is_offline_mode, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from .hub import DOWNLOAD_PATTERNS, is_hub_id
+from .hub import DOWNLOAD_PATTERNS, is_hub_id, model_folder_of
 from .inference import Predictor
 from .integrity import DamagedFileError
 from .model_flags import BACKENDS
@@ -31,8 +31,7 @@ def model_folder(source: str | Path) -> Path:
     read from the local Hub cache)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        run_model = path / "model"
-        return run_model if not (path / "config.json").exists() and (run_model / "config.json").is_file() else path
+        return model_folder_of(path)
     text = str(source)
     if path.is_file():
         raise ModelLoadError(f"--model {source}: a file, not a model folder; give the folder that holds config.json "

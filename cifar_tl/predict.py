@@ -129,13 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
     check_pixel_limit(parser, args.max_pixels)
-    if onnx_conflict(args.model, args.backend, args.device):
-        return error_line(onnx_conflict(args.model, args.backend, args.device))
+    conflict = onnx_conflict(args.model, args.backend, args.device)
+    if conflict:
+        return error_line(conflict)
 
     if args.output and not args.output.parent.is_dir():  # before the model loads
         return error_line(f"--output {args.output}: no folder {args.output.parent}")
     if args.output and args.output.is_dir():
-        return error_line(f"--output {args.output}: a folder; name the file to write, e.g. {args.output / 'preds.jsonl'}")
+        return error_line(f"--output {args.output}: a folder; name the file to write, e.g. "
+                          f"{args.output / 'preds.jsonl'}")
     files, missing = collect_files(args.inputs)
     for item in missing:
         print(f"skipped {item}: no such file or folder", file=sys.stderr)

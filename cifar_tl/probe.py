@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import depthwise
-from .checkpoints import recipe_change
+from .checkpoints import epochs_shrink, recipe_change
 from .config import RESUME_KEEPS, ConfigError
 from .data import cache_dir, make_loader
 from .ema import ModelEma
@@ -333,9 +333,9 @@ def _resume(path: Path, key: str, top, optimizer, scheduler, gen, state: dict, r
     changed = recipe_change(path, saved.get("recipe") or {}, recipe, path.parent.parent / "config.yaml")
     if changed:  # config.yaml would describe a recipe the probe was not trained with
         raise ConfigError(changed)
-    if saved["state"]["epoch"] > epochs:
-        raise ConfigError(f"--resume --epochs {epochs}: {path} has trained {saved['state']['epoch']} epochs "
-                          f"already; --epochs may only grow (leave it at {saved['state']['epoch']} or more)")
+    shrunk = epochs_shrink(path, saved["state"]["epoch"], epochs)
+    if shrunk:
+        raise ConfigError(shrunk)
     ema, saved_ema = state["ema"], saved["state"].get("ema")  # none in checkpoints before --ema-decay
     if (ema is None) != (saved_ema is None):
         raise ConfigError(f"--resume: {path} was trained {'without' if ema else 'with'} --ema-decay; resume with "

@@ -63,8 +63,9 @@ def _wandb_id(out: Path, resume: bool) -> str:
     from .files import atomic_write_text
 
     path = out / "wandb_run_id"
-    if resume and path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
+    kept = path.read_text().strip() if resume and path.is_file() else ""
+    if kept:
+        return kept
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's own form
     atomic_write_text(path, run_id + "\n")
     return run_id
