@@ -90,12 +90,12 @@ def push_model_dir(model_dir: str | Path, repo_id: str, *, private: bool = False
     config = read_model_folder(model_dir)
     check_pushable(model_dir, config)
     check_push_access(repo_id, flag)
-    from .integrity import seal, seal_problem
+    from .integrity import is_sealed, seal, seal_problem
     from .model_folder import write_card
 
     card = Path(model_dir) / "README.md"
     before = card.read_text() if card.is_file() else None
-    edited = before is not None and Path(f"{card}.sha256").is_file() and seal_problem(card) is not None
+    edited = before is not None and is_sealed(card) and seal_problem(card) is not None
     if edited:
         print(f"note: {card} was edited after cifar-tl wrote it: pushed as it is (its loading snippets were not "
               f"changed to name {repo_id}; delete it to have the card written again)", file=sys.stderr)

@@ -82,6 +82,11 @@ def seal_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def is_sealed(path: str | os.PathLike) -> bool:
+    """Whether `seal` recorded a checksum for `path` (what it says is `seal_problem`'s to check)."""
+    return _seal_of(Path(path)).is_file()
+
+
 def _seal_of(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
