@@ -66,7 +66,7 @@ class TrainConfig:
     train_split: str = "train"
     test_split: str = "test"
     val_fraction: float = field(default=0.1, metadata={"help": "stratified validation share of the train split"})
-    test_fraction: float = field(default=0.1, metadata={"help": "a source with no --test-split split (a folder of "
+    test_fraction: float = field(default=0.1, metadata={"help": "a source with a train split alone (a folder of "
                                  "class folders): this stratified share of its train split, drawn the same way "
                                  "in every run and in evaluate, is the test split; 0: an error instead"})
     max_train_samples: int | None = field(default=None, metadata={"help": "stratified subsample of train"})

@@ -103,10 +103,11 @@ def load_bundle(
     partial_coarse: bool = False,
 ) -> DatasetBundle:
     """Load a source and split its train split into stratified train/val; test stays untouched.
-    A source with no test split (a folder of class folders) gets one: a stratified `test_fraction` of its train
-    split, drawn with a fixed seed. `train_split=None` reads the test split alone (an evaluation of a test-only
+    A source with a train split alone (a folder of class folders) gets a test split: a stratified `test_fraction`
+    of its train split, drawn with a fixed seed; a source with other splits must name its test split. `train_split=None` reads the test split alone (an evaluation of a test-only
     source): train and val are empty. A fine->coarse map the data leaves partial (classes it never shows) turns
     superclass labels off, unless `partial_coarse` keeps it for the caller to complete (evaluation)."""
+    dataset = os.path.expanduser(dataset)  # `--dataset=~/x` and YAML reach here unexpanded by the shell
     load = partial(load_raw, dataset, image_column=image_column, label_column=label_column,
                    coarse_label_column=coarse_label_column, cache=cache, sizing=sizing)
     held_out = None
@@ -119,8 +120,9 @@ def load_bundle(
             raw = load(splits=(train_split, test_split))
             train_all, test = raw.splits[train_split], raw.splits[test_split]
         except MissingSplitError as err:
-            if err.split != test_split or train_split not in err.have:
-                raise
+            others = [name for name in err.have if name != train_split]
+            if err.split != test_split or train_split not in err.have or others:
+                raise  # a source with other splits names its test split (a typo must not test on training images)
             if test_fraction <= 0:
                 raise DataError(f"{err}, or hold out a share of its {train_split!r} split with --test-fraction"
                                 ) from None
@@ -128,10 +130,8 @@ def load_bundle(
             keep, test_idx = stratified_split(raw.splits[train_split].fine, test_fraction, TEST_SEED)
             train_all, test = raw.splits[train_split].subset(keep), raw.splits[train_split].subset(test_idx)
             held_out = test_fraction
-            others = [name for name in err.have if name != train_split]
             log.info("%s has no %r split: a stratified %g %% of its %r split (%d images) is held out as the test "
-                     "split (--test-fraction)%s", dataset, test_split, 100 * test_fraction, train_split, len(test),
-                     f"; --test-split {others[0]} would use its own {others[0]!r} split instead" if others else "")
+                     "split (--test-fraction)", dataset, test_split, 100 * test_fraction, train_split, len(test))
         train_idx, val_idx = stratified_split(train_all.fine, val_fraction, seed)
         if val_fraction > 0 and len(val_idx) == 0:
             raise DataError(f"--val-fraction {val_fraction} leaves no validation images from {len(train_all)} "
@@ -184,7 +184,7 @@ def load_raw(
     """Decode the requested splits of a source, from the on-disk tensor store when it is fresh.
     Unreadable images are an error, or with `skip_unreadable` dropped and listed in `RawDataset.unreadable`.
     `sizing` sets the store size (`sources.Sizing`)."""
-    sizing = sizing or Sizing()
+    sizing, dataset = sizing or Sizing(), os.path.expanduser(dataset)
     key = _source_key(dataset, image_column, label_column, coarse_label_column, splits, sizing.forced)
     store = cache_dir() / "stores" / f"{key}.safetensors"
     cache = cache and not skip_unreadable

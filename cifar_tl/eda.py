@@ -95,9 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", nargs="+", help="default: train and test, or the splits the source has")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     from .data import load_raw
+    from .files import not_a_folder
     from .sources import DataError, MissingSplitError
+
+    blocked = not_a_folder(out)
+    if blocked:
+        return error_line(f"--output-dir {out}: {blocked}")
 
     def load(splits: list[str]):
         return load_raw(args.dataset, image_column=args.image_column, label_column=args.label_column,
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         return error_line(err)
     balance = class_balance(raw)
+    out.mkdir(parents=True, exist_ok=True)
     balance.to_csv(out / "class_balance.csv", index=False)
     info = summary(raw, balance)
     (out / "summary.json").write_text(json.dumps(info, indent=2) + "\n")

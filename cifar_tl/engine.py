@@ -32,7 +32,7 @@ from .config import RESUME_KEEPS, ConfigError, TrainConfig, save_yaml
 from .data import DatasetBundle, load_bundle, make_loader, on_device
 from .ema import ModelEma
 from .evaluation import collect_logits, evaluate_split
-from .files import atomic_write_text, read_jsonl, write_errors
+from .files import atomic_write_text, not_a_folder, read_jsonl, write_errors
 from .lookahead import Lookahead
 from .metrics import confusion_matrix
 from .model_folder import folder_config, write_model_folder
@@ -138,9 +138,9 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator, out: Path, started:
 
 def check_output_dir(cfg: TrainConfig, out: Path) -> None:
     """A new run may not silently replace one: its checkpoints, history and results would be lost."""
-    nearest = next((p for p in (out, *out.parents) if p.exists()), None)  # checked before the data is read
-    if nearest is not None and not nearest.is_dir():
-        raise ConfigError(f"--output-dir {out}: {nearest} is a file, not a folder")
+    blocked = not_a_folder(out)  # checked before the data is read
+    if blocked:
+        raise ConfigError(f"--output-dir {out}: {blocked}")
     busy = holder(out)
     if busy:  # e.g. the processes of a launcher killed with kill -9 go on training
         raise ConfigError(f"--output-dir {out} is in use by a run still going ({busy}): wait for it or stop it, or "
@@ -213,6 +213,9 @@ def load_data(cfg: TrainConfig, accelerator: Accelerator) -> DatasetBundle:
         coarse_label_column=cfg.coarse_label_column, train_split=cfg.train_split, test_split=cfg.test_split,
         val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, max_train_samples=cfg.max_train_samples,
         seed=cfg.seed, cache=cfg.data_cache, sizing=Sizing(cfg.store_size, size)))
+    if bundle.num_classes < 2:  # nothing to learn; torchmetrics would fail only after the training
+        raise ConfigError(f"--dataset {cfg.dataset}: one class ({bundle.fine_names[0]!r}); a classifier needs at "
+                          "least two")
     accelerator.print(f"data: {bundle.source} train {len(bundle.train)} / val {len(bundle.val)} / test "
                       f"{len(bundle.test)}, {bundle.num_classes} classes"
                       f"{f', {len(bundle.coarse_names)} superclasses' if bundle.has_coarse else ''}, "

@@ -42,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "0.1 (--test-split train evaluates all of it)")
     p.add_argument("--seed", type=int, help="split seed; default: the model's training value, else 42")
     for flag in ("image-column", "label-column", "coarse-label-column"):
-        p.add_argument(f"--{flag}", help="as in train.py")
-    p.add_argument("--train-split", default="train", help="the source's train split name")
-    p.add_argument("--test-split", default="test", help="the source's test split name")
+        p.add_argument(f"--{flag}", help="as in train.py; default: the model's training value on its own dataset")
+    p.add_argument("--train-split", help="the source's train split name; default: the model's training value on "
+                   "its own dataset, else train")
+    p.add_argument("--test-split", help="the source's test split name; default: the model's training value on "
+                   "its own dataset, else test")
     p.add_argument("--via", choices=("cifar-tl", "transformers"), default="cifar-tl",
                    help="transformers: an independent check of the folder's recorded test accuracy through the "
                    "transformers image-classification pipeline and 🤗 evaluate (timm architectures; needs "

@@ -17,9 +17,10 @@ import torch
 from .augment import eval_transform
 from .crosscheck import crosscheck
 from .data import DatasetBundle, load_bundle, make_loader
-from .files import atomic_write_text
+from .files import atomic_write_text, not_a_folder
 from .loading import backend_of, load_predictor, model_folder
 from .metrics import EvaluationError, align_labels, compute_metrics, load_label_map
+from .model_flags import onnx_conflict
 from .processes import main_first
 from .report import write_report
 from .sources import MissingSplitError, Sizing, Split
@@ -113,23 +114,34 @@ def find_history(args: argparse.Namespace) -> Path | None:
 
 
 def load_split(args: argparse.Namespace, trained: dict, data_size: int, accelerator) -> tuple[DatasetBundle, Split]:
-    """The dataset split as the model's training run split it (same validation share and seed by default), its
-    images stored at the model's data size when their sizes vary."""
-    val_fraction = args.val_fraction if args.val_fraction is not None else trained.get("val_fraction", 0.1)
-    test_fraction = args.test_fraction if args.test_fraction is not None else trained.get("test_fraction", 0.1)
-    seed = args.seed if args.seed is not None else trained.get("seed", 42)
-    load = partial(load_bundle, args.dataset, image_column=args.image_column, label_column=args.label_column,
-                   coarse_label_column=args.coarse_label_column, test_split=args.test_split,
-                   val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, partial_coarse=True,
+    """The dataset split as the model's training run split it (by default its validation share and seed; on the
+    run's own dataset also its columns, split names and train subset), its images stored at the model's data
+    size when their sizes vary."""
+    same = trained.get("dataset") == args.dataset  # a run's columns and split names mean nothing elsewhere
+
+    def given(name: str, default, anywhere: bool = False):
+        """The flag, else the training run's value (`anywhere`: on any dataset, else on its own), else `default`."""
+        value = getattr(args, name)
+        if value is None and (same or anywhere):
+            value = trained.get(name)
+        return default if value is None else value
+
+    train_split, test_split = given("train_split", "train"), given("test_split", "test")
+    load = partial(load_bundle, args.dataset, image_column=given("image_column", None),
+                   label_column=given("label_column", None), coarse_label_column=given("coarse_label_column", None),
+                   test_split=test_split, val_fraction=given("val_fraction", 0.1, anywhere=True),
+                   test_fraction=given("test_fraction", 0.1, anywhere=True), seed=given("seed", 42, anywhere=True),
+                   max_train_samples=trained.get("max_train_samples") if same else None, partial_coarse=True,
                    sizing=Sizing(trained.get("store_size"), data_size))
+
     def load_either() -> DatasetBundle:
         try:
-            return load(train_split=args.train_split)
+            return load(train_split=train_split)
         except MissingSplitError as err:  # a test-only source: its test split is all a test evaluation needs
-            if args.split != "test" or err.split != args.train_split:
+            if args.split != "test" or err.split != train_split:
                 raise
             log.info("%s has no %r split (it has %s): evaluating its %r split alone", args.dataset,
-                     args.train_split, ", ".join(err.have), args.test_split)
+                     train_split, ", ".join(err.have), test_split)
             return load(train_split=None)
 
     bundle = main_first(accelerator, load_either)  # one process decodes and caches, the others read its cache
@@ -162,6 +174,10 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     if args.batch_size < 1:
         raise EvaluationError(f"--batch-size must be >= 1; got {args.batch_size}")
+    refused = onnx_conflict(args.model, args.backend, None)
+    blocked = not_a_folder(args.output_dir)  # before the evaluation, not after it
+    if refused or blocked:
+        raise EvaluationError(refused or f"--output-dir {args.output_dir}: {blocked}")
     label_map = load_label_map(args.label_map) if args.label_map else None
     history = find_history(args)
     accelerator = Accelerator()
@@ -172,10 +188,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     bundle, data = load_split(args, extra.get("train_config") or {}, predictor.data_size, accelerator)
     columns = align_labels(predictor.fine_names, bundle.fine_names, label_map)
     complete_coarse(bundle, predictor, columns)
-    if backend == "onnx":  # the graph holds the eval transform: it takes the uint8 thumbnails as stored
+    if backend == "onnx":  # the graph holds the eval transform: it takes uint8 thumbnails at the model's data size
         from .onnx_backend import SessionModule
 
         model, transform = SessionModule(predictor), (lambda images: images)
+        if data.images.shape[-1] != predictor.data_size:  # a source of one other square size keeps its own
+            transform = partial(fit_thumbnails, predictor)
     else:
         model, transform = predictor.model, partial(eval_transform, size=predictor.image_size,
                                                     mean=predictor.mean, std=predictor.std,
@@ -196,6 +214,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         accelerator.print(summary_line(args.split, results) + f" -> {Path(args.output_dir) / 'report.md'}")
     accelerator.wait_for_everyone()
     return metrics
+
+
+def fit_thumbnails(predictor, images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, S, S] at another size -> the model's data size, as predict and the demo fit any image."""
+    return predictor.preprocess(images.permute(0, 2, 3, 1).numpy())
 
 
 def write_outputs(out: Path, metrics: dict, results: dict, logits: torch.Tensor, bundle: DatasetBundle,

@@ -26,6 +26,14 @@ class WriteError(RuntimeError):
         super().__init__(f"cannot write {path}: {reason}{f'; {advice}' if advice else ''}")
 
 
+def not_a_folder(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be, or become, a folder (it, or the nearest of its parents that exists, is a file), or
+    None: checked before the work whose results would go there."""
+    path = Path(path)
+    nearest = next((p for p in (path, *path.parents) if p.exists()), None)
+    return f"{nearest} is a file, not a folder" if nearest is not None and not nearest.is_dir() else None
+
+
 def write_failure(path: str | os.PathLike, err: BaseException, needed: int = 0) -> WriteError:
     """`err`, raised while writing `path`, as a WriteError. The reason is `os.strerror` of the error number
     when there is one (OSError, or safetensors' "os error N"); writers that hide it (torch.save reports a full

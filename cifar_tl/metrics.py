@@ -114,6 +114,8 @@ def align_labels(model_names: list[str], dataset_names: list[str],
     Without a map the two name lists must hold the same classes (any order; matched by name). With a map,
     each dataset class uses the model class it maps to, or its own name when it is not in the map; the model
     outputs no dataset class uses are dropped, so predictions stay within the dataset's classes."""
+    if len(dataset_names) < 2:  # every prediction among one class is right: no accuracy to measure
+        raise EvaluationError(f"the dataset shows one class ({_preview(dataset_names)}); metrics need at least two")
     model_index = {name: i for i, name in enumerate(model_names)}
     if label_map is None:
         if set(model_names) != set(dataset_names):

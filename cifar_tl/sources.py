@@ -177,7 +177,9 @@ def fit_square(arr: np.ndarray, size: int) -> np.ndarray:
 def _open(cell) -> Image.Image | np.ndarray:
     """A stored image cell (bytes, a {"bytes", "path"} dict, a path, a PIL image or an array), opened lazily."""
     if isinstance(cell, dict):
-        cell = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"])
+        cell = cell["bytes"] if cell.get("bytes") is not None else cell.get("path")
+    if cell is None:  # an empty cell (a null in the parquet)
+        raise ValueError("no image in this cell")
     if isinstance(cell, (bytes, bytearray)):
         return Image.open(io.BytesIO(cell))
     if isinstance(cell, (str, Path)):
@@ -212,15 +214,16 @@ def _decode_splits(cells: dict[str, list], where: dict[str, str], sizing: Sizing
     size = sizing.forced or sizing.decide(Counter(s for c in cells.values() for s in map(_size, c) if s), source)
     images, unreadable = {}, {}
     for split, items in cells.items():
-        arrays, bad = [], []
+        arrays, bad, first = [], [], None
         for row, cell in enumerate(items):
             try:
                 arrays.append(_decode(cell, size))
-            except UNREADABLE:
+            except UNREADABLE as err:
                 bad.append(row)
+                first = first or f"{type(err).__name__}: {err}"
         if bad and not skip_unreadable:
-            raise DataError(f"{where[split]}: {len(bad)} unreadable image(s) at {_rows(items, bad)}; fix or "
-                            "remove them")
+            raise DataError(f"{where[split]}: {len(bad)} unreadable image(s) at {_rows(items, bad)} (the first: "
+                            f"{first}); fix or remove them")
         if not arrays:
             raise DataError(f"{where[split]}: no readable images")
         images[split] = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
@@ -236,9 +239,14 @@ def _rows(items: list, bad: list[int]) -> str:
 # --------------------------------------------------------------------------------------------- detection
 
 
+def hidden(path: Path) -> bool:
+    """Dot-files and dot-folders (.DS_Store, macOS's ._x.png twins, .ipynb_checkpoints) are never data."""
+    return path.name.startswith(".")
+
+
 def walk_files(root: Path) -> Iterator[Path]:
-    """Every file under `root`, sorted, following linked folders (datasets on another disk are usually linked
-    in), each real folder once."""
+    """Every file under `root` but hidden ones, sorted, following linked folders (datasets on another disk are
+    usually linked in), each real folder once."""
     top = os.path.realpath(root)
     seen = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
@@ -248,8 +256,8 @@ def walk_files(root: Path) -> Iterator[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs.sort()
-        yield from (Path(folder) / name for name in sorted(files))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield from (Path(folder) / name for name in sorted(files) if not name.startswith("."))
 
 
 def source_kind(dataset: str) -> str:
@@ -293,7 +301,7 @@ def _load_image_folder(dataset: str, splits, skip_unreadable: bool, sizing: Sizi
     """`class/x.png`, or `split/class/x.png` when the top-level folders are split names; classes are the sorted
     folder names, files anywhere below a class folder belong to it."""
     root = Path(dataset)
-    tops = sorted(p for p in root.iterdir() if p.is_dir())  # is_dir follows links
+    tops = sorted(p for p in root.iterdir() if p.is_dir() and not hidden(p))  # is_dir follows links
     named = [p for p in tops if p.name in SPLIT_FOLDERS]
     # split folders hold class folders; a class that happens to be called "train" (CIFAR-100 has one) holds images
     by_split = named and (len(named) == len(tops) or any(c.is_dir() for p in named for c in p.iterdir()))
@@ -302,12 +310,17 @@ def _load_image_folder(dataset: str, splits, skip_unreadable: bool, sizing: Sizi
     for split in splits:
         if split not in layout:
             raise _missing_split(dataset, split, splits, layout)
-        classes = sorted(p for p in layout[split].iterdir() if p.is_dir())
+        classes = sorted(p for p in layout[split].iterdir() if p.is_dir() and not hidden(p))
         files[split] = [(f, c.name) for c in classes for f in walk_files(c) if f.suffix.lower() in IMAGE_SUFFIXES]
         if not files[split]:
             raise DataError(f"--dataset {dataset}: split {split!r} has no images in class folders "
                             f"({layout[split]}/CLASS/*.png)")
-    names = sorted({name for items in files.values() for _, name in items})
+    names = sorted({name for _, name in files[splits[0]]})  # the classes are the train split's
+    for split in splits[1:]:
+        unknown = sorted({name for _, name in files[split]} - set(names))
+        if unknown:  # their images could never be predicted right
+            raise DataError(f"--dataset {dataset}: class folder(s) {unknown[:5]} of split {split!r} do not appear "
+                            f"in split {splits[0]!r}")
     lookup = {name: i for i, name in enumerate(names)}
     cells = {split: [f for f, _ in items] for split, items in files.items()}
     where = {split: f"{dataset}: {split}" for split in splits}
@@ -486,7 +499,7 @@ def _load_hf(dataset, kind, image_column, label_column, coarse_label_column, spl
         if coarse_col:
             names["coarse"], coarse = _labels(part, coarse_col, names.get("coarse"),
                                               f"{dataset}: {split} column {coarse_col!r}")
-        labels[split], cells[split] = (fine, coarse), _cells(part, img_col)
+        labels[split], cells[split] = (fine, coarse), _cells(part, img_col, None if kind == "hub" else Path(dataset))
         where[split] = f"{dataset}: {split} column {img_col!r}"
     images, unreadable, fitted = _decode_splits(cells, where, sizing, skip_unreadable, dataset)
     out = {}
@@ -499,13 +512,24 @@ def _load_hf(dataset, kind, image_column, label_column, coarse_label_column, spl
     return raw
 
 
-def _cells(part, column: str) -> list:
-    """The image column's stored cells (encoded bytes where the feature is an Image: decoded later, once)."""
+def _cells(part, column: str, root: Path | None) -> list:
+    """The image column's stored cells (encoded bytes where the feature is an Image: decoded later, once); file
+    paths relative to a local dataset's folder are resolved there."""
     import datasets
 
     if isinstance(part.features[column], datasets.Image):
         part = part.cast_column(column, datasets.Image(decode=False))
-    return [cell for batch in part.select_columns([column]).iter(batch_size=2048) for cell in batch[column]]
+    cells = [cell for batch in part.select_columns([column]).iter(batch_size=2048) for cell in batch[column]]
+    return cells if root is None else [_beside(cell, root) for cell in cells]
+
+
+def _beside(cell, root: Path):
+    """A relative image path as the dataset folder's, when the file is there (else as the working folder's)."""
+    path = cell if isinstance(cell, str) else cell.get("path") if isinstance(cell, dict) and not cell.get("bytes") \
+        else None
+    if not path or os.path.isabs(path) or not (root / path).is_file():
+        return cell
+    return str(root / path)
 
 
 def _pick_column(part, chosen, candidates, flag, dataset, split) -> str:

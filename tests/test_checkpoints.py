@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from cifar_tl import cli
@@ -467,6 +468,14 @@ def test_a_new_run_in_a_folder_holding_one_is_refused_before_the_data(two_epochs
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: --output-dir {blocker / 'sub'}: {blocker} is a file, not a folder")
     monkeypatch.undo()
+    one = tmp_path / "one" / "cat"  # a dataset of one class: refused before training, no folder left behind
+    one.mkdir(parents=True)
+    for i in range(20):
+        Image.new("RGB", (32, 32), (i, 0, 0)).save(one / f"{i}.png")
+    assert cli.main(run_args(one.parent, tmp_path / "one_run", "--epochs", "1")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --dataset {one.parent}: one class ('cat'); a classifier needs at least two")
+    assert not (tmp_path / "one_run").exists()
     metrics = train(parse_args(run_args(easy10_parquet, out, "--epochs", "1", "--overwrite-output-dir")))
     assert metrics["epochs_run"] == 1 and history_epochs(out) == [1]
     assert [p.name for p in Checkpoints(out / "checkpoints").folders()] == ["epoch-0001"]  # the old run's are gone

@@ -191,7 +191,7 @@ def test_decode_image_applies_exif_rotation():
 
 def _parquet(tmp_path, rows, features=None, split="train", extra_test=True):
     import datasets
-    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data").mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / f"{split}-0.parquet"))
     if extra_test and split == "train":
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / "test-0.parquet"))
@@ -322,3 +322,55 @@ def test_a_datasets_cache_it_cannot_write_is_named_not_the_data(cifar100_parquet
     with pytest.raises(DataError, match=r"cannot write its cache \(Read-only file system: /home/me/.cache\); "
                                         r"point HF_HOME"):
         load_raw(str(cifar100_parquet), cache=False)
+
+
+def test_image_folder_skips_hidden_files_and_refuses_classes_only_in_test(tmp_path, cifar100_arrays):
+    """Dot-files and dot-folders (.ipynb_checkpoints, macOS's ._x.png twins) are not data; a class folder that
+    only the test split has could never be predicted right, so it is named, not trained as an empty class."""
+    images, _, _ = cifar100_arrays["train"]
+    for split in ("train", "test"):
+        for i, name in enumerate(["cat", "dog"] * 3):
+            (tmp_path / split / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(tmp_path / split / name / f"{i}.png")
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(images[0]).save(tmp_path / "train" / ".ipynb_checkpoints" / "0.png")
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # an AppleDouble file
+    raw = load_raw(str(tmp_path), cache=False)
+    assert raw.fine_names == ["cat", "dog"] and len(raw.splits["train"]) == 6
+    (tmp_path / "test" / "zebra").mkdir()
+    Image.fromarray(images[0]).save(tmp_path / "test" / "zebra" / "0.png")
+    with pytest.raises(DataError, match=r"class folder\(s\) \['zebra'\] of split 'test' do not appear in split "
+                                        "'train'"):
+        load_raw(str(tmp_path), cache=False)
+
+
+def test_empty_cells_and_missing_files_are_named(tmp_path):
+    """A null image cell is an unreadable row, and the message gives the first row's reason; image paths stored
+    relative to the dataset's folder are found there, wherever the command runs."""
+    import datasets
+    feats = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"img": [_png(), None, _png()], "label": [0, 1, 0]}
+    with pytest.raises(DataError, match=r"1 unreadable image\(s\) at rows \[1\] \(the first: ValueError: no image"):
+        load_raw(_parquet(tmp_path / "null", rows, feats), cache=False)
+    root = tmp_path / "paths"
+    (root / "images").mkdir(parents=True)
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.new("RGB", (32, 32), colour).save(root / "images" / f"{i}.png")
+    _parquet(root, {"file": ["images/0.png", "images/1.png"], "label": [0, 1]})
+    raw = load_raw(str(root), image_column="file", cache=False)
+    assert raw.splits["train"].images[1, :, 0, 0].tolist() == [0, 0, 255]
+    _parquet(root, {"file": ["images/0.png", "images/gone.png"], "label": [0, 1]})
+    with pytest.raises(DataError, match=r"rows \[1\] \(the first: FileNotFoundError: .*images/gone.png"):
+        load_raw(str(root), image_column="file", cache=False)
+
+
+def test_a_test_split_name_the_source_lacks_is_refused_when_it_has_others(cifar100_parquet, tmp_path, monkeypatch):
+    """--test-split validation on a source with train and test splits: an error naming them, never a share of
+    the training images held out in its place (a source with a train split alone still gets one); a dataset
+    path under ~ is expanded here, as a shell would."""
+    with pytest.raises(DataError, match=r"has no split 'validation' \(it has test, train\); choose another with "
+                                        "--test-split"):
+        load_bundle(str(cifar100_parquet), test_split="validation")
+    monkeypatch.setenv("HOME", str(cifar100_parquet.parent))
+    bundle = load_bundle(f"~/{cifar100_parquet.name}")
+    assert len(bundle.test) == 200 and bundle.test_held_out is None

@@ -46,6 +46,10 @@ def test_eda_reports_unreadable_rows_and_duplicates(tmp_path):
 def test_eda_bad_dataset_is_one_line(tmp_path, capsys):
     assert main(["--dataset", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")  # refused before the data is read, not after
+    assert main(["--dataset", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --output-dir {tmp_path / 'file'}: {tmp_path / 'file'} is a " \
+                                              "file, not a folder"
 
 
 def test_eda_takes_the_splits_a_source_has(cifar100_arrays, tmp_path, capsys):

@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
@@ -110,7 +111,9 @@ def test_align_labels():
         align_labels(NAMES, ["a", "b", "zebra"])
     assert align_labels(NAMES, ["a", "b", "zebra"], {"zebra": "f"}) == [0, 1, 5]
     with pytest.raises(EvaluationError, match="not dataset classes"):
-        align_labels(NAMES, ["a"], {"x": "a"})
+        align_labels(NAMES, ["a", "b"], {"x": "a"})
+    with pytest.raises(EvaluationError, match="one class"):  # nothing to tell apart: top-1 would be 1.0
+        align_labels(NAMES, ["a"], {})
     with pytest.raises(EvaluationError, match="not model classes"):
         align_labels(NAMES, ["a", "zebra"], {})
     with pytest.raises(EvaluationError, match="same model class"):
@@ -379,3 +382,74 @@ def test_top5_is_left_out_with_five_classes_or_fewer():
     metrics = compute_metrics(logits, fine, fine_names=["a", "b", "c"])
     assert "top5" not in metrics and "fine top-5" not in headline_markdown(metrics)
     assert "top5" in compute_metrics(torch.randn(12, 6), torch.arange(12) % 6, fine_names=list("abcdef"))
+
+
+def _with_train_config(model_dir, out, **train_config):
+    """A copy of a model folder whose config.json records a training run's settings."""
+    model = shutil.copytree(model_dir, out)
+    config = json.loads((model / "config.json").read_text())
+    config["cifar_tl"]["train_config"] = train_config
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_evaluate_follows_the_runs_own_data_settings(cnn_model_dir, cifar100_parquet, tmp_path):
+    """On the dataset it trained on, evaluate splits it as the run did: --split train is the subset the run
+    trained on (--max-train-samples), not the whole train split; on another dataset the run's settings of that
+    kind mean nothing and are not applied."""
+    model = _with_train_config(cnn_model_dir, tmp_path / "m", dataset=str(cifar100_parquet), max_train_samples=50,
+                               val_fraction=0.1, seed=42)
+    args = ["--model", str(model), "--split", "train", "--backend", "torch"]
+    assert evaluate.main([*args, "--dataset", str(cifar100_parquet), "--output-dir", str(tmp_path / "own")]) == 0
+    assert json.loads((tmp_path / "own" / "metrics.json").read_text())["n"] == 50
+    copy = shutil.copytree(cifar100_parquet, tmp_path / "copy")
+    assert evaluate.main([*args, "--dataset", str(copy), "--output-dir", str(tmp_path / "other")]) == 0
+    assert json.loads((tmp_path / "other" / "metrics.json").read_text())["n"] == 360  # 400 less the 10 % val
+
+
+def test_evaluate_reads_the_label_column_the_model_trained_on(cifar100_parquet, tmp_path):
+    """A model trained on the superclasses (--label-column coarse_label) is evaluated on them by default."""
+    from cifar_tl.config import TrainConfig
+    from cifar_tl.model_folder import folder_config, write_model_folder
+    from cifar_tl.models import create_model, data_config
+
+    train_config = TrainConfig(model="baseline_cnn_bn", dataset=str(cifar100_parquet), label_column="coarse_label")
+    train_config.validate()  # the model-aware defaults, as a run records them
+    model = create_model("baseline_cnn_bn", pretrained=False, num_classes=20).eval()
+    dc = data_config(model, None)
+    cfg = folder_config(model, image_size=dc["image_size"], mean=dc["mean"], std=dc["std"], data_size=32,
+                        fine_names=COARSE_NAMES, coarse_names=None, fine_to_coarse=None,
+                        train_config=train_config.to_dict())
+    folder = write_model_folder(tmp_path / "coarse", model, cfg)
+    assert evaluate.main(["--model", str(folder), "--dataset", str(cifar100_parquet), "--backend", "torch",
+                          "--output-dir", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n"] == 200 and sorted(metrics["per_class"]) == sorted(COARSE_NAMES)
+
+
+def test_evaluate_with_onnx_fits_images_of_another_size(cnn_model_dir, cifar100_arrays, tmp_path):
+    """A source of one square size other than the model's (64 px images, a 32 px model) keeps its own size in
+    the store; the ONNX graph takes the model's size, so evaluation fits each image as predict does."""
+    from conftest import write_parquet
+
+    images, fine, coarse = cifar100_arrays["test"]
+    big = np.repeat(np.repeat(images[:40], 2, axis=1), 2, axis=2)  # 64 x 64
+    dataset = write_parquet({"test": (big, fine[:40], coarse[:40])}, tmp_path / "big")
+    assert evaluate.main(["--model", str(cnn_model_dir), "--dataset", str(dataset), "--backend", "onnx",
+                          "--output-dir", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    predictor = Predictor.from_dir(cnn_model_dir, device="cpu")
+    logits = predictor.logits(predictor.preprocess(list(big)))
+    expected = torch.nn.functional.cross_entropy(logits, torch.as_tensor(fine[:40])).item()
+    assert metrics["n"] == 40 and metrics["backend"] == "onnx" and metrics["loss"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_evaluate_refuses_before_working(cnn_model_dir, cifar100_parquet, tmp_path, capsys):
+    """An --output-dir that is a file, and --backend torch for an .onnx file, are refused at once."""
+    (tmp_path / "file").write_text("x")
+    args = ["--model", str(cnn_model_dir), "--dataset", str(cifar100_parquet)]
+    assert evaluate.main([*args, "--output-dir", str(tmp_path / "file" / "sub")]) == 2
+    assert capsys.readouterr().err.strip().endswith("file is a file, not a folder")
+    args = ["--model", str(tmp_path / "m.onnx"), "--dataset", str(cifar100_parquet), "--backend", "torch"]
+    assert evaluate.main([*args, "--output-dir", str(tmp_path / "out")]) == 2
+    assert "cannot apply" in capsys.readouterr().err
