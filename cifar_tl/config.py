@@ -58,7 +58,7 @@ PROBE_IGNORES: dict[str, object] = {
 class TrainConfig:
     # data
     dataset: str = field(default="uoft-cs/cifar100", metadata={"help": "Hub id, parquet/save_to_disk dir, "
-                         "cifar-100-python dir or .tar.gz, or an image folder"})
+                         "cifar-100-python or cifar-10-batches-py dir or .tar.gz, or an image folder"})
     image_column: str | None = field(default=None, metadata={"help": "image column (default: img or image)"})
     label_column: str | None = field(default=None, metadata={"help": "fine label column (fine_label or label)"})
     coarse_label_column: str | None = field(default=None, metadata={"help": "coarse label column "

@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Hub model on a dataset split: metrics.json, report.md and plots.",
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors) or Hub id")
-    p.add_argument("--dataset", required=True, help="Hub id, parquet/save_to_disk dir, cifar-100-python dir "
-                   "or .tar.gz, or an image folder (as train.py)")
+    p.add_argument("--dataset", required=True, help="Hub id, parquet/save_to_disk dir, CIFAR python pickles "
+                   "(dir or .tar.gz), or an image folder (as train.py)")
     p.add_argument("--split", default="test", choices=("test", "val", "train"),
                    help="val/train are the training run's stratified split of the source's train split")
     p.add_argument("--output-dir", required=True)

@@ -265,7 +265,8 @@ def source_kind(dataset: str) -> str:
     if path.is_file():
         if dataset.endswith((".tar.gz", ".tgz", ".tar")):
             return "cifar-tar"
-        raise DataError(f"--dataset {dataset}: a file, but not a cifar-100-python .tar.gz archive")
+        raise DataError(f"--dataset {dataset}: a file, but not a cifar-100-python or cifar-10-python .tar.gz "
+                        "archive")
     if path.is_dir():
         if _cifar_pickle_dir(path) is not None:
             return "cifar-pickle"
@@ -277,15 +278,28 @@ def source_kind(dataset: str) -> str:
         if suffixes & IMAGE_SUFFIXES:
             return "imagefolder"
         raise DataError(f"--dataset {dataset}: folder holds no parquet files, no save_to_disk dataset, no "
-                        "cifar-100-python files (train, test, meta) and no images")
+                        "cifar-100-python or cifar-10-batches-py files and no images")
     if dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
         raise DataError(f"--dataset {dataset}: no such file or folder")
     return "hub"
 
 
+# the official python pickles: split -> its files, and the file of class names
+CIFAR_PICKLES = {
+    "cifar-100-python": {"train": ("train",), "test": ("test",), "meta": "meta"},
+    "cifar-10-batches-py": {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",),
+                            "meta": "batches.meta"},
+}
+
+
+def _pickle_names(layout: dict) -> tuple[str, ...]:
+    return (*layout["train"], *layout["test"], layout["meta"])
+
+
 def _cifar_pickle_dir(path: Path) -> Path | None:
-    for candidate in (path, path / "cifar-100-python"):
-        if all((candidate / name).is_file() for name in ("train", "test", "meta")):
+    for candidate in (path, *(path / folder for folder in CIFAR_PICKLES)):
+        if any(all((candidate / name).is_file() for name in _pickle_names(layout))
+               for layout in CIFAR_PICKLES.values()):
             return candidate
     return None
 
@@ -368,25 +382,27 @@ def _text(value):
     return value.decode("latin1") if isinstance(value, bytes) else value
 
 
-def _pickle_files(dataset: str, kind: str) -> dict[str, bytes]:
+def _pickle_files(dataset: str, kind: str) -> tuple[dict, dict[str, bytes]]:
+    """The layout (`CIFAR_PICKLES`) of an official archive or folder, and its files' bytes."""
+    wanted = {name for layout in CIFAR_PICKLES.values() for name in _pickle_names(layout)}
     files: dict[str, bytes] = {}
     if kind == "cifar-tar":
         try:
             with tarfile.open(dataset) as tar:
                 for member in tar.getmembers():
                     name = Path(member.name).name
-                    if member.isfile() and name in ("train", "test", "meta"):
+                    if member.isfile() and name in wanted:
                         files[name] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError) as err:
             raise DataError(f"--dataset {dataset}: unreadable archive ({err})") from None
     else:
         folder = _cifar_pickle_dir(Path(dataset))
-        files = {name: (folder / name).read_bytes() for name in ("train", "test", "meta")}
-    for name in ("train", "test", "meta"):
-        if name not in files:
-            raise DataError(f"--dataset {dataset}: the archive has no '{name}' file (expected cifar-100-python/"
-                            "{train,test,meta})")
-    return files
+        files = {name: (folder / name).read_bytes() for name in wanted if (folder / name).is_file()}
+    for layout in CIFAR_PICKLES.values():
+        if all(name in files for name in _pickle_names(layout)):
+            return layout, files
+    raise DataError(f"--dataset {dataset}: the archive holds neither cifar-100-python/{{train,test,meta}} nor "
+                    "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}")
 
 
 def _pickle_level(dataset: str, image_column, label_column, coarse_label_column) -> bool:
@@ -395,10 +411,11 @@ def _pickle_level(dataset: str, image_column, label_column, coarse_label_column)
     it trained the 100 fine classes whatever was asked."""
     def check(flag: str, value, allowed: tuple[str, ...]) -> None:
         if value is not None and value not in allowed:
-            raise DataError(f"{flag} {value}: {dataset} (cifar-100-python) has the columns "
+            raise DataError(f"{flag} {value}: {dataset} (CIFAR python pickles) has the columns "
                             f"{', '.join(allowed)}")
     check("--image-column", image_column, ("img", "data"))
-    check("--label-column", label_column, ("fine_label", "fine_labels", "coarse_label", "coarse_labels"))
+    check("--label-column", label_column, ("label", "labels", "fine_label", "fine_labels", "coarse_label",
+                                           "coarse_labels"))
     check("--coarse-label-column", coarse_label_column, ("coarse_label", "coarse_labels"))
     coarse_only = label_column in ("coarse_label", "coarse_labels")
     if coarse_only and coarse_label_column:
@@ -407,33 +424,39 @@ def _pickle_level(dataset: str, image_column, label_column, coarse_label_column)
 
 
 def _load_cifar_pickle(dataset: str, kind: str, splits, sizing: Sizing, coarse_only: bool = False) -> RawDataset:
-    """The official layout (meta, train, test pickles); `coarse_only`: the superclasses are the classes."""
-    files = _pickle_files(dataset, kind)
-    meta = _unpickle(files["meta"], f"{dataset}: meta")
-    fine_names = [str(n) for n in meta.get("fine_label_names", [])]
+    """The official layouts (CIFAR-100's meta, train, test; CIFAR-10's batches.meta, data_batch_1..5,
+    test_batch); `coarse_only`: CIFAR-100's superclasses are the classes."""
+    layout, files = _pickle_files(dataset, kind)
+    meta = _unpickle(files[layout["meta"]], f"{dataset}: {layout['meta']}")
+    fine_key = "fine_label_names" if "fine_label_names" in meta else "label_names"  # CIFAR-100, CIFAR-10
+    fine_names = [str(n) for n in meta.get(fine_key, [])]
     coarse_names = [str(n) for n in meta.get("coarse_label_names", [])] or None
     if not fine_names:
-        raise DataError(f"{dataset}: meta has no 'fine_label_names'")
+        raise DataError(f"{dataset}: {layout['meta']} has neither 'fine_label_names' nor 'label_names'")
     out = {}
     for split in splits:
         if split not in ("train", "test"):
-            raise DataError(f"--train-split/--test-split {split!r}: cifar-100-python has only train and test")
-        d = _unpickle(files[split], f"{dataset}: {split}")
-        for col in ("data", "fine_labels"):
-            if col not in d:
-                raise DataError(f"{dataset}: {split} has no '{col}' entry")
-        data = np.asarray(d["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise DataError(f"{dataset}: {split} 'data' must be N x 3072 uint8, got shape {data.shape}")
-        images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+            raise DataError(f"--train-split/--test-split {split!r}: CIFAR python pickles have only train and test")
+        parts = [_unpickle(files[name], f"{dataset}: {name}") for name in layout[split]]
+        label_key = "fine_labels" if "fine_labels" in parts[0] else "labels"
+        for name, part in zip(layout[split], parts):
+            for col in ("data", label_key):
+                if col not in part:
+                    raise DataError(f"{dataset}: {name} has no '{col}' entry")
+        data = [np.asarray(part["data"], dtype=np.uint8) for part in parts]
+        for name, array in zip(layout[split], data):
+            if array.ndim != 2 or array.shape[1] != 3072:
+                raise DataError(f"{dataset}: {name} 'data' must be N x 3072 uint8, got shape {array.shape}")
+        images = torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32))
         if sizing.forced and sizing.forced != 32:
             images = torch.from_numpy(np.stack([fit_square(a, sizing.forced) for a in images.permute(0, 2, 3, 1)
                                                 .numpy()])).permute(0, 3, 1, 2).contiguous()
-        fine = _check_labels(np.asarray(d["fine_labels"]), len(fine_names), f"{dataset}: {split} fine_labels")
+        fine = _check_labels(np.concatenate([np.asarray(part[label_key]) for part in parts]), len(fine_names),
+                             f"{dataset}: {split} {label_key}")
         coarse = None
-        if coarse_names and "coarse_labels" in d:
-            coarse = _check_labels(np.asarray(d["coarse_labels"]), len(coarse_names),
-                                   f"{dataset}: {split} coarse_labels")
+        if coarse_names and all("coarse_labels" in part for part in parts):
+            coarse = _check_labels(np.concatenate([np.asarray(part["coarse_labels"]) for part in parts]),
+                                   len(coarse_names), f"{dataset}: {split} coarse_labels")
         if coarse_only:
             if coarse is None:
                 raise DataError(f"--label-column coarse_label: {dataset} has no coarse labels")

@@ -297,7 +297,7 @@ def test_training_on_the_superclasses_from_any_layout(cifar100_parquet, cifar100
         assert raw.fine_names == COARSE_NAMES and raw.coarse_names is None
         for name, split in raw.splits.items():
             assert torch.equal(split.fine, full.splits[name].coarse) and split.coarse is None
-    with pytest.raises(DataError, match="--label-column label_x: .* has the columns fine_label"):
+    with pytest.raises(DataError, match="--label-column label_x: .* has the columns label, labels, fine_label"):
         load_raw(str(cifar100_tar), label_column="label_x", cache=False)
     with pytest.raises(DataError, match="--image-column pixels: "):
         load_raw(str(cifar100_tar), image_column="pixels", cache=False)
@@ -374,3 +374,36 @@ def test_a_test_split_name_the_source_lacks_is_refused_when_it_has_others(cifar1
     monkeypatch.setenv("HOME", str(cifar100_parquet.parent))
     bundle = load_bundle(f"~/{cifar100_parquet.name}")
     assert len(bundle.test) == 200 and bundle.test_held_out is None
+
+
+def test_cifar10_python_pickles_load_as_the_parquet_copy(tmp_path):
+    """torchvision's download (cifar-10-python.tar.gz: cifar-10-batches-py/ with five training batches, a test
+    batch and batches.meta) loads as a folder and as the archive, to the same tensors as a parquet copy."""
+    import tarfile
+
+    from conftest import make_arrays, write_parquet
+
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    arrays = {"train": make_arrays(5, 1, num_classes=10), "test": make_arrays(2, 2, num_classes=10)}
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for split, files in [("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])]:
+        images, fine, _ = arrays[split]
+        for name, rows in zip(files, np.array_split(np.arange(len(fine)), len(files))):
+            batch = {b"batch_label": name.encode(), b"labels": fine[rows].tolist(),
+                     b"data": images[rows].transpose(0, 3, 1, 2).reshape(len(rows), -1)}
+            (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [n.encode() for n in names]}))
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    parquet = load_raw(str(write_parquet(arrays, tmp_path / "parquet", names, None)), cache=False)
+    for source in (folder, tmp_path, tmp_path / "cifar-10-python.tar.gz"):
+        raw = load_raw(str(source), cache=False)
+        assert raw.fine_names == names and raw.coarse_names is None and raw.fingerprint == parquet.fingerprint
+        for split in ("train", "test"):
+            assert torch.equal(raw.splits[split].images, parquet.splits[split].images)
+            assert torch.equal(raw.splits[split].fine, parquet.splits[split].fine)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="holds no parquet files, no save_to_disk dataset, no cifar-100-python or "
+                                        "cifar-10-batches-py files"):
+        load_raw(str(folder), cache=False)
