@@ -34,7 +34,6 @@ from .files import (
     WriteError,
     atomic_copy,
     atomic_write_text,
-    read_jsonl,
     relocated,
     write_failure,
 )
@@ -45,6 +44,7 @@ from .processes import any_process
 
 BEST = "best.safetensors"
 STATE = "trainer_state.json"
+PROBE_CHECKPOINTS = ("probe-last.pt", "probe-prev.pt")  # the cached-feature probe's, newest first
 FOLDER = re.compile(r"epoch-(\d+)")
 
 
@@ -66,6 +66,7 @@ class TrainState:
     data: dict = field(default_factory=dict)  # the data and how it was split: a resume must see the same
     recipe: dict = field(default_factory=dict)  # config.RESUME_KEEPS: a resume must train with the same
     budget_seconds: float = 0.0  # of --time-limit-minutes, used by the end of the epoch: a resume goes on from it
+    history: list[dict] = field(default_factory=list)  # history.jsonl's records up to here: a resume rewrites it
 
     def to_json(self) -> dict:
         early = self.early
@@ -73,7 +74,7 @@ class TrainState:
                 "bad_epochs": early.bad_epochs, "train_seconds": self.train_seconds,
                 "images_seen": self.images_seen, "model": self.model, "fine_names": self.fine_names,
                 "stopped": self.stopped, "data": self.data, "recipe": self.recipe,
-                "budget_seconds": self.budget_seconds}
+                "budget_seconds": self.budget_seconds, "history": self.history}
 
     def load_json(self, saved: dict) -> None:
         self.early.load_state_dict({"best_loss": saved["best_val_loss"], "best_epoch": saved["best_epoch"],
@@ -81,6 +82,7 @@ class TrainState:
         self.epoch, self.train_seconds = saved["epoch"], saved["train_seconds"]
         self.images_seen, self.stopped = saved["images_seen"], saved.get("stopped")
         self.budget_seconds = saved.get("budget_seconds", 0.0)
+        self.history = saved.get("history", [])  # none in checkpoints written before it was kept here
 
     def summary(self) -> dict:
         """The run summary metrics.json carries."""
@@ -240,8 +242,8 @@ class Checkpoints:
         if not damaged:
             return None, None, [], None
         what = " | ".join(f"{folder.name}: {why}" for folder, why in damaged)
-        return None, None, [], (f"--resume: no usable checkpoint in {self.root} ({what}); start again without "
-                                "--resume, or with another --output-dir")
+        return None, None, [], (f"--resume: no usable checkpoint in {self.root} ({what}); start the run again "
+                                "with --overwrite-output-dir, or choose another --output-dir")
 
     def _restore_best(self, folder: Path, saved: dict) -> None:
         """The best weights as of the resumed epoch: a fallback must not keep those of a later, lost epoch."""
@@ -299,13 +301,14 @@ def epochs_shrink(checkpoint: Path, trained: int, epochs: int) -> str | None:
 
 
 def resumable(out: Path, probe: bool) -> str | None:
-    """Why `--resume` cannot continue the run in `out`, or None: it holds results (a finished or trained run)
-    but no checkpoint of this kind of run (a --linear-probe run keeps checkpoints/probe-last.pt, full training
-    checkpoints/epoch-N/). A run cut short before its first checkpoint holds no results and starts over."""
-    kind_found = ((out / "checkpoints" / "probe-last.pt").is_file() if probe
-                  else bool(Checkpoints(out / "checkpoints").folders()))
-    results = (out / "metrics.json").is_file() or any(read_jsonl(out / "history.jsonl"))
-    if kind_found or not results:
+    """Why `--resume` cannot continue the run in `out`, or None: it holds results (a finished run, or
+    checkpoints) but no checkpoint of this kind of run (a --linear-probe run keeps checkpoints/probe-*.pt, full
+    training checkpoints/epoch-N/). A run cut short before its first checkpoint holds no results and starts
+    over."""
+    probe_found = any((out / "checkpoints" / name).is_file() for name in PROBE_CHECKPOINTS)
+    full_found = bool(Checkpoints(out / "checkpoints").folders())
+    # history.jsonl alone is no result: its line for epoch 1 is written just before that epoch's checkpoint
+    if (probe_found if probe else full_found) or not ((out / "metrics.json").is_file() or probe_found or full_found):
         return None
     kind = "--linear-probe" if probe else "full-training"
     return (f"--resume: {out} holds a run ({existing_run(out)}) but no {kind} checkpoint to continue (was it trained "
@@ -319,7 +322,8 @@ def existing_run(out: Path) -> str | None:
     folders = Checkpoints(out / "checkpoints").folders()
     if folders:
         return f"checkpoints up to {folders[0].name}"
-    found = [name for name in ("checkpoints/probe-last.pt", "metrics.json", "history.jsonl") if (out / name).is_file()]
+    found = [name for name in (*(f"checkpoints/{n}" for n in PROBE_CHECKPOINTS), "metrics.json", "history.jsonl")
+             if (out / name).is_file()]
     return ", ".join(found) or None
 
 

@@ -32,7 +32,7 @@ from .config import RESUME_KEEPS, ConfigError, TrainConfig, save_yaml
 from .data import DatasetBundle, load_bundle, make_loader, on_device
 from .ema import ModelEma
 from .evaluation import collect_logits, evaluate_split
-from .files import atomic_write_text, not_a_folder, read_jsonl, write_errors
+from .files import WriteError, atomic_write_text, not_a_folder, read_jsonl, write_errors
 from .lookahead import Lookahead
 from .metrics import confusion_matrix
 from .model_folder import folder_config, write_model_folder
@@ -82,7 +82,9 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator, out: Path, started:
     if accelerator.is_main_process:
         with write_errors(out):
             out.mkdir(parents=True, exist_ok=True)
-            hold(out)  # until the run ends: another --resume or run here is refused meanwhile
+            busy = hold(out)  # until the run ends: another --resume or run here is refused meanwhile
+        if busy:  # started at the same moment as this one: both passed check_output_dir
+            raise ConfigError(in_use(out, busy))
         if cfg.overwrite_output_dir and not cfg.resume:  # what resume and the results would read of the old run
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             for name in ("history.jsonl", "metrics.json", "eval_details.json"):
@@ -118,7 +120,12 @@ def run_training(cfg: TrainConfig, accelerator: Accelerator, out: Path, started:
         metrics["tta"] = scalars(results["tta"])
         metrics["tta"]["level"] = 1 if cfg.linear_probe else cfg.tta_level  # the probe caches mirror views only
     if accelerator.is_main_process:
-        write_outputs(cfg, out, model, bundle, (size, mean, std), metrics, results, logits)
+        try:
+            write_outputs(cfg, out, model, bundle, (size, mean, std), metrics, results, logits)
+        except WriteError as err:  # a full disk at the very end: the training itself is kept
+            kept = ("the training is complete and checkpointed: make room, then rerun with --resume to write the "
+                    "results")
+            raise WriteError(err.path, err.reason, "; ".join(filter(None, [err.advice, kept]))) from None
         accelerator.print(f"test: top1 {metrics['top1']:.4f}"
                           + (f" top5 {metrics['top5']:.4f}" if "top5" in metrics else "")
                           + (f" coarse_top1 {metrics['coarse_top1']:.4f}" if "coarse_top1" in metrics else "")
@@ -143,8 +150,7 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> None:
         raise ConfigError(f"--output-dir {out}: {blocked}")
     busy = holder(out)
     if busy:  # e.g. the processes of a launcher killed with kill -9 go on training
-        raise ConfigError(f"--output-dir {out} is in use by a run still going ({busy}): wait for it or stop it, or "
-                          "choose another --output-dir")
+        raise ConfigError(in_use(out, busy))
     refused = resumable(out, cfg.linear_probe) if cfg.resume else None
     if refused:  # it would start over, replacing the run
         raise ConfigError(refused)
@@ -152,6 +158,11 @@ def check_output_dir(cfg: TrainConfig, out: Path) -> None:
     if held:
         raise ConfigError(f"--output-dir {out} holds a run ({held}): continue it with --resume, start it again "
                           "with --overwrite-output-dir, or choose another --output-dir")
+
+
+def in_use(out: Path, busy: str) -> str:
+    return f"--output-dir {out} is in use by a run still going ({busy}): wait for it or stop it, or choose another " \
+           "--output-dir"
 
 
 def scalars(result: dict) -> dict:
@@ -414,8 +425,10 @@ def resume(run: Training) -> None:
         run.budget.continue_from(run.state.budget_seconds)
     if run.cfg.resume and run.accelerator.is_main_process:  # the settings the checkpoint accepted
         save_yaml(run.cfg, run.history_path.parent / "config.yaml")
-    # the checkpoint's epochs (a fallback cuts later ones)
-    history = [h for h in read_jsonl(run.history_path) if h["epoch"] <= run.state.epoch] if run.state.epoch else []
+    # the checkpoint's epochs (a fallback cuts later ones), from its own record; checkpoints written before it
+    # kept one leave history.jsonl's lines
+    history = run.state.history or [h for h in read_jsonl(run.history_path) if h["epoch"] <= run.state.epoch]
+    run.state.history = history
     if run.accelerator.is_main_process:
         atomic_write_text(run.history_path, "".join(json.dumps(h) + "\n" for h in history))
 
@@ -595,6 +608,7 @@ def end_of_epoch(run: Training, epoch: int, stats: EpochStats, val_loss: float, 
         state.stopped = f"early stopping: no val-loss improvement for {state.early.bad_epochs} epochs"
     state.epoch = epoch
     state.budget_seconds = run.budget.used()
+    state.history.append(record)  # the checkpoint keeps the history too: a resume rewrites history.jsonl from it
     # the history line goes first: a resume cuts it when the checkpoint never came
     weights = run.ema.averaged_state() if run.ema is not None else run.unwrapped  # what is evaluated and exported
     run.checkpoints.save(accelerator, state, best=weights if improved else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import re
@@ -22,7 +23,7 @@ class WriteError(RuntimeError):
     """A file or folder could not be written; the message names the path and the reason (`os.strerror`)."""
 
     def __init__(self, path: str | os.PathLike, reason: str, advice: str = ""):
-        self.path, self.reason = Path(path), reason
+        self.path, self.reason, self.advice = Path(path), reason, advice
         super().__init__(f"cannot write {path}: {reason}{f'; {advice}' if advice else ''}")
 
 
@@ -125,7 +126,10 @@ def atomic_folder(path: str | os.PathLike):
     become a WriteError naming the file as it would have been under `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.partial*"):  # left by writers that were killed
+        pid = stale.name.rpartition(".partial")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         try:
             with write_errors(path):
@@ -137,6 +141,17 @@ def atomic_folder(path: str | os.PathLike):
             _move_into(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def relocated(err: WriteError, tmp: Path, path: Path, advice: str) -> WriteError:

@@ -27,12 +27,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import depthwise
-from .checkpoints import epochs_shrink, recipe_change
+from .checkpoints import PROBE_CHECKPOINTS, epochs_shrink, recipe_change
 from .config import RESUME_KEEPS, ConfigError
 from .data import cache_dir, make_loader
 from .ema import ModelEma
 from .files import WriteError, atomic_path, atomic_write_text
-from .integrity import seal, seal_problem
+from .integrity import is_sealed, seal, seal_problem
 from .optim import Budget, EarlyStopping, warmup_cosine
 
 EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
@@ -216,11 +216,11 @@ def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, 
     torch.manual_seed(cfg.seed)  # dropout masks must not depend on whether features came from the cache
     state = {"epoch": 0, "early": EarlyStopping(cfg.early_stopping_patience), "best_state": None, "history": [],
              "ema": ModelEma(top, cfg.ema_decay) if cfg.ema_decay else None}
-    ckpt = out / "checkpoints" / "probe-last.pt"
+    ckpts = [out / "checkpoints" / name for name in PROBE_CHECKPOINTS]  # the newest, and the one before it
     recipe = {name: getattr(cfg, name) for name in RESUME_KEEPS}  # what a resume must train with, as full training
-    if cfg.resume and ckpt.is_file():
-        _resume(ckpt, key, top, optimizer, scheduler, gen, state, recipe, cfg.epochs)
-        accelerator.print(f"resumed the probe from {ckpt} (epoch {state['epoch']})")
+    if cfg.resume and any(path.is_file() for path in ckpts):
+        resumed = _resume(ckpts, key, top, optimizer, scheduler, gen, state, recipe, cfg.epochs, accelerator)
+        accelerator.print(f"resumed the probe from {resumed} (epoch {state['epoch']})")
         budget.continue_from(state.get("budget_seconds", 0.0))
     if budget.seconds:  # foretell the final passes before epoch 1 too: a short budget would go to a whole epoch
         _validate(top, feats, bundle, accelerator.device, cfg.eval_batch_size, budget)
@@ -239,7 +239,7 @@ def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, 
         state["epoch"] = epoch
         state["budget_seconds"] = budget.used()
         if accelerator.is_main_process:  # a crash loses at most the epoch in progress
-            _save(ckpt, key, top, optimizer, scheduler, gen, state, recipe)
+            _save(ckpts, key, top, optimizer, scheduler, gen, state, recipe)
             atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     early = state["early"]
     top.load_state_dict(state["best_state"])
@@ -312,21 +312,47 @@ def _validate(top, feats: dict, bundle, device, batch_size: int, budget: Budget)
     return logits, y_val
 
 
-def _save(path: Path, key: str, top, optimizer, scheduler, gen, state: dict, recipe: dict) -> None:
-    with atomic_path(path) as tmp:
+def _save(paths: list[Path], key: str, top, optimizer, scheduler, gen, state: dict, recipe: dict) -> None:
+    """The newest checkpoint to paths[0], sealed (a flipped byte still loads, and would train on silently); the
+    one before it moves to paths[1], the fallback when the newest turns out damaged."""
+    last, previous = paths
+    if last.is_file() and not seal_problem(last):
+        for name in (last.name + ".sha256", last.name):  # a cut between the two leaves paths[0] unsealed, usable
+            os.replace(last.with_name(name), previous.with_name(name.replace(last.name, previous.name)))
+    with atomic_path(last) as tmp:
         torch.save({"key": key, "recipe": recipe, "top": top.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
                     "torch_rng": torch.get_rng_state(),
                     "state": {**state, "early": state["early"].state_dict(),
                               "ema": state["ema"].state_dict() if state["ema"] else None}}, tmp)
+    seal(last)
 
 
-def _resume(path: Path, key: str, top, optimizer, scheduler, gen, state: dict, recipe: dict, epochs: int) -> None:
+def _load(path: Path) -> tuple[dict | None, str | None]:
+    """A probe checkpoint, or why it cannot be used (its seal differs, or torch.load fails on it); a checkpoint
+    with no seal (written before they were sealed) is loaded as it is."""
+    damage = seal_problem(path) if is_sealed(path) else None
+    if damage:
+        return None, damage
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True), None
     except Exception as err:  # truncated, altered: torch.load's own errors are zip and unpickler internals
-        raise ConfigError(f"--resume: {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
-                          "start the probe again with --overwrite-output-dir (it keeps no earlier checkpoint)") from None
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+
+
+def _resume(paths: list[Path], key: str, top, optimizer, scheduler, gen, state: dict, recipe: dict, epochs: int,
+            accelerator) -> Path:
+    """Load the newest usable checkpoint of `paths` into the probe's objects; returns its path."""
+    problems = []
+    for path in (p for p in paths if p.is_file()):
+        saved, damage = _load(path)
+        if saved is not None:
+            break
+        problems.append(f"{path.name}: {damage}")
+        accelerator.print(f"--resume: {path} is damaged ({damage}); trying the checkpoint before it")
+    else:
+        raise ConfigError(f"--resume: no usable probe checkpoint in {paths[0].parent} ({' | '.join(problems)}); "
+                          "start the probe again with --overwrite-output-dir")
     if not isinstance(saved, dict) or saved.get("key") != key:
         raise ConfigError(f"--resume: {path} was trained on other features (model, weights, size, stages or "
                           "data differ); use another --output-dir")
@@ -349,6 +375,7 @@ def _resume(path: Path, key: str, top, optimizer, scheduler, gen, state: dict, r
     state["early"].load_state_dict(saved["state"]["early"])
     if ema is not None:
         ema.load_state_dict(saved_ema)
+    return path
 
 
 def _test_logits(top, feats: dict, bundle, device, batch_size: int) -> dict[bool, dict]:

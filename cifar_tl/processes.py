@@ -14,7 +14,7 @@ from typing import TypeVar
 import torch
 from accelerate import Accelerator
 
-from .files import atomic_write_text
+from .files import pid_alive
 
 T = TypeVar("T")
 LOCK = "run.lock"
@@ -73,21 +73,37 @@ def holder(out: Path) -> str | None:
         return None
     if host != socket.gethostname():  # cannot tell from here whether it still runs
         return f"process {pid} on {host} (delete {out / LOCK} if that run has ended)"
-    if pid == os.getpid():
+    if pid == os.getpid() or not pid_alive(pid):
         return None
+    # a process number is reused after a reboot or in a restarted container: say how to free the folder
+    return f"process {pid}, started {held.get('started', '?')}; delete {out / LOCK} if no run is going there"
+
+
+def hold(out: Path) -> str | None:
+    """Mark `out` as held by this process until `release` (the main process of a run, once the folder exists), or
+    return the live run that holds it already. Two runs started together both pass the early check (`holder`,
+    before the data); only one can create the lock: it is written whole beside it and linked into place, which
+    fails when the name exists."""
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n"
+    mine = out / f".{LOCK}.{os.getpid()}"
+    mine.write_text(record)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, another user's
-        pass
-    return f"process {pid}, started {held.get('started', '?')}"
-
-
-def hold(out: Path) -> None:
-    """Mark `out` as held by this process until `release` (the main process of a run, once the folder exists)."""
-    atomic_write_text(out / LOCK, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                            "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        for _ in range(3):
+            try:
+                os.link(mine, out / LOCK)
+                return None
+            except FileExistsError:
+                busy = holder(out)
+                if busy:
+                    return busy
+                (out / LOCK).unlink(missing_ok=True)  # a dead run's lock (or this process's own)
+            except OSError:  # a filesystem without hard links: taken, not exclusively
+                os.replace(mine, out / LOCK)
+                return None
+        return holder(out) or "another run starting at the same moment"
+    finally:
+        mine.unlink(missing_ok=True)
 
 
 def release(out: Path) -> None:

@@ -270,7 +270,10 @@ def test_resume_after_truncated_weights_continues_from_the_previous_epoch(two_ep
                                                                           capsys):
     out = shutil.copytree(two_epochs, tmp_path / "run")
     truncate(out / "checkpoints" / "epoch-0002" / "model.safetensors")
+    first = json.loads((out / "history.jsonl").read_text().splitlines()[0])
+    (out / "history.jsonl").write_bytes(os.urandom(300))  # damaged too: the checkpoint keeps its own record
     metrics = train(parse_args(run_args(easy10_parquet, out, "--epochs", "3", "--resume")))
+    assert json.loads((out / "history.jsonl").read_text().splitlines()[0]) == first
     printed = capsys.readouterr().out
     assert "epoch-0002 is damaged (model.safetensors is truncated" in printed
     assert "resumed from" in printed and "epoch-0001 (epoch 1" in printed
@@ -289,6 +292,26 @@ def test_resume_with_every_checkpoint_damaged_exits_2_in_one_line(two_epochs, ea
     assert err[-1].startswith(f"error: --resume: no usable checkpoint in {out / 'checkpoints'} (epoch-0002: "
                               "optimizer.bin is altered"), err
     assert "epoch-0001: model.safetensors is missing" in err[-1] and "Traceback" not in "\n".join(err)
+    assert err[-1].endswith("start the run again with --overwrite-output-dir, or choose another --output-dir")
+
+
+def test_a_run_cut_short_before_its_first_checkpoint_resumes_from_scratch(tmp_path):
+    """Epoch 1's history line is written just before its checkpoint: a kill between the two leaves a history
+    line and no checkpoint, and the --resume the interrupted run advised starts the run (nothing to continue).
+    A folder whose checkpoints are of the other kind (a --linear-probe run), or a finished run, is refused."""
+    from cifar_tl.checkpoints import resumable
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "history.jsonl").write_text(json.dumps({"epoch": 1, "val_loss": 1.0}) + "\n")
+    assert resumable(out, probe=False) is None and resumable(out, probe=True) is None
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "probe-prev.pt").write_bytes(b"x")
+    assert resumable(out, probe=True) is None
+    assert "no full-training checkpoint to continue" in resumable(out, probe=False)
+    (out / "checkpoints" / "probe-prev.pt").unlink()
+    (out / "metrics.json").write_text("{}")
+    assert "no full-training checkpoint to continue" in resumable(out, probe=False)
 
 
 def test_failed_checkpoint_write_stops_in_one_line_and_resume_continues(two_epochs, easy10_parquet, tmp_path,
@@ -523,6 +546,32 @@ def test_resume_never_starts_a_finished_run_over(two_epochs, easy10_parquet, tmp
     empty = tmp_path / "crashed-in-epoch-1"  # no results yet: a resume starts it, as a crash before epoch 1 ends
     empty.mkdir()
     assert train(parse_args(run_args(easy10_parquet, empty, "--epochs", "1", "--resume")))["epochs_run"] == 1
+
+
+def test_a_full_disk_at_the_final_outputs_says_the_training_is_kept(two_epochs, easy10_parquet, tmp_path, capsys,
+                                                                     monkeypatch):
+    """The disk fills while the results are written: one line that says the training is complete and how to get
+    the results (--resume), which then writes them; a model folder's partial copy left by a killed writer (its
+    process gone) is cleared by the next write."""
+    from cifar_tl import engine
+
+    out = shutil.copytree(two_epochs, tmp_path / "run")
+    shutil.rmtree(out / "model")
+    (out / "metrics.json").unlink()
+    (out / ".model.partial999999999").mkdir()  # no such process
+
+    def full(cfg, out, *args):
+        raise WriteError(out / "metrics.json", os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(engine, "write_outputs", full)
+    assert cli.main(run_args(easy10_parquet, out, "--epochs", "2", "--resume")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot write {out / 'metrics.json'}: No space left on device; the training is complete and "
+        "checkpointed: make room, then rerun with --resume to write the results")
+    monkeypatch.undo()
+    assert train(parse_args(run_args(easy10_parquet, out, "--epochs", "2", "--resume")))["epochs_run"] == 2
+    assert (out / "metrics.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    assert not list(out.glob(".model.partial*"))
 
 
 def test_resume_continues_the_wandb_run_with_every_epoch(easy10_parquet, tmp_path, monkeypatch):

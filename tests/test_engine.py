@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cifar_tl import probe
+from cifar_tl import engine, probe
 from cifar_tl.checkpoints import ResumeError
 from cifar_tl.config import ConfigError, parse_args
 from cifar_tl.engine import TrainingError, train
 from cifar_tl.inference import Predictor
+from cifar_tl.integrity import seal
 
 ROOT = Path(__file__).resolve().parents[1]
 CNN = ["--model", "baseline_cnn_bn", "--no-pretrained", "--batch-size", "32", "--eval-batch-size", "64",
@@ -351,10 +352,19 @@ def test_probe_resumes_from_its_last_epoch(easy10_parquet, tmp_path):
     with pytest.raises(ConfigError, match="--epochs may only grow"):
         train(parse_args([*args, "--epochs", "4", "--resume"]))
     assert (tmp_path / "config.yaml").read_text() == config
-    ckpt = tmp_path / "checkpoints" / "probe-last.pt"
-    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a deep zip-reader traceback before
-    with pytest.raises(ConfigError, match=rf"--resume: {ckpt} is damaged \(.*--overwrite-output-dir"):
-        train(parse_args([*args, "--epochs", "6", "--resume"]))
+    # a damaged newest checkpoint costs one epoch, not the run: the one before it is kept, and sealed too
+    ckpt, previous = tmp_path / "checkpoints" / "probe-last.pt", tmp_path / "checkpoints" / "probe-prev.pt"
+    assert torch.load(previous, weights_only=True)["state"]["epoch"] == 4
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 1  # a flipped byte in a weight loads without a word; its seal tells
+    ckpt.write_bytes(bytes(data))
+    metrics = train(parse_args([*args, "--epochs", "6", "--resume"]))
+    assert [r["epoch"] for r in history(tmp_path)] == [1, 2, 3, 4, 5, 6] and metrics["epochs_run"] == 6
+    for path in (ckpt, previous):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a deep zip-reader traceback before
+    with pytest.raises(ConfigError, match=rf"--resume: no usable probe checkpoint in {ckpt.parent} \(probe-last.pt: "
+                                          r".*probe-prev.pt: .*--overwrite-output-dir"):
+        train(parse_args([*args, "--epochs", "7", "--resume"]))
 
 
 def test_a_resumed_probe_goes_on_with_what_is_left_of_its_budget(easy10_parquet, tmp_path):
@@ -369,6 +379,7 @@ def test_a_resumed_probe_goes_on_with_what_is_left_of_its_budget(easy10_parquet,
     assert 0 < saved["state"]["budget_seconds"] < 300
     saved["state"]["budget_seconds"] = 300.0  # all of its 5 minutes
     torch.save(saved, ckpt)
+    seal(ckpt)  # as the probe seals what it saves
     metrics = train(parse_args([*args, "--epochs", "4", "--resume"]))
     assert [r["epoch"] for r in history(tmp_path)] == [1, 2] and metrics["stopped"] == "time limit 5.0 min"
 
@@ -482,7 +493,7 @@ def test_two_processes_report_bad_input_once(tmp_path):
     assert res.stderr.count("error: --eval-batch-size 15 (global) must divide by the 2 processes") == 1
 
 
-def test_a_folder_in_use_by_a_live_run_is_refused(easy10_parquet, tmp_path):
+def test_a_folder_in_use_by_a_live_run_is_refused(easy10_parquet, tmp_path, monkeypatch):
     """The processes of a launcher killed with kill -9 train on: a --resume beside them would write the same
     checkpoints. A run holds its folder (run.lock) while it goes on; a lock its dead process left holds nothing."""
     out = tmp_path / "run"
@@ -491,8 +502,16 @@ def test_a_folder_in_use_by_a_live_run_is_refused(easy10_parquet, tmp_path):
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / "run.lock").write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname(), "started": "x"}))
-        with pytest.raises(ConfigError, match=rf"in use by a run still going \(process {alive.pid}, started x\)"):
+        with pytest.raises(ConfigError, match=rf"in use by a run still going \(process {alive.pid}, started x; "
+                                              r"delete .*run.lock if no run is going there\)"):
             train(parse_args([*args, "--resume", "--epochs", "2"]))
+        # two runs started at the same moment both pass the early check; the one that comes second to the lock
+        # (created exclusively once the data is read) is refused there
+        monkeypatch.setattr(engine, "holder", lambda out: None)
+        with pytest.raises(ConfigError, match=rf"in use by a run still going \(process {alive.pid}, started x"):
+            train(parse_args([*args, "--resume", "--epochs", "2"]))
+        assert json.loads((out / "run.lock").read_text())["pid"] == alive.pid  # the other run's lock is kept
+        monkeypatch.undo()
     finally:
         alive.kill()
         alive.wait()
