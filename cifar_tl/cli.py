@@ -39,3 +39,17 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         if first_process():
             print("interrupted: rerun with --resume to continue from the last completed epoch", file=sys.stderr)
         return 130
+    except RuntimeError as err:  # a peer of a multi-process run died (killed, out of memory): its output says why
+        if not lost_peer(err):
+            raise
+        return error_line("another process of this run stopped (its own output says why); the completed epochs' "
+                          "checkpoints are kept: rerun with --resume to continue")
+
+
+def lost_peer(err: RuntimeError) -> bool:
+    """Whether `err` is a collective call failing because another process of the run is gone (gloo: "Connection
+    reset by peer"; NCCL and the others: a DistBackendError)."""
+    import torch.distributed as dist
+
+    return isinstance(err, dist.DistBackendError) or any(
+        text in str(err) for text in ("Connection reset by peer", "Connection closed by peer"))

@@ -711,3 +711,26 @@ def test_sigterm_stops_like_ctrl_c(easy10_parquet, tmp_path):
     done = int(pointer.read_text().split("-")[1])
     metrics = train(parse_args(run_args(easy10_parquet, tmp_path, "--epochs", str(done + 1), "--resume")))
     assert metrics["epochs_run"] == done + 1
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer"),
+    torch.distributed.DistBackendError("NCCL communicator was aborted"),
+])
+def test_a_lost_peer_process_is_one_line(easy10_parquet, tmp_path, capsys, monkeypatch, failure):
+    """One process of a multi-process run killed: the survivors' collective calls fail deep in gloo or NCCL, and
+    printed that traceback; now one line saying where to look and that --resume continues. Other runtime errors
+    keep their traceback (they are bugs to report)."""
+    from cifar_tl import engine
+
+    def lost(cfg, started=None):
+        raise failure
+
+    monkeypatch.setattr(engine, "train", lost)
+    assert cli.main(run_args(easy10_parquet, tmp_path, "--epochs", "1")) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: another process of this run stopped (its own output says why); the completed epochs' checkpoints "
+        "are kept: rerun with --resume to continue")
+    monkeypatch.setattr(engine, "train", lambda cfg, started=None: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(run_args(easy10_parquet, tmp_path, "--epochs", "1"))
