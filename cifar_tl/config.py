@@ -75,8 +75,8 @@ class TrainConfig:
                                    "resized, centre crop); default: the source's own size when all its images "
                                    "share one square size, else the model's input size capped at 256"})
     # model
-    model: str = field(default="efficientnet_b0", metadata={"help": "baseline_cnn[_small|_wide], "
-                       "fast_cnn[_wide|_96] or any timm model name"})
+    model: str = field(default="efficientnet_b0", metadata={"help": "baseline_cnn (the study's CNN), "
+                       "baseline_cnn_bn[_small|_wide], fast_cnn[_wide|_96] or any timm model name"})
     pretrained: bool | None = field(default=None, metadata={"help": "start from ImageNet weights; default auto: "
                                     "yes where the model has them (timm models), from scratch where it has none "
                                     "(our CNNs); --pretrained on a model without weights is an error"})
@@ -348,8 +348,8 @@ def _converter(base: type, nullable: bool):
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(
         description="Train an image classifier (baseline CNN or timm transfer learning) with Accelerate.",
-        epilog="Model-aware defaults: --pretrained is auto (ImageNet weights where the model has them), and with "
-               "no --config file and none of the optimiser options (--optimizer, --lr, --momentum, "
+        epilog="Model-aware defaults: --pretrained is auto (ImageNet weights where the model has them), and when "
+               "none of the optimiser options is set, by flag or in a --config file (--optimizer, --lr, --momentum, "
                "--weight-decay, --scheduler, --warmup-epochs, --min-lr, --label-smoothing, --bias-lr-scale) a "
                "model trained from scratch gets the from-scratch recipe, a pretrained one the transfer recipe "
                "(each option's help names both values). The resolved configuration is written to "

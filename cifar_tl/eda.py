@@ -86,7 +86,7 @@ def sample_grid(raw: RawDataset, path: Path, split: str = "train", n: int = 40, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = FlagParser(description=" ".join(__doc__.split()))
+    parser = FlagParser(prog="python -m cifar_tl.eda", description=" ".join(__doc__.split()))
     parser.add_argument("--dataset", default="uoft-cs/cifar100")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--image-column")

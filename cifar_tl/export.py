@@ -19,7 +19,6 @@ from pathlib import Path
 from .console import FlagParser, one_line_errors
 from .files import WriteError
 from .integrity import DamagedFileError, manifest_problems
-from .model_folder import load_model, write_model_folder
 
 
 @dataclass
@@ -52,6 +51,8 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> Checkpoint:
 
 def export_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
                       repo_id: str | None = None) -> Path:
+    from .model_folder import load_model, write_model_folder  # torch and timm: not for --help
+
     source = resolve_checkpoint(checkpoint)
     if not (source.model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no {source.model_dir}/config.json; the run must "

@@ -491,8 +491,8 @@ def _open_hf(dataset: str, kind: str):
             raise DataError(
                 f"--dataset {dataset}: not a local path and {why}, and it is not in the local datasets cache "
                 f"({type(err).__name__}: {err}). Download it where the Hub is reachable, or pass a local copy: "
-                "--dataset PATH to parquet files, a save_to_disk folder, cifar-100-python(.tar.gz) or an image "
-                "folder.") from None
+                "--dataset PATH to parquet files, a save_to_disk folder, cifar-100-python(.tar.gz), "
+                "cifar-10-batches-py (cifar-10-python.tar.gz) or an image folder.") from None
         raise DataError(f"--dataset {dataset}: could not be read as {kind} ({type(err).__name__}: {err})") from None
     return datasets.DatasetDict({"train": ds}) if isinstance(ds, datasets.Dataset) else ds
 

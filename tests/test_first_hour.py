@@ -272,9 +272,10 @@ def test_app_without_model_says_what_to_do(tmp_path):
 def test_clis_answer_help_and_mistakes_before_loading_torch(tmp_path):
     """`app.py --help`, a misspelt flag, no model to serve, a mistyped image path, the other CLIs' --help: each
     answers without waiting ~15 s for torch, gradio and datasets to import."""
-    code = ("import sys\nfrom cifar_tl import demo, eda, evaluate, export_onnx, hub, predict\n"
+    code = ("import sys\nfrom cifar_tl import demo, eda, evaluate, export, export_onnx, hub, predict\n"
             "for main, argv in ((demo.main, ['--help']), (demo.main, ['--prot', '1']), (predict.main, ['--help']),"
-            " (export_onnx.main, ['--help']), (eda.main, ['--help']), (evaluate.main, ['--help']),"
+            " (export_onnx.main, ['--help']), (export.main, ['--help']), (eda.main, ['--help']),"
+            " (evaluate.main, ['--help']),"
             " (hub.main, ['push', '--help']), (hub.main, ['push', '--privte', 'a', 'b'])):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "assert demo.main([]) == 2 and predict.main(['--model', 'm', 'missing.png']) == 2\n"
