@@ -307,13 +307,14 @@ def resumable(out: Path, probe: bool) -> str | None:
     over."""
     probe_found = any((out / "checkpoints" / name).is_file() for name in PROBE_CHECKPOINTS)
     full_found = bool(Checkpoints(out / "checkpoints").folders())
+    this_kind, other_kind = (probe_found, full_found) if probe else (full_found, probe_found)
     # history.jsonl alone is no result: its line for epoch 1 is written just before that epoch's checkpoint
-    if (probe_found if probe else full_found) or not ((out / "metrics.json").is_file() or probe_found or full_found):
+    if this_kind or not (other_kind or (out / "metrics.json").is_file()):
         return None
     kind = "--linear-probe" if probe else "full-training"
-    return (f"--resume: {out} holds a run ({existing_run(out)}) but no {kind} checkpoint to continue (was it trained "
-            f"{'without' if probe else 'with'} --linear-probe?); resume it with its own settings (python train.py "
-            f"--config {out / 'config.yaml'} --resume), start it again with --overwrite-output-dir, or choose "
+    return (f"--resume: {out} holds a run ({existing_run(out)}) but no {kind} checkpoint to continue (was it "
+            f"trained {'without' if probe else 'with'} --linear-probe?); resume it with its own settings (python "
+            f"train.py --config {out / 'config.yaml'} --resume), start it again with --overwrite-output-dir, or choose "
             "another --output-dir")
 
 

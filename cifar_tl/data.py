@@ -104,9 +104,10 @@ def load_bundle(
 ) -> DatasetBundle:
     """Load a source and split its train split into stratified train/val; test stays untouched.
     A source with a train split alone (a folder of class folders) gets a test split: a stratified `test_fraction`
-    of its train split, drawn with a fixed seed; a source with other splits must name its test split. `train_split=None` reads the test split alone (an evaluation of a test-only
-    source): train and val are empty. A fine->coarse map the data leaves partial (classes it never shows) turns
-    superclass labels off, unless `partial_coarse` keeps it for the caller to complete (evaluation)."""
+    of its train split, drawn with a fixed seed; a source with other splits must name its test split.
+    `train_split=None` reads the test split alone (an evaluation of a test-only source): train and val are empty.
+    A fine->coarse map the data leaves partial (classes it never shows) turns superclass labels off, unless
+    `partial_coarse` keeps it for the caller to complete (evaluation)."""
     dataset = os.path.expanduser(dataset)  # `--dataset=~/x` and YAML reach here unexpanded by the shell
     load = partial(load_raw, dataset, image_column=image_column, label_column=label_column,
                    coarse_label_column=coarse_label_column, cache=cache, sizing=sizing)

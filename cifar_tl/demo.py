@@ -336,7 +336,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest upload gradio accepts: a number of bytes with b, kb, mb or gb (default: 20mb)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="images per model call (default: 16)")
     parser.add_argument("--concurrency-limit", type=int, default=1, help="model calls run at once (default: 1)")
-    parser.add_argument("--queue-size", type=int, default=256, help="requests waiting before new ones are refused (default 256)")
+    parser.add_argument("--queue-size", type=int, default=256,
+                        help="requests waiting before new ones are refused (default: %(default)s)")
     parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS,
                         help="visitor sessions gradio keeps in memory, oldest dropped first (default: %(default)s; "
                              "gradio's own 10000 hold ~0.25 GB for this page)")

@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = FlagParser(prog="python -m cifar_tl.evaluate", description="Evaluate a model folder or "
                    "Hub model on a dataset split: metrics.json, report.md and plots.",
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="a model folder (config.json + model.safetensors), a run folder, an exported .onnx file or a Hub id")
+    p.add_argument("--model", required=True, help="a model folder (config.json + model.safetensors), a run folder, "
+                   "an exported .onnx file or a Hub id")
     p.add_argument("--dataset", required=True, help="Hub id, parquet/save_to_disk dir, CIFAR python pickles "
                    "(dir or .tar.gz), or an image folder (as train.py)")
     p.add_argument("--split", default="test", choices=("test", "val", "train"),

@@ -82,6 +82,14 @@ def seal_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def move_sealed(path: str | os.PathLike, to: str | os.PathLike) -> None:
+    """Rename a sealed file and its seal; the seal goes first, so a cut between the two leaves `path` unsealed
+    (loaded as it is) rather than sealed with another file's checksum."""
+    path, to = Path(path), Path(to)
+    os.replace(_seal_of(path), _seal_of(to))
+    os.replace(path, to)
+
+
 def is_sealed(path: str | os.PathLike) -> bool:
     """Whether `seal` recorded a checksum for `path` (what it says is `seal_problem`'s to check)."""
     return _seal_of(Path(path)).is_file()

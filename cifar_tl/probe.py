@@ -32,7 +32,7 @@ from .config import RESUME_KEEPS, ConfigError
 from .data import cache_dir, make_loader
 from .ema import ModelEma
 from .files import WriteError, atomic_path, atomic_write_text
-from .integrity import is_sealed, seal, seal_problem
+from .integrity import is_sealed, move_sealed, seal, seal_problem
 from .optim import Budget, EarlyStopping, warmup_cosine
 
 EFFICIENTNET_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
@@ -317,8 +317,7 @@ def _save(paths: list[Path], key: str, top, optimizer, scheduler, gen, state: di
     one before it moves to paths[1], the fallback when the newest turns out damaged."""
     last, previous = paths
     if last.is_file() and not seal_problem(last):
-        for name in (last.name + ".sha256", last.name):  # a cut between the two leaves paths[0] unsealed, usable
-            os.replace(last.with_name(name), previous.with_name(name.replace(last.name, previous.name)))
+        move_sealed(last, previous)
     with atomic_path(last) as tmp:
         torch.save({"key": key, "recipe": recipe, "top": top.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": gen.get_state(),

@@ -239,9 +239,9 @@ def _rows(items: list, bad: list[int]) -> str:
 # --------------------------------------------------------------------------------------------- detection
 
 
-def hidden(path: Path) -> bool:
+def hidden(name: str) -> bool:
     """Dot-files and dot-folders (.DS_Store, macOS's ._x.png twins, .ipynb_checkpoints) are never data."""
-    return path.name.startswith(".")
+    return name.startswith(".")
 
 
 def walk_files(root: Path) -> Iterator[Path]:
@@ -256,8 +256,8 @@ def walk_files(root: Path) -> Iterator[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        yield from (Path(folder) / name for name in sorted(files) if not name.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not hidden(d))
+        yield from (Path(folder) / name for name in sorted(files) if not hidden(name))
 
 
 def source_kind(dataset: str) -> str:
@@ -315,7 +315,7 @@ def _load_image_folder(dataset: str, splits, skip_unreadable: bool, sizing: Sizi
     """`class/x.png`, or `split/class/x.png` when the top-level folders are split names; classes are the sorted
     folder names, files anywhere below a class folder belong to it."""
     root = Path(dataset)
-    tops = sorted(p for p in root.iterdir() if p.is_dir() and not hidden(p))  # is_dir follows links
+    tops = sorted(p for p in root.iterdir() if p.is_dir() and not hidden(p.name))  # is_dir follows links
     named = [p for p in tops if p.name in SPLIT_FOLDERS]
     # split folders hold class folders; a class that happens to be called "train" (CIFAR-100 has one) holds images
     by_split = named and (len(named) == len(tops) or any(c.is_dir() for p in named for c in p.iterdir()))
@@ -324,7 +324,7 @@ def _load_image_folder(dataset: str, splits, skip_unreadable: bool, sizing: Sizi
     for split in splits:
         if split not in layout:
             raise _missing_split(dataset, split, splits, layout)
-        classes = sorted(p for p in layout[split].iterdir() if p.is_dir() and not hidden(p))
+        classes = sorted(p for p in layout[split].iterdir() if p.is_dir() and not hidden(p.name))
         files[split] = [(f, c.name) for c in classes for f in walk_files(c) if f.suffix.lower() in IMAGE_SUFFIXES]
         if not files[split]:
             raise DataError(f"--dataset {dataset}: split {split!r} has no images in class folders "
