@@ -60,16 +60,19 @@ class TrainConfig:
     dataset: str = field(default="uoft-cs/cifar100", metadata={"help": "Hub id, parquet/save_to_disk dir, "
                          "cifar-100-python or cifar-10-batches-py dir or .tar.gz, or an image folder"})
     image_column: str | None = field(default=None, metadata={"help": "image column (default: img or image)"})
-    label_column: str | None = field(default=None, metadata={"help": "fine label column (fine_label or label)"})
+    label_column: str | None = field(default=None, metadata={"help": "fine label column (default: fine_label or "
+                                                                                "label)"})
     coarse_label_column: str | None = field(default=None, metadata={"help": "coarse label column "
                                             "(default: coarse_label if present)"})
-    train_split: str = "train"
-    test_split: str = "test"
+    train_split: str = field(default="train", metadata={"help": "the split to train on (a validation share is drawn "
+                             "from it: --val-fraction)"})
+    test_split: str = field(default="test", metadata={"help": "the split the final test metrics are measured on"})
     val_fraction: float = field(default=0.1, metadata={"help": "stratified validation share of the train split"})
     test_fraction: float = field(default=0.1, metadata={"help": "a source with a train split alone (a folder of "
                                  "class folders): this stratified share of its train split, drawn the same way "
                                  "in every run and in evaluate, is the test split; 0: an error instead"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "stratified subsample of train"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "train on a stratified subsample of "
+                                                                                 "this many images (default: all)"})
     data_cache: bool = field(default=True, metadata={"help": "cache the decoded uint8 tensor store on disk"})
     store_size: int | None = field(default=None, metadata={"help": "decode every image to SIZE x SIZE (short side "
                                    "resized, centre crop); default: the source's own size when all its images "
@@ -82,17 +85,19 @@ class TrainConfig:
                                     "(our CNNs); --pretrained on a model without weights is an error"})
     weights: str | None = field(default=None, metadata={"help": "initial weights file (.safetensors or .pth)"})
     image_size: int | None = field(default=None, metadata={"help": "model input size (default: the model's own)"})
-    drop_rate: float = 0.2
+    drop_rate: float = field(default=0.2, metadata={"help": "dropout before the classifier"})
     drop_path_rate: float = field(default=0.0, metadata={"help": "stochastic depth for timm models: each residual "
                                   "block is skipped at random in training, at a rate growing with depth up to "
                                   "RATE (timm's drop_path_rate; 0.1-0.2 is usual for fine-tuning); 0 = off"})
     # optimisation (None: a model-aware default, see RECIPES)
-    batch_size: int | None = None
-    eval_batch_size: int = 256
-    epochs: int = 15
-    lr: float | None = None
-    weight_decay: float | None = None
-    momentum: float | None = None
+    batch_size: int | None = field(default=None, metadata={"help": "training images per batch, over all processes "
+                                   "(an optimiser step takes GRAD_ACCUM_STEPS batches)"})
+    eval_batch_size: int = field(default=256, metadata={"help": "images per batch in validation and testing"})
+    epochs: int = field(default=15, metadata={"help": "training epochs (fewer with early stopping or "
+                        "--time-limit-minutes)"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate"})
+    weight_decay: float | None = field(default=None, metadata={"help": "weight decay"})
+    momentum: float | None = field(default=None, metadata={"help": "momentum of --optimizer sgd and of muon's SGD part"})
     optimizer: str | None = field(default=None, metadata={"help": "muon = Muon (orthogonalised momentum) for the "
                                   "conv filters and Nesterov SGD (--lr, --momentum, --weight-decay) for the rest, as "
                                   "airbench94_muon"})
@@ -101,10 +106,12 @@ class TrainConfig:
     muon_momentum: float = field(default=0.6, metadata={"help": "--optimizer muon: the filters' Nesterov momentum"})
     scheduler: str | None = field(default=None, metadata={"help": "plateau (on val loss), cosine or linear decay "
                                   "to --min-lr after --warmup-epochs, or none"})
-    warmup_epochs: float | None = None
-    plateau_factor: float = 0.5
-    plateau_patience: int = 5
-    min_lr: float | None = None
+    warmup_epochs: float | None = field(default=None, metadata={"help": "linear LR warmup, in epochs"})
+    plateau_factor: float = field(default=0.5, metadata={"help": "--scheduler plateau: the LR is multiplied by "
+                                  "this"})
+    plateau_patience: int = field(default=5, metadata={"help": "--scheduler plateau: after this many epochs "
+                                  "without val-loss improvement"})
+    min_lr: float | None = field(default=None, metadata={"help": "the LR the schedule ends at (plateau: its floor)"})
     early_stopping_patience: int | None = field(default=None, metadata={"help": "epochs without val-loss "
                                                 "improvement before stopping (0 disables); best weights are "
                                                 "restored"})
@@ -120,7 +127,7 @@ class TrainConfig:
                                       "head at lr; e.g. 0.8 for fine-tuning (not with --optimizer muon)"})
     whiten_bias_epochs: float = field(default=0.0, metadata={"help": "fast_cnn: train the whitening stem's bias "
                                       "only for the first N epochs, then freeze it (airbench: 3); 0 = always"})
-    label_smoothing: float | None = None
+    label_smoothing: float | None = field(default=None, metadata={"help": "label smoothing of the loss"})
     augment: str | None = field(default=None, metadata={"help": "basic = random shift/zoom/flip resampled to "
                                 "the input size; crop = whole-pixel shifts of a reflect-padded image + flip"})
     shift: float | None = field(default=None, metadata={"help": "max random translation, fraction of the image"})
@@ -139,12 +146,15 @@ class TrainConfig:
                         "each training image (airbench96: 12 px); 0 = off"})
     mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 disables)"})
     cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 disables)"})
-    grad_accum_steps: int = 1
-    max_grad_norm: float | None = None
+    grad_accum_steps: int = field(default=1, metadata={"help": "batches whose gradients are summed into one "
+                                  "optimiser step"})
+    max_grad_norm: float | None = field(default=None, metadata={"help": "clip the gradient norm to this; "
+                                        "default: no clipping"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto = bf16/fp16 on GPU; on CPU bf16 where "
                                  "the CPU has native bf16 and the model no depthwise convolutions, else fp32"})
-    channels_last: bool = True
-    compile: bool = False
+    channels_last: bool = field(default=True, metadata={"help": "channels-last memory format (faster convolutions "
+                                "on GPUs and most CPUs)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (minutes of compiling first)"})
     cuda_graphs: bool = field(default=True, metadata={"help": "on one GPU, replay the training forward+backward "
                               "as CUDA graphs (small images are otherwise bound by kernel-launch overhead)"})
     time_limit_minutes: float | None = field(default=None, metadata={"help": "a wall-clock budget for the whole "
@@ -169,8 +179,9 @@ class TrainConfig:
     tta_level: int = field(default=1, metadata={"help": "--tta views: 1 = image + mirror image; 2 = also both "
                            "shifted by 1 px (6 views, airbench's)"})
     # run
-    seed: int = 42
-    output_dir: str = "runs/latest"
+    seed: int = field(default=42, metadata={"help": "seeds the split, initialisation, augmentation and order"})
+    output_dir: str = field(default="runs/latest", metadata={"help": "where checkpoints, metrics, the report, "
+                            "the plots and the exported model folder go"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start again in an --output-dir that "
                                                                  "holds a run, deleting its checkpoints and results "
                                                                  "(without it such a folder is refused)"})
@@ -178,15 +189,18 @@ class TrainConfig:
                          "checkpoint that verifies)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept; --resume falls back to "
                                   "an older one when the newest is damaged"})
-    report_to: str = "none"
+    report_to: str = field(default="none", metadata={"help": "experiment tracking (W&B: `wandb login` first, or "
+                           "WANDB_MODE=offline)"})
     wandb_log_model: str = field(default="best", metadata={"help": "W&B model artifacts (model-<run id>, with "
                                  "the epoch's metrics, the run config and the dataset fingerprint): all = every "
                                  "epoch's weights (the reference study's run), best = each improving epoch's, "
                                  "end = the best weights once after training, none. Default: best"})
-    project_name: str = "cifar-tl"
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private: bool = False
+    project_name: str = field(default="cifar-tl", metadata={"help": "the W&B / TensorBoard project"})
+    push_to_hub: bool = field(default=False, metadata={"help": "push the exported model folder to the Hub after "
+                              "the run (the access is checked before training)"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "with --push-to-hub: the Hub repo id "
+                                     "(USER/NAME)"})
+    hub_private: bool = field(default=False, metadata={"help": "with --push-to-hub: create the repo private"})
 
     def resolve(self, explicit: set[str] | None = None) -> TrainConfig:
         """Fill the model-aware defaults (`pretrained` auto, the recipe) for the options not in `explicit` (what
@@ -354,18 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
                "model trained from scratch gets the from-scratch recipe, a pretrained one the transfer recipe "
                "(each option's help names both values). The resolved configuration is written to "
                "OUTPUT_DIR/config.yaml; --config OUTPUT_DIR/config.yaml --output-dir NEW_DIR reproduces the run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file of TrainConfig fields; flags given here override it")
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         tp = hints[f.name]
         base = _base_type(tp)
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", " ")}
-        if f.name in RECIPES["scratch"]:
-            transfer, scratch = RECIPES["transfer"][f.name], RECIPES["scratch"][f.name]
-            kwargs["help"] = (f"{kwargs['help'].strip()} (model-aware default: {transfer} with pretrained weights, "
-                              f"{scratch} from scratch)").lstrip()
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS}
+        text, notes = f.metadata.get("help", ""), []
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -374,7 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["metavar"] = f.name.upper()
             if f.name in CHOICES:  # the metavar hides argparse's own list of choices: name them in the help
                 kwargs["choices"] = CHOICES[f.name]
-                kwargs["help"] = f"{kwargs['help'].strip()} (one of: {', '.join(CHOICES[f.name])})".lstrip()
+                notes.append(f"one of: {', '.join(CHOICES[f.name])}")
+        # flags default to SUPPRESS (so a --config file's values stand): the help names each field's default
+        if f.name in RECIPES["scratch"]:
+            transfer, scratch = RECIPES["transfer"][f.name], RECIPES["scratch"][f.name]
+            notes.append(f"model-aware default: {transfer} with pretrained weights, {scratch} from scratch")
+        elif f.default is not None and "default" not in text.lower():
+            notes.append(f"default: {('on' if f.default else 'off') if base is bool else f.default}")
+        kwargs["help"] = " ".join([text, *(f"({note})" for note in notes)]).strip() or " "
         parser.add_argument(f"--{_flag(f.name)}", **kwargs)
     return parser
 

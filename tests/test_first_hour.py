@@ -55,6 +55,15 @@ def test_help_says_which_defaults_depend_on_the_model():
     text = " ".join(build_parser().format_help().split())
     assert "Model-aware defaults" in text and "default auto" in text
     assert "model-aware default: 0.0001 with pretrained weights, 0.001 from scratch" in text
+    # the flags default to SUPPRESS (a --config file's values stand), so argparse shows no default: ours does
+    from dataclasses import fields
+
+    from cifar_tl.config import TrainConfig
+    helps = {a.dest: a.help for a in build_parser()._actions}
+    assert helps["epochs"] == "training epochs (fewer with early stopping or --time-limit-minutes) (default: 15)"
+    assert helps["compile"] == "torch.compile the model (minutes of compiling first) (default: off)"
+    assert "(default: uoft-cs/cifar100)" in text and "(default: efficientnet_b0)" in text
+    assert all("default" in helps[f.name].lower() for f in fields(TrainConfig) if f.default is not None)
 
 
 def test_resolved_config_reproduces_the_run(easy10_parquet, tmp_path):
