@@ -196,3 +196,22 @@ def timm_weights_cache(tmp_path_factory) -> Path:
     files = {"model.safetensors": save({k: v.contiguous() for k, v in model.state_dict().items()}),
              "config.json": json.dumps({"architecture": "test_efficientnet", "num_classes": 1000}).encode()}
     return make_hub_cache(tmp_path_factory.mktemp("hub_cache"), hub_id, files)
+
+
+def hold_elsewhere(folder: Path, started: str = "x"):
+    """Another live run's hold on `folder`, as `processes.hold` takes it (an flock on run.lock and its record),
+    in a process of the standard library alone; kill it to end the run."""
+    import subprocess
+    import sys
+
+    script = ("import fcntl, json, os, socket, sys, time\n"
+              "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+              "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+              "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'started': sys.argv[2]})"
+              ".encode())\n"
+              "print('held', flush=True)\n"
+              "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(folder / "run.lock"), started],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc

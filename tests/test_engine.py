@@ -1,5 +1,6 @@
 """The training engine end to end on small fixtures: outputs, learning, resume (also after kill -9),
 early stopping, transfer modes, divergence, and a real 2-process (gloo) run."""
+import errno
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cifar_tl import engine, probe
+from cifar_tl import engine, probe, processes
 from cifar_tl.checkpoints import ResumeError
 from cifar_tl.config import ConfigError, parse_args
 from cifar_tl.engine import TrainingError, train
@@ -495,7 +496,43 @@ def test_two_processes_report_bad_input_once(tmp_path):
 
 def test_a_folder_in_use_by_a_live_run_is_refused(easy10_parquet, tmp_path, monkeypatch):
     """The processes of a launcher killed with kill -9 train on: a --resume beside them would write the same
-    checkpoints. A run holds its folder (run.lock) while it goes on; a lock its dead process left holds nothing."""
+    checkpoints. A run holds its folder (an flock on run.lock) while it goes on; a lock whose process has ended
+    holds nothing, even when its process number has been given to another process since."""
+    from conftest import hold_elsewhere
+
+    out = tmp_path / "run"
+    args = ["--dataset", str(easy10_parquet), "--output-dir", str(out), *CNN, "--epochs", "1"]
+    train(parse_args(args))
+    other = hold_elsewhere(out)
+    try:
+        with pytest.raises(ConfigError, match=rf"in use by a run still going \(process {other.pid} on "
+                                              rf"{socket.gethostname()}, started x\)"):
+            train(parse_args([*args, "--resume", "--epochs", "2"]))
+        # two runs started at the same moment both pass the early check; the one that comes second to the lock
+        # (taken once the data is read) is refused there
+        monkeypatch.setattr(engine, "holder", lambda out: None)
+        with pytest.raises(ConfigError, match=rf"in use by a run still going \(process {other.pid} on "):
+            train(parse_args([*args, "--resume", "--epochs", "2"]))
+        assert json.loads((out / "run.lock").read_text())["pid"] == other.pid  # the other run's lock is kept
+        monkeypatch.undo()
+    finally:
+        other.kill()
+        other.wait()
+    # its record names a live process (a reused number: pytest's parent here), but no process holds the lock
+    (out / "run.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "x"}))
+    assert train(parse_args([*args, "--resume", "--epochs", "2"]))["epochs_run"] == 2
+    assert not (out / "run.lock").exists()
+
+
+def test_without_flock_a_lock_is_judged_by_its_process(easy10_parquet, tmp_path, monkeypatch):
+    """On a filesystem without flock (some network mounts) the lock falls back to its record: created
+    exclusively, and held while its process is alive."""
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
     out = tmp_path / "run"
     args = ["--dataset", str(easy10_parquet), "--output-dir", str(out), *CNN, "--epochs", "1"]
     train(parse_args(args))
@@ -505,13 +542,10 @@ def test_a_folder_in_use_by_a_live_run_is_refused(easy10_parquet, tmp_path, monk
         with pytest.raises(ConfigError, match=rf"in use by a run still going \(process {alive.pid}, started x; "
                                               r"delete .*run.lock if no run is going there\)"):
             train(parse_args([*args, "--resume", "--epochs", "2"]))
-        # two runs started at the same moment both pass the early check; the one that comes second to the lock
-        # (created exclusively once the data is read) is refused there
         monkeypatch.setattr(engine, "holder", lambda out: None)
         with pytest.raises(ConfigError, match=rf"in use by a run still going \(process {alive.pid}, started x"):
             train(parse_args([*args, "--resume", "--epochs", "2"]))
-        assert json.loads((out / "run.lock").read_text())["pid"] == alive.pid  # the other run's lock is kept
-        monkeypatch.undo()
+        monkeypatch.setattr(engine, "holder", processes.holder)
     finally:
         alive.kill()
         alive.wait()

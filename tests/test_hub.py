@@ -16,6 +16,7 @@ import gradio
 import numpy as np
 import pytest
 from cifar100_meta import COARSE_NAMES, FINE_NAMES, FINE_TO_COARSE
+from conftest import hold_elsewhere
 from fakehub import SHA, FakeHub, hub_env, run_python
 from huggingface_hub import ModelCard, SpaceCard
 from PIL import Image
@@ -196,13 +197,14 @@ def test_push_refuses_what_would_not_load(timm_model_dir, cnn_model_dir, tmp_pat
     run = tmp_path / "run"
     shutil.copytree(timm_model_dir, run / "model")
     assert hub.model_folder_of(run) == run / "model"  # a run's folder pushes its model/, as loaders take it
-    other = subprocess.Popen(["sleep", "60"])
+    other = hold_elsewhere(run)
     try:
-        (run / "run.lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
-        with pytest.raises(ValueError, match="is still going"):
+        with pytest.raises(ValueError, match=f"is still going \\(process {other.pid} on "):
             hub.check_pushable(run / "model", read_config(run / "model"))
     finally:
         other.kill()
+        other.wait()
+    hub.check_pushable(run / "model", read_config(run / "model"))  # the run has ended: its lock holds nothing
 
 
 def test_a_finished_runs_failed_push_says_the_run_is_kept(timm_model_dir):
