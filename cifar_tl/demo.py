@@ -241,6 +241,14 @@ class Batcher:
                     done.set_result(result)
 
 
+def uploaded(path: Path) -> bool:
+    """Whether `path` lies in gradio's upload folder, where uploads and the cached examples are (symlinks
+    followed): the event skips gradio's preprocessing, which would refuse any other file of the server."""
+    from gradio.utils import get_upload_folder
+
+    return path.resolve().is_relative_to(Path(get_upload_folder()).resolve())
+
+
 def make_classifier(predictor: Predictor, top_k: int = 5, max_pixels: int = MAX_PIXELS, max_batch_size: int = 16,
                     workers: int = 1) -> Callable[[dict | None], tuple]:
     """The event function: one upload (a gradio FileData dict, unprocessed) -> top-k fine classes, superclass,
@@ -260,6 +268,8 @@ def make_classifier(predictor: Predictor, top_k: int = 5, max_pixels: int = MAX_
             sweep_previews(Path(previews_dir.name))
         if not upload or not upload.get("path"):
             return None, None, None, NO_IMAGE
+        if not uploaded(Path(upload["path"])):  # an API call may name any path: gradio checks only typed FileData
+            return None, None, None, "⚠️ This file was not uploaded to this demo: please upload an image."
         if not Path(upload["path"]).exists():  # gradio deletes uploads after 15 minutes; the page still shows it
             return None, None, None, ("⚠️ This upload is no longer on the server (uploads are kept for "
                                       f"{DELETE_CACHE[1] // 60} minutes): please upload the image again.")

@@ -52,7 +52,8 @@ def example_pngs() -> list[Path]:
 
 
 @pytest.mark.parametrize("fixture", ["cnn_model_dir", "timm_model_dir"])
-def test_classify_answers_good_inputs_and_explains_bad_ones(fixture, request, zoo):
+def test_classify_answers_good_inputs_and_explains_bad_ones(fixture, request, zoo, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(zoo["ok_rgb.png"].parent))  # the zoo as gradio's uploads
     predictor = Predictor.from_dir(request.getfixturevalue(fixture), "cpu")
     classify = make_classifier(predictor, top_k=5)
     names = sorted(zoo)
@@ -70,15 +71,35 @@ def test_classify_answers_good_inputs_and_explains_bad_ones(fixture, request, zo
     assert max(got, key=got.get) == expected["fine"][0]["label"]
 
 
-def test_an_expired_upload_is_named_as_such(cnn_model_dir, zoo, tmp_path):
+def test_an_expired_upload_is_named_as_such(cnn_model_dir, zoo, tmp_path, monkeypatch):
     """gradio deletes uploads after 15 minutes while the page still shows the image: "not an image file" sent
     the user looking for a fault in a good photo."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
     gone = tmp_path / "upload.png"
     shutil.copy(zoo["ok_rgb.png"], gone)
     classify = make_classifier(Predictor.from_dir(cnn_model_dir, "cpu"))
     gone.unlink()
     *_, message = classify({"path": str(gone)})
     assert "no longer on the server" in message and "upload the image again" in message
+
+
+def test_only_uploads_are_read(cnn_model_dir, zoo, tmp_path, monkeypatch):
+    """The event skips gradio's preprocessing, so an API call may name any path of the server: a private image
+    was classified and its thumbnail served back, and a FIFO held a decoding slot for good."""
+    uploads = tmp_path / "uploads"
+    (uploads / "abc").mkdir(parents=True)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    classify = make_classifier(Predictor.from_dir(cnn_model_dir, "cpu"))
+    shutil.copy(zoo["ok_rgb.png"], uploads / "abc" / "cat.png")
+    assert classify({"path": str(uploads / "abc" / "cat.png")})[3] == ""
+    private = tmp_path / "private.png"
+    shutil.copy(zoo["ok_rgb.png"], private)
+    (uploads / "abc" / "link.png").symlink_to(private)
+    os.mkfifo(tmp_path / "fifo")
+    for path in (private, uploads / "abc" / "link.png", uploads / ".." / "private.png", tmp_path / "fifo",
+                 Path("/etc/passwd")):
+        fine, coarse, preview, message = classify({"path": str(path)})
+        assert (fine, coarse, preview) == (None, None, None) and "not uploaded to this demo" in message, path
 
 
 def test_batcher_batches_waiting_requests_and_routes_answers_back():
@@ -308,7 +329,7 @@ def test_a_malformed_request_fails_alone(server, example_pngs):
     with example_pngs[0].open("rb") as f:
         uploaded = httpx.post(f"{base}/upload", files={"files": f}, timeout=30).json()[0]
     good = {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
-    bad = [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "not a file",
+    bad = [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "not a file",  # refused by gradio
            {"path": "https://example.invalid/cat.png", "url": "https://example.invalid/cat.png",
             "meta": {"_type": "gradio.FileData"}}]
     payloads = [good] * 8 + [bad[0]] + [good] * 8 + [bad[1]] + [good] * 8 + [bad[2]]  # queued together
@@ -322,6 +343,10 @@ def test_a_malformed_request_fails_alone(server, example_pngs):
             assert "event: complete" in stream and json.dumps(expected) in stream, stream[:300]
         else:
             assert "event: error" in stream
+    # a bare path (no FileData type) reaches the app, which reads only what gradio received
+    event = httpx.post(f"{base}/call/classify", json={"data": [{"path": str(example_pngs[0])}]}, timeout=30)
+    stream = httpx.get(f"{base}/call/classify/{event.json()['event_id']}", timeout=60).text
+    assert "event: complete" in stream and "not uploaded to this demo" in stream and expected not in stream
 
 
 def test_demo_flags_are_checked_before_the_model_loads(capsys):
