@@ -108,6 +108,10 @@ def _write(results, out, fmt: str = "jsonl") -> tuple[int, int]:
     return done, skipped
 
 
+class NothingPredicted(Exception):
+    """No image could be read: the --output file is not replaced by an empty one."""
+
+
 def output_format(path: Path | None) -> str:
     """"csv" for a .csv file, "json" for .json, JSON lines otherwise (stdout, .jsonl, anything else)."""
     suffix = path.suffix.lower() if path else ""
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=5, help="fine classes per image (default: %(default)s)")
     parser.add_argument("--output", type=Path, help="write here instead of stdout: JSON lines, or one JSON array "
                         "for a .json file, CSV for a .csv file")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default: %(default)s)")
     parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
@@ -143,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {item}: no such file or folder", file=sys.stderr)
     if not files:
         return error_line("no image files found in the given paths")
+    if args.output:  # e.g. `--output *.jpg`: the first photo would have become the predictions file
+        from .sources import IMAGE_SUFFIXES
+
+        named = args.output.resolve() in {f.resolve() for f in files}
+        if named or args.output.suffix.lower() in IMAGE_SUFFIXES:
+            return error_line(f"--output {args.output}: {'one of the images to predict' if named else 'an image file'}"
+                              ", which the predictions would replace; name a .jsonl, .json or .csv file")
     from .loading import ModelLoadError, load_predictor
 
     try:
@@ -163,11 +174,22 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             return 0
     else:
-        try:  # written whole or not at all: a full disk leaves the earlier file as it was
-            with atomic_path(args.output) as tmp, tmp.open("w", newline="") as out:
-                done, skipped = _write(results, out, fmt)
+        target = args.output.resolve() if args.output.is_symlink() else args.output  # a link's target gets them
+        try:
+            if args.output.exists() and not args.output.is_file():  # a FIFO, /dev/stdout: a stream to write
+                with args.output.open("w", newline="") as out:
+                    done, skipped = _write(results, out, fmt)
+            else:  # written whole or not at all: a full disk, or no image read, leaves the earlier file as it was
+                with atomic_path(target) as tmp, tmp.open("w", newline="") as out:
+                    done, skipped = _write(results, out, fmt)
+                    if not done:
+                        raise NothingPredicted
         except WriteError as err:
             return error_line(err)
+        except NothingPredicted:
+            print(f"predicted no image, skipped {skipped + len(missing)}; {args.output} is left as it was",
+                  file=sys.stderr)
+            return 1
     print(f"predicted {done} image(s), skipped {skipped + len(missing)}"
           + (f" -> {args.output}" if args.output else ""), file=sys.stderr)
     return 0 if done else 1

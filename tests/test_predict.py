@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +114,38 @@ def test_predict_output_follows_the_file_suffix(zoo, cnn_model_dir, tmp_path):
     assert [(r["path"], r["label_1"], r["coarse_label"]) for r in rows] == \
         [(r["path"], r["fine"][0]["label"], r["coarse"]["label"]) for r in records]
     assert float(rows[0]["score_1"]) == pytest.approx(records[0]["fine"][0]["score"], abs=1e-5)
-    assert main(["--model", str(cnn_model_dir), images[2], "--output", str(tmp_path / "none.json"),
-                 "--no-progress"]) == 1
-    assert json.loads((tmp_path / "none.json").read_text()) == []
+    assert main(["--model", str(cnn_model_dir), images[2], "--output", str(tmp_path / "p.json"),
+                 "--no-progress"]) == 1  # no image read: the earlier predictions are kept, not replaced by []
+    assert json.loads((tmp_path / "p.json").read_text()) == records
+
+
+def test_predict_output_never_replaces_an_image_a_link_or_a_stream(zoo, cnn_model_dir, tmp_path, capsys):
+    """`--output *.jpg` made the first photo the predictions file; a link became a file and its target kept the
+    old predictions; a FIFO became a file its reader never saw (as root, so did /dev/stdout)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.dat"):
+        shutil.copy(zoo["ok_rgb.png"], photos / name)
+    before = (photos / "a.jpg").read_bytes()
+    model = ["--model", str(cnn_model_dir), "--backend", "torch", "--no-progress"]
+    for out, inputs in ((photos / "a.jpg", [photos / "b.jpg"]), (photos / "c.dat", [photos / "c.dat"])):
+        assert main([*model, "--output", str(out), *map(str, inputs)]) == 2
+        assert "which the predictions would replace; name a .jsonl" in capsys.readouterr().err
+    assert (photos / "a.jpg").read_bytes() == before and (photos / "c.dat").read_bytes() == before
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "preds.jsonl").write_text("old\n")
+    (tmp_path / "link.jsonl").symlink_to(store / "preds.jsonl")
+    assert main([*model, "--output", str(tmp_path / "link.jsonl"), str(photos / "b.jpg")]) == 0
+    assert (tmp_path / "link.jsonl").is_symlink()
+    assert json.loads((store / "preds.jsonl").read_text())["path"] == str(photos / "b.jpg")
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    with ThreadPoolExecutor(1) as pool:
+        read = pool.submit(fifo.read_text)
+        assert main([*model, "--output", str(fifo), str(photos / "b.jpg")]) == 0
+        assert json.loads(read.result(timeout=60))["path"] == str(photos / "b.jpg")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
 
 
 def test_predict_names_each_file_once_and_reports_dead_links(zoo, cnn_model_dir, tmp_path, capsys):
