@@ -49,10 +49,32 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> Checkpoint:
                             "RUN/checkpoints/best.safetensors or RUN/checkpoints/epoch-NNNN")
 
 
+def not_a_model_folder(out: Path) -> str | None:
+    """Why writing a model folder at `out` would cost files that are not a model folder's (its weights, config,
+    card, confusion.json and plots are replaced), or None: `out` is absent, empty or a model folder."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return "a file, not a folder"
+    if not any(out.iterdir()):
+        return None
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict) and "architecture" in config:
+        return None
+    return "a folder that is not a model folder (no model config.json), whose files the export would mix with or replace"
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
                       repo_id: str | None = None) -> Path:
     from .model_folder import load_model, write_model_folder  # torch and timm: not for --help
 
+    refused = not_a_model_folder(Path(output_dir))
+    if refused:
+        raise ValueError(f"--output-dir {output_dir}: {refused}; choose a new or empty folder, or a model folder "
+                         "to rewrite")
     source = resolve_checkpoint(checkpoint)
     if not (source.model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no {source.model_dir}/config.json; the run must "
@@ -73,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(model.safetensors, config.json, README.md) from a training run.")
     parser.add_argument("--checkpoint", required=True, help="run output dir, model folder, "
                         "RUN/checkpoints/best.safetensors or RUN/checkpoints/epoch-NNNN")
-    parser.add_argument("--output-dir", required=True, help="folder to write (may be the source folder)")
+    parser.add_argument("--output-dir", required=True, help="folder to write: new, empty, or a model folder "
+                        "(the source model folder included) to rewrite")
     parser.add_argument("--hub-model-id", help="user/name the card's loading snippets should use")
     args = parser.parse_args(argv)
 

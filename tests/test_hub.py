@@ -145,6 +145,25 @@ def test_export_bad_checkpoint_is_one_clear_error(run_dir, tmp_path, capsys):
     assert err.count("\n") == 1 and "does not fit the test_efficientnet" in err and "classifier" in err
 
 
+def test_export_never_mixes_a_model_folder_into_other_files(run_dir, tmp_path, capsys):
+    """An existing folder that was not a model folder lost its plots/ (and its README.md) to the export: a
+    project folder, or the run's own folder."""
+    project = tmp_path / "myproject"
+    (project / "plots").mkdir(parents=True)
+    (project / "plots" / "thesis_fig1.pdf").write_text("data")
+    (project / "README.md").write_text("mine")
+    for out in (project, run_dir):
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        assert export.main(["--checkpoint", str(run_dir), "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --output-dir {out}: a folder that is not a model folder") and err.count("\n") == 1
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (project / "README.md").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    assert export.main(["--checkpoint", str(run_dir), "--output-dir", str(tmp_path / "empty")]) == 0
+    assert export.main(["--checkpoint", str(run_dir), "--output-dir", str(tmp_path / "empty")]) == 0  # rewritten
+
+
 def test_fixture_folders_carry_a_card(cnn_model_dir, timm_model_dir):
     for folder in (cnn_model_dir, timm_model_dir):
         card = ModelCard.load(folder / "README.md")
