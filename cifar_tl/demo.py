@@ -106,9 +106,16 @@ def confusion_highlights(predictor: Predictor, n: int = 5) -> str | None:
     parts, per_class = [], None
     folder = predictor.model_dir
     confusion = _load_json(folder / "confusion.json") if folder else None
-    if confusion and "matrix" in confusion:
+    if isinstance(confusion, dict) and "matrix" in confusion:
         labels = confusion.get("labels") or predictor.fine_names
-        matrix = np.asarray(confusion["matrix"], dtype=np.float64)
+        try:
+            matrix = np.asarray(confusion["matrix"], dtype=np.float64)
+        except (TypeError, ValueError):  # ragged rows, text
+            matrix = None
+        if matrix is None or matrix.shape != (len(labels), len(labels)):  # an edited file must not stop the demo
+            log.warning("%s is not a %d x %d matrix of counts with its labels: the demo shows no weak spots",
+                        folder / "confusion.json", len(labels), len(labels))
+            return None
         off = matrix.copy()
         np.fill_diagonal(off, 0)
         rows = matrix.sum(1, keepdims=True).clip(min=1)
@@ -121,7 +128,9 @@ def confusion_highlights(predictor: Predictor, n: int = 5) -> str | None:
         per_class = {labels[i]: matrix[i, i] / matrix[i].sum() for i in range(len(labels)) if matrix[i].sum()}
     elif folder:
         details = _load_json(folder / "eval_details.json") or _load_json(folder.parent / "eval_details.json")
-        per_class = ((details or {}).get("plain") or {}).get("per_class")
+        per_class = ((details if isinstance(details, dict) else {}).get("plain") or {}).get("per_class")
+        if not isinstance(per_class, dict) or not all(isinstance(v, (int, float)) for v in per_class.values()):
+            per_class = None
     if per_class:
         ranked = sorted(per_class.items(), key=lambda kv: kv[1])
         parts.append("**Hardest classes** (test accuracy): "

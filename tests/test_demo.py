@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import threading
@@ -126,7 +127,7 @@ def test_batcher_batches_waiting_requests_and_routes_answers_back():
         demo_module.Batcher(broken)(0)
 
 
-def test_model_card_and_confusion_highlights(cnn_model_dir, tmp_path):
+def test_model_card_and_confusion_highlights(cnn_model_dir, tmp_path, caplog):
     predictor = Predictor.from_dir(cnn_model_dir, "cpu")
     card = model_card(predictor)
     assert "`baseline_cnn_bn`" in card and "top-1 1.0%" in card and "superclass 5.0%" in card
@@ -145,6 +146,17 @@ def test_model_card_and_confusion_highlights(cnn_model_dir, tmp_path):
                                                                                     "orange": 1.0}}}))
     text = confusion_highlights(Predictor.from_dir(folder, "cpu"))
     assert "Most confused" not in text and "Hardest classes** (test accuracy): pear 40%, apple 70%" in text
+
+    # an edited or damaged file (it travels with the weights to the Hub) leaves the panel out, not the demo
+    for bad in ({"labels": labels[:2], "matrix": [[8, 2, 0], [5, 5, 0], [0, 0, 10]]},
+                {"labels": labels, "matrix": [[1, 2], [3]]}, {"matrix": "x"}):
+        (folder / "confusion.json").write_text(json.dumps(bad))
+        with caplog.at_level(logging.WARNING, logger="cifar_tl.demo"):
+            assert confusion_highlights(Predictor.from_dir(folder, "cpu")) is None
+        assert "confusion.json is not a" in caplog.text
+    (folder / "confusion.json").unlink()
+    (tmp_path / "eval_details.json").write_text(json.dumps({"plain": {"per_class": ["apple"]}}))
+    assert confusion_highlights(Predictor.from_dir(folder, "cpu")) is None
 
 
 def test_title_and_gallery_follow_the_models_classes(cnn_model_dir, tmp_path):
