@@ -365,6 +365,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
     check_pixel_limit(parser, args.max_pixels)
+    if args.port is not None and not 0 <= args.port <= 65535:
+        parser.error(f"--port must be 0-65535; got {args.port}")
     return args
 
 

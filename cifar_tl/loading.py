@@ -57,6 +57,12 @@ def load_predictor(source: str | Path, backend: str = "torch", device: str | tor
     ONNX exporter cannot express is served by PyTorch, with a warning."""
     if backend not in BACKENDS:
         raise ModelLoadError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+    if threads is not None and threads < 1:
+        raise ModelLoadError(f"--threads {threads}: must be at least 1")
+    try:
+        torch.device(device or "cpu")
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"--device {device}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
     requested, backend = backend, resolve_backend(backend, device)
     if threads:
         torch.set_num_threads(threads)

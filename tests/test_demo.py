@@ -363,7 +363,8 @@ def test_a_malformed_request_fails_alone(server, example_pngs):
 
 def test_demo_flags_are_checked_before_the_model_loads(capsys):
     for argv, flag in ((["--max-file-size", "abc"], "--max-file-size"), (["--max-batch-size", "0"], "--max-batch-size"),
-                       (["--queue-size", "0"], "--queue-size"), (["--max-pixels", "0"], "--max-pixels")):
+                       (["--queue-size", "0"], "--queue-size"), (["--max-pixels", "0"], "--max-pixels"),
+                       (["--port", "70000"], "--port must be 0-65535")):
         with pytest.raises(SystemExit) as exit_:
             parse_args(["--model", "no/such-model", *argv])
         assert exit_.value.code == 2 and flag in capsys.readouterr().err

@@ -218,6 +218,10 @@ def test_predict_cli_errors_are_one_line(cnn_model_dir, zoo, tmp_path, capsys):
     nowhere = tmp_path / "no-such-folder" / "p.jsonl"
     assert main(["--model", str(cnn_model_dir), str(zoo["ok_rgb.png"]), "--output", str(nowhere)]) == 2
     assert capsys.readouterr().err == f"error: --output {nowhere}: no folder {nowhere.parent}\n"
+    for flags, message in ((["--threads", "-1"], "error: --threads -1: must be at least 1\n"),
+                           (["--device", "foo"], "error: --device foo: not a torch device (e.g. cpu, cuda, cuda:1, mps)\n")):
+        assert main(["--model", str(cnn_model_dir), str(zoo["ok_rgb.png"]), *flags]) == 2
+        assert capsys.readouterr().err == message
     assert main(["--model", str(tmp_path / "m.onnx"), str(zoo["ok_rgb.png"]), "--backend", "torch"]) == 2
     assert "runs on ONNX Runtime on the CPU, so --backend torch cannot apply" in capsys.readouterr().err
     with pytest.raises(SystemExit):
