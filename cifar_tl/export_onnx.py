@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output.suffix.lower() != ".onnx":  # every loader tells an ONNX file by its suffix
         parser.error(f"--output {args.output}: name the file *.onnx (the demo, predict and evaluate take it by "
                      "that name)")
+    if args.model.lower().endswith(".onnx"):
+        parser.error(f"--model {args.model}: already an ONNX file; give the model folder or Hub id it came from")
     from .loading import ModelLoadError, load_predictor  # torch: seconds to import, not needed for --help
     from .onnx_backend import INPUT_NAME, OUTPUT_NAME, export_onnx
 

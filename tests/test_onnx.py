@@ -83,3 +83,11 @@ def test_export_cli_reports_an_unwritable_output_in_one_line(cnn_model_dir, tmp_
     blocker.write_text("")
     assert main(["--model", str(cnn_model_dir), "--output", str(blocker / "m.onnx")]) == 2
     assert capsys.readouterr().err == f"error: cannot write {blocker}: File exists\n"  # the file in the way
+
+
+def test_export_cli_refuses_an_onnx_model(tmp_path, capsys):
+    """An .onnx --model went as far as a TypeError traceback (its session cannot be copied)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(tmp_path / "cnn.onnx"), "--output", str(tmp_path / "again.onnx")])
+    assert exit_.value.code == 2
+    assert "--model " in (err := capsys.readouterr().err) and "already an ONNX file" in err
