@@ -219,12 +219,19 @@ def build_space(space_dir: str | Path, model: str) -> Path:
     local = Path(model).is_dir()
     if not local:
         check_repo_id(model, "--model (a model folder or Hub id)")
+        if Path(model).parent.is_dir():  # `runs/cnnx`: a mistyped folder, not a Hub user named "runs"
+            raise FileNotFoundError(f"--model {model}: no such folder, though {Path(model).parent}/ is here; give "
+                                    "the model folder (or run folder), or a Hub id user/name that is no local path")
+    if (space / "cifar_tl").resolve() == PACKAGE_DIR.resolve():
+        raise ValueError(f"{space}: the folder this cifar_tl package is in; build the Space in another folder")
+    config = None
+    if local:  # bundle the weights: the Space then needs no model repo
+        model = model_folder_of(model)  # a run's folder: its model/
+        config = read_model_folder(model)  # checked before anything is written
     space.mkdir(parents=True, exist_ok=True)
     shutil.copytree(PACKAGE_DIR, space / "cifar_tl", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    config = None
-    if local:  # bundle the weights: the Space then needs no model repo
-        config = read_model_folder(model)
+    if local:
         keep = (".safetensors", ".json")
         shutil.copytree(model, space / "model", dirs_exist_ok=True,
                         ignore=lambda _, names: [n for n in names if not n.endswith(keep)])
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--message", help="commit message (default: names the run and its test top-1)")
     space = sub.add_parser("space", help="build a Gradio Space folder for a model, and with --push upload it")
     space.add_argument("space_dir", nargs="?", help="folder to write (default with --push: a temporary one)")
-    space.add_argument("--model", required=True, help="Hub id user/name, or a model folder to bundle")
+    space.add_argument("--model", required=True, help="Hub id user/name, or a model folder (or run folder) to bundle")
     space.add_argument("--space", help="the Space's Hub id user/name (with --push)")
     space.add_argument("--push", action="store_true", help="create the Space and upload the folder in one commit")
     space.add_argument("--private", action="store_true", help="create the Space private")

@@ -437,6 +437,21 @@ def free_port() -> int:
 
 
 @pytest.mark.slow  # starts the real app: gradio, torch and timm imports in a fresh process
+def test_space_takes_a_run_folder_and_names_a_mistyped_one(run_dir, tmp_path, capsys, monkeypatch):
+    """A run's folder was "not a model folder" (every other command takes it) after the package was copied; a
+    mistyped local folder with one slash became the Space's Hub model; a Space built where the package lies
+    copied it onto itself."""
+    space = hub.build_space(tmp_path / "space", str(run_dir))
+    assert (space / "model" / "model.safetensors").is_file() and (space / "model" / "config.json").is_file()
+    monkeypatch.chdir(run_dir.parent)
+    typo = f"{run_dir.name}/modle"
+    assert hub.main(["space", str(tmp_path / "typo"), "--model", typo]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --model {typo}: no such folder, though {run_dir.name}/ is here")
+    assert not (tmp_path / "typo").exists()
+    assert hub.main(["space", str(hub.PACKAGE_DIR.parent), "--model", "me/cifar"]) == 2
+    assert "the folder this cifar_tl package is in" in capsys.readouterr().err
+
+
 def test_space_with_bundled_model_runs_locally(timm_model_dir, tmp_path):
     space = hub.build_space(tmp_path / "space", str(timm_model_dir))
     assert (space / "model" / "model.safetensors").is_file()
