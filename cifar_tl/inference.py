@@ -48,6 +48,26 @@ def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
     return img
 
 
+def as_uint8_image(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    """An image array as Pillow takes it, uint8 [H, W(, C)]: channels first ([3, H, W], as torchvision and our
+    tensors hold them) are moved last, and floats are read as [0, 1] (or [0, 255] when larger values occur)."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ImageError(f"an array of shape {tuple(array.shape)} is no image: give [H, W, 3] (or [3, H, W], or "
+                         "[H, W] grey)")
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind not in "fiu" or not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise ImageError(f"an image array of {array.dtype} must hold values in [0, 1] or [0, 255]")
+    scale = 255 if array.dtype.kind == "f" and array.max() <= 1 else 1
+    return np.rint(array.astype(np.float64) * scale).astype(np.uint8)
+
+
 @dataclass
 class Predictor:
     model: torch.nn.Module
@@ -89,6 +109,8 @@ class Predictor:
         training store was (`sources.fit_square`)."""
         if isinstance(image, (str, os.PathLike)):
             image = open_image(image)
+        elif isinstance(image, (np.ndarray, torch.Tensor)):
+            image = as_uint8_image(image)
         try:
             arr = decode_image(image, shrink_to=self.data_size)
         except (OSError, ValueError, TypeError) as err:  # exotic modes Pillow cannot convert to RGB

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -73,6 +74,24 @@ def test_predict_takes_file_paths_as_the_pipeline_does(zoo, cnn_model_dir):
     with pytest.raises(ImageError, match="not an image file"):
         predictor.predict([zoo["bad_not_an_image.png"]])
     assert predictor.predict([]) == []
+
+
+def test_predict_takes_arrays_as_people_hold_them(cnn_model_dir, cifar100_arrays):
+    """Floats in [0, 1] and channels-first arrays (numpy or torch) were refused as "cannot convert to RGB"."""
+    import torch
+
+    predictor = Predictor.from_dir(cnn_model_dir, "cpu")
+    hwc = cifar100_arrays["test"][0][0]  # uint8 [32, 32, 3]
+    expected = predictor.to_thumbnail(hwc)
+    for same in (hwc.transpose(2, 0, 1), hwc / 255.0, (hwc / 255.0).astype(np.float32).transpose(2, 0, 1),
+                 torch.from_numpy(hwc).permute(2, 0, 1), torch.from_numpy(hwc / 255.0), hwc.astype(np.int64)):
+        assert np.array_equal(predictor.to_thumbnail(same), expected)
+    assert predictor.to_thumbnail(hwc[..., :1]).shape == expected.shape  # [H, W, 1]: grey
+    for bad, message in ((np.zeros((2, 32, 32, 3), np.uint8), "shape (2, 32, 32, 3) is no image"),
+                         (hwc * -1.0, "must hold values in [0, 1] or [0, 255]"),
+                         (np.full((32, 32, 3), np.nan), "must hold values")):
+        with pytest.raises(ImageError, match=re.escape(message)):
+            predictor.predict([bad])
 
 
 def test_pixel_bound_and_decompression_bomb_guard(zoo, monkeypatch):
