@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import ModelLoadError, backend_of, load_predictor
 
     try:
-        predictor = load_predictor(source, args.backend, args.device, args.threads)
+        named = None if args.model else f"{why} ({source})"  # e.g. $CIFAR_TL_MODEL, which no flag set
+        predictor = load_predictor(source, args.backend, args.device, args.threads, named=named)
     except ModelLoadError as err:
         return error_line(err)
     print(f"backend: {backend_of(predictor)} (--backend {args.backend})", flush=True)

@@ -26,35 +26,38 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message names the source and the cause."""
 
 
-def model_folder(source: str | Path) -> Path:
+def model_folder(source: str | Path, named: str | None = None) -> Path:
     """A local model folder as it is (a training run's output folder: its model/), or a Hub repo downloaded (or
-    read from the local Hub cache)."""
+    read from the local Hub cache). Errors name the source as `named` says (default: `--model SOURCE`)."""
+    named = named or f"--model {source}"
     path = Path(source).expanduser()
     if path.is_dir():
         return model_folder_of(path)
     text = str(source)
     if path.is_file():
-        raise ModelLoadError(f"--model {source}: a file, not a model folder; give the folder that holds config.json "
+        raise ModelLoadError(f"{named}: a file, not a model folder; give the folder that holds config.json "
                              "and model.safetensors, a Hub id user/name, or an exported ONNX file named *.onnx")
     if path.exists() or text.startswith((".", "/", "~")) or not is_hub_id(text):
-        raise ModelLoadError(f"--model {source}: no such model folder, nor a Hub id user/name")
+        raise ModelLoadError(f"{named}: no such model folder, nor a Hub id user/name")
     try:
         with hub_offline():  # no network: the local Hub cache at once, not after the Hub client's retries
             return Path(snapshot_download(text, allow_patterns=DOWNLOAD_PATTERNS))
     except LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE=1)" if is_offline_mode() else ""
-        raise ModelLoadError(f"--model {text}: no such folder, and not in the local Hub cache while the Hub is "
+        raise ModelLoadError(f"{named}: no such folder, and not in the local Hub cache while the Hub is "
                              f"unreachable{offline}; download it once online or pass a model folder") from None
     except Exception as err:  # repository missing, gated, private without a token, or the Hub failing
-        raise ModelLoadError(f"--model {text}: cannot download from the Hub ({type(err).__name__}: "
+        raise ModelLoadError(f"{named}: cannot download from the Hub ({type(err).__name__}: "
                              f"{str(err).splitlines()[0]})") from None
 
 
 def load_predictor(source: str | Path, backend: str = "torch", device: str | torch.device | None = None,
-                   threads: int | None = None) -> Predictor:
+                   threads: int | None = None, named: str | None = None) -> Predictor:
     """A model folder, a Hub id or an exported .onnx file -> a Predictor on the chosen backend (the device
     defaults to CUDA when present; `threads` caps the CPU threads of either runtime). With "auto", a model the
-    ONNX exporter cannot express is served by PyTorch, with a warning."""
+    ONNX exporter cannot express is served by PyTorch, with a warning. Errors name the source as `named` says
+    (default: `--model SOURCE`)."""
+    named = named or f"--model {source}"
     if backend not in BACKENDS:
         raise ModelLoadError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
     if threads is not None and threads < 1:
@@ -67,7 +70,7 @@ def load_predictor(source: str | Path, backend: str = "torch", device: str | tor
     if threads:
         torch.set_num_threads(threads)
     onnx_file = str(source).endswith(".onnx")
-    folder = None if onnx_file else model_folder(source)
+    folder = None if onnx_file else model_folder(source, named)
     try:
         if onnx_file:
             from .onnx_backend import OnnxPredictor
@@ -86,9 +89,9 @@ def load_predictor(source: str | Path, backend: str = "torch", device: str | tor
                                type(err).__name__, (str(err).splitlines() or [""])[0][:160])
         return predictor
     except DamagedFileError as err:  # truncated, altered: the message names the file and what is wrong
-        raise ModelLoadError(f"--model {source}: {err}") from None
+        raise ModelLoadError(f"{named}: {err}") from None
     except Exception as err:  # missing files, bad configs, weights that do not fit: one clear line
-        raise ModelLoadError(f"--model {source}: cannot be loaded ({type(err).__name__}: {err})") from None
+        raise ModelLoadError(f"{named}: cannot be loaded ({type(err).__name__}: {err})") from None
 
 
 def backend_of(predictor: Predictor) -> str:

@@ -271,6 +271,20 @@ def test_app_serves_the_newest_finished_run(cnn_model_dir, tmp_path, monkeypatch
     assert default_model() == ("me/cifar", "$CIFAR_TL_MODEL")
 
 
+def test_a_model_no_flag_named_is_named_as_it_was_given(tmp_path, monkeypatch, capsys):
+    """$CIFAR_TL_MODEL and cifar_tl.from_pretrained() errors spoke of a --model nobody had typed."""
+    import cifar_tl
+    from cifar_tl import demo
+    from cifar_tl.loading import ModelLoadError
+
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match=re.escape(f"from_pretrained({missing!r}): no such model folder")):
+        cifar_tl.from_pretrained(missing)
+    monkeypatch.setenv("CIFAR_TL_MODEL", missing)
+    assert demo.main([]) == 2
+    assert f"error: $CIFAR_TL_MODEL ({missing}): no such model folder" in capsys.readouterr().err
+
+
 def test_app_without_model_says_what_to_do(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CIFAR_TL_MODEL"}
     proc = subprocess.run([sys.executable, str(ROOT / "app.py")], cwd=tmp_path, env=env, capture_output=True,
