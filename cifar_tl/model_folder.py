@@ -165,10 +165,17 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json (not a cifar-tl model folder)")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):  # a ValueError as the others: what loaders catch to name the folder
+        raise ValueError(f"{path}: expected a JSON object")  # noqa: TRY004
     for key in ("architecture", "label_names", "pretrained_cfg"):
         if key not in config:
             raise ValueError(f"{path}: missing '{key}'")
+    if not isinstance(config["pretrained_cfg"], dict) or "input_size" not in config["pretrained_cfg"]:
+        raise ValueError(f"{path}: pretrained_cfg has no input_size")
     return config
 
 

@@ -492,3 +492,16 @@ def test_card_says_only_what_its_numbers_support(timm_model_dir, cnn_model_dir):
     config["cifar_tl"]["metrics"] = {"top1": 0.5, "coarse_top1": 0.6, "n": 200}
     assert "about 20 % of the fine-label mistakes" in render_card(config, model_dir=timm_model_dir).text
     assert "same probabilities" in render_card(read_config(cnn_model_dir), model_dir=cnn_model_dir).text
+
+
+def test_a_damaged_config_is_named_when_loading(cnn_model_dir, tmp_path):
+    """A config.json that is no JSON, or lacks input_size, said only `JSONDecodeError: Extra data` / `KeyError`."""
+    from cifar_tl.loading import load_predictor
+
+    folder = shutil.copytree(cnn_model_dir, tmp_path / "m")
+    config = read_config(folder)
+    for text, problem in (('{"architecture": 1} }', "is not valid JSON"), ("[]", "expected a JSON object"),
+                          (json.dumps({**config, "pretrained_cfg": {}}), "pretrained_cfg has no input_size")):
+        (folder / "config.json").write_text(text)
+        with pytest.raises(ModelLoadError, match=re.escape(f"{folder / 'config.json'}") + ".*" + re.escape(problem)):
+            load_predictor(folder)
