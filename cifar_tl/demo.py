@@ -314,8 +314,9 @@ def build_demo(predictor: Predictor, *, examples_dir: Path | None = None, top_k:
                 image = gr.Image(label="Your image", type="filepath", image_mode=None, height=300,
                                  sources=["upload", "webcam", "clipboard"], elem_id="input-image")
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
-                gr.Markdown(f"The model sees a **{size} thumbnail** of your image (CIFAR's resolution), so small "
-                            "details vanish: centred single objects work best. Preview of what it sees:")
+                small = " (CIFAR's resolution), so small details vanish" if predictor.data_size <= 32 else ""
+                gr.Markdown(f"The model sees a **{size} thumbnail** of your image{small}: centred single objects "
+                            "work best. Preview of what it sees:")
                 preview = gr.Image(label=f"What the model sees ({size})", interactive=False,
                                    height=PREVIEW_SIDE + 48, elem_id="thumbnail")
             with gr.Column():

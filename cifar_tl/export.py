@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                         "(the source model folder included) to rewrite")
     parser.add_argument("--hub-model-id", help="user/name the card's loading snippets should use")
     args = parser.parse_args(argv)
+    if args.hub_model_id is not None:
+        from .hub import is_hub_id
+
+        if not is_hub_id(args.hub_model_id):  # it would be written into the card's loading snippets
+            parser.error(f"--hub-model-id {args.hub_model_id!r}: not a Hub id user/name")
 
     def run() -> None:
         print(f"exported {export_checkpoint(args.checkpoint, args.output_dir, args.hub_model_id)}")

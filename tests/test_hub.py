@@ -145,6 +145,13 @@ def test_export_bad_checkpoint_is_one_clear_error(run_dir, tmp_path, capsys):
     assert err.count("\n") == 1 and "does not fit the test_efficientnet" in err and "classifier" in err
 
 
+def test_export_checks_the_hub_id_it_writes_into_the_card(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        export.main(["--checkpoint", str(run_dir), "--output-dir", str(tmp_path / "o"), "--hub-model-id", "bad id!!"])
+    assert exit_.value.code == 2 and "--hub-model-id 'bad id!!': not a Hub id user/name" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_never_mixes_a_model_folder_into_other_files(run_dir, tmp_path, capsys):
     """An existing folder that was not a model folder lost its plots/ (and its README.md) to the export: a
     project folder, or the run's own folder."""
