@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
                      "that name)")
     if args.model.lower().endswith(".onnx"):
         parser.error(f"--model {args.model}: already an ONNX file; give the model folder or Hub id it came from")
+    if not args.output.parent.is_dir():  # as predict --output: a mistyped folder is not created silently
+        return error_line(f"--output {args.output}: no folder {args.output.parent}")
     from .loading import ModelLoadError, load_predictor  # torch: seconds to import, not needed for --help
     from .onnx_backend import INPUT_NAME, OUTPUT_NAME, export_onnx
 

@@ -82,7 +82,9 @@ def test_export_cli_reports_an_unwritable_output_in_one_line(cnn_model_dir, tmp_
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert main(["--model", str(cnn_model_dir), "--output", str(blocker / "m.onnx")]) == 2
-    assert capsys.readouterr().err == f"error: cannot write {blocker}: File exists\n"  # the file in the way
+    assert capsys.readouterr().err == f"error: --output {blocker / 'm.onnx'}: no folder {blocker}\n"  # a file
+    assert main(["--model", str(cnn_model_dir), "--output", str(tmp_path / "typo" / "m.onnx")]) == 2
+    assert not (tmp_path / "typo").exists()  # a mistyped folder is not created
 
 
 def test_export_cli_refuses_an_onnx_model(tmp_path, capsys):
