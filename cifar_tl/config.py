@@ -259,6 +259,15 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(name)} must be >= 8 pixels; got {getattr(self, name)}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"--drop-path-rate must be in [0, 1); got {self.drop_path_rate}")
+        # a dropout of 2, a shift of 3 images or a zoom of 500 % failed inside torch, or trained on noise
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"--drop-rate must be in [0, 1); got {self.drop_rate}")
+        if not 0.0 <= self.shift <= 0.5:
+            raise ConfigError(f"--shift is a fraction of the image, in [0, 0.5]; got {self.shift}")
+        if not 0.0 <= self.zoom < 1.0:
+            raise ConfigError(f"--zoom is a fraction, in [0, 1); got {self.zoom}")
+        if self.min_lr > self.lr:  # the "decay" would raise the learning rate to it
+            raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
         from .architectures import is_own  # timm's registry, as in resolve()
 
         if self.drop_path_rate and is_own(self.model):

@@ -61,6 +61,10 @@ def test_reference_presets_reproduce_the_study():
     (["--time-limit-minutes", "-1"], "^--time-limit-minutes must be positive"),
     (["--plateau-factor", "1.5"], "^--plateau-factor must be in \\(0, 1\\)"),
     (["--zoom", "-0.1"], "^--zoom must be >= 0"),
+    (["--zoom", "5"], "^--zoom is a fraction, in \\[0, 1\\); got 5"),
+    (["--drop-rate", "2"], "^--drop-rate must be in \\[0, 1\\); got 2"),
+    (["--shift", "3"], "^--shift is a fraction of the image, in \\[0, 0.5\\]; got 3"),
+    (["--lr", "0.001", "--min-lr", "0.05"], "^--min-lr 0.05 must not exceed --lr 0.001"),
     (["--momentum", "1.2"], "^--momentum must be below 1"),
     (["--resume", "--overwrite-output-dir"], "give one of them"),
 ])
