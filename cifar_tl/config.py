@@ -267,7 +267,9 @@ class TrainConfig:
         if not 0.0 <= self.zoom < 1.0:
             raise ConfigError(f"--zoom is a fraction, in [0, 1); got {self.zoom}")
         if self.min_lr > self.lr:  # the "decay" would raise the learning rate to it
-            raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
+            if "min_lr" in self.explicit:
+                raise ConfigError(f"--min-lr {self.min_lr} must not exceed --lr {self.lr}")
+            self.min_lr = self.lr  # the recipe's floor under a tiny --lr: the schedule stays flat
         from .architectures import is_own  # timm's registry, as in resolve()
 
         if self.drop_path_rate and is_own(self.model):
