@@ -33,8 +33,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # study's); one trained from scratch gets a recipe that learns fast from scratch. On 5,000 real CIFAR-10 images,
 # 2 epochs (2,000 test images): baseline_cnn_bn 49.9 % with it against 40.9 % with the transfer recipe, the
 # study's baseline_cnn (no BatchNorm, a slow learner by design) 29.1 % against 28.2 %.
-# The optimiser options are one recipe: set none of them and the model's recipe applies; set any and the
-# others take the transfer values (the classic defaults). The other options fall back one by one.
+# Every option falls back one by one: a flag replaces only itself. The optimiser options are named apart for the
+# log ("your --lr; the rest scratch defaults").
 OPTIMISER_OPTIONS = ("optimizer", "lr", "momentum", "weight_decay", "scheduler", "warmup_epochs", "min_lr",
                      "label_smoothing", "bias_lr_scale")
 RECIPES: dict[str, dict] = {
@@ -223,15 +223,14 @@ class TrainConfig:
             origin["head_init"] = f"auto: {'pretrained weights' if recipe == 'transfer' else 'from scratch'}"
         else:
             origin["head_init"] = f"--head-init {self.head_init}"
+        # each option not set comes from the model's recipe: a new --lr keeps the rest of it (schedule, decay...)
         optimiser_set = sorted(explicit & set(OPTIMISER_OPTIONS))
         origin["recipe"] = (f"{recipe} defaults" if not optimiser_set else "your settings"
                             if len(optimiser_set) == len(OPTIMISER_OPTIONS) else
-                            f"your {', '.join('--' + _flag(n) for n in optimiser_set)}; the other optimiser "
-                            "options from the transfer defaults")
+                            f"your {', '.join('--' + _flag(n) for n in optimiser_set)}; the rest {recipe} defaults")
         for name, value in RECIPES[recipe].items():
             if getattr(self, name) is None:
-                own = name in OPTIMISER_OPTIONS and optimiser_set
-                setattr(self, name, RECIPES["transfer"][name] if own else value)
+                setattr(self, name, value)
         self.origin, self.explicit = origin, frozenset(explicit)
         return self
 
@@ -373,11 +372,12 @@ def _converter(base: type, nullable: bool):
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(
         description="Train an image classifier (baseline CNN or timm transfer learning) with Accelerate.",
-        epilog="Model-aware defaults: --pretrained is auto (ImageNet weights where the model has them), and when "
-               "none of the optimiser options is set, by flag or in a --config file (--optimizer, --lr, --momentum, "
-               "--weight-decay, --scheduler, --warmup-epochs, --min-lr, --label-smoothing, --bias-lr-scale) a "
-               "model trained from scratch gets the from-scratch recipe, a pretrained one the transfer recipe "
-               "(each option's help names both values). The resolved configuration is written to "
+        epilog="Model-aware defaults: --pretrained is auto (ImageNet weights where the model has them), and the "
+               "recipe options not set by flag or in a --config file (--optimizer, --lr, --momentum, --weight-decay, "
+               "--scheduler, --warmup-epochs, --min-lr, --label-smoothing, --bias-lr-scale, --batch-size, "
+               "--augment, --shift, --early-stopping-patience) come from the from-scratch recipe for a model "
+               "trained from scratch, from the transfer recipe for a pretrained one (each option's help names both "
+               "values); null in a --config file means the same as leaving the option out. The resolved configuration is written to "
                "OUTPUT_DIR/config.yaml; --config OUTPUT_DIR/config.yaml --output-dir NEW_DIR reproduces the run.",
     )
     parser.add_argument("--config", help="YAML file of TrainConfig fields; flags given here override it")
@@ -461,7 +461,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         cfg = TrainConfig(**values)
     except TypeError as err:
         raise ConfigError(f"bad configuration: {err}") from None
-    return cfg.resolve(explicit=set(values)).validate()
+    # null in a file (or `--lr none`) asks for the default, as leaving the option out does
+    return cfg.resolve(explicit={k for k, v in values.items() if v is not None}).validate()
 
 
 # what a --resume must train with as the run did: the recipe (the epoch count may grow: `--resume --epochs N`)

@@ -33,7 +33,7 @@ TINY = ["--model", "baseline_cnn_bn_small", "--epochs", "1", "--max-train-sample
 # --------------------------------------------------------------------------------------------- defaults
 
 
-def test_pretrained_is_auto_and_picks_the_recipe():
+def test_pretrained_is_auto_and_picks_the_recipe(tmp_path):
     cnn = parse_args(["--model", "baseline_cnn"])  # no --no-pretrained needed any more
     assert cnn.pretrained is False and cnn.origin["pretrained"].startswith("auto")
     assert {k: getattr(cnn, k) for k in RECIPES["scratch"]} == RECIPES["scratch"]
@@ -41,8 +41,13 @@ def test_pretrained_is_auto_and_picks_the_recipe():
     b0 = parse_args(["--model", "test_efficientnet"])
     assert b0.pretrained is True and {k: getattr(b0, k) for k in RECIPES["transfer"]} == RECIPES["transfer"]
     mixed = parse_args(["--model", "baseline_cnn", "--lr", "0.01", "--batch-size", "32"])
-    assert (mixed.lr, mixed.optimizer, mixed.scheduler) == (0.01, "adam", "plateau")  # the recipe is set as one
-    assert mixed.batch_size == 32 and mixed.augment == "crop" and "--lr" in mixed.origin["recipe"]
+    # a new --lr keeps the rest of the model's recipe (it used to fall back to the transfer recipe's Adam + plateau)
+    assert (mixed.lr, mixed.optimizer, mixed.scheduler, mixed.label_smoothing) == (0.01, "adamw", "cosine", 0.1)
+    assert mixed.batch_size == 32 and mixed.augment == "crop"
+    assert mixed.origin["recipe"] == "your --lr; the rest scratch defaults"
+    nulls = tmp_path / "nulls.yaml"
+    nulls.write_text("model: baseline_cnn\nlr: null\nlayer_decay: null\n")  # null: the default, not a setting
+    assert parse_args(["--config", str(nulls)]).origin["recipe"] == "scratch defaults"
     with pytest.raises(WeightsError, match="--pretrained: baseline_cnn has no pretrained weights"):
         create_model("baseline_cnn", pretrained=True)  # asked for explicitly: still an error
     assert parse_args(["--model", "baseline_cnn", "--weights", "w.safetensors"]).optimizer == "adam"  # fine-tune
