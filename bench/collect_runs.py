@@ -16,7 +16,8 @@ for run in sorted(Path(args.runs).iterdir()):
     result[run.name] = {
         "test_top1": m["top1"], "epochs_run": m["epochs_run"], "train_seconds": m["train_seconds"],
         "train_images_per_second": m.get("train_images_per_second"),
-        "val_top1_per_epoch": [round(json.loads(l)["val_top1"], 4) for l in hist.read_text().splitlines() if l],
+        "val_top1_per_epoch": [round(json.loads(l).get("val_top1", float("nan")), 4)  # nan: no val split
+                               for l in hist.read_text().splitlines() if l],
         "config": {k: m.get(k) for k in ("model", "image_size")},
     }
 Path(args.output).write_text(json.dumps(result, indent=1) + "\n")

@@ -134,7 +134,8 @@ def train_py(ctx: Context, name: str, config: str, out_dir: Path, deadline: floa
     return {**row, **{k: metrics.get(k) for k in keep}, "tta_top1": metrics.get("tta", {}).get("top1"),
             "seconds_to_metrics": round(metrics_file.stat().st_mtime - run["started"], 2),
             "curve": [{"epoch": h["epoch"], "seconds": round(h["timestamp"] - run["started"], 2),
-                       "train_seconds": round(h["seconds"], 3), "val_top1": h["val_top1"]} for h in history]}
+                       "train_seconds": round(h["seconds"], 3), "train_top1": h["train_top1"],
+                       **({"val_top1": h["val_top1"]} if "val_top1" in h else {})} for h in history]}
 
 
 def spread(values: list[float]) -> dict:

@@ -38,8 +38,9 @@ def run_preset(preset: str, dataset: str, out_dir: Path, extra: list[str]) -> di
     history = [json.loads(line) for line in (out_dir / "history.jsonl").read_text().splitlines() if line]
     # minutes since the process started, at the end of each epoch (history records a wall-clock timestamp)
     curve = [{"epoch": h["epoch"], "minutes": round((h["timestamp"] - t0) / 60, 2),
-              "val_top1": round(h["val_top1"], 4)} for h in history]
-    at = {f"{m}min": max([c["val_top1"] for c in curve if c["minutes"] <= m], default=None) for m in MARKS}
+              **({"val_top1": round(h["val_top1"], 4)} if "val_top1" in h else {})} for h in history]  # val split
+    at = {f"{m}min": max([c["val_top1"] for c in curve if c["minutes"] <= m and "val_top1" in c], default=None)
+          for m in MARKS}
     return {"command": " ".join(["python", "train.py", *cmd[2:]]), "wall_minutes": round(wall / 60, 2),
             "train_minutes": round(metrics["train_seconds"] / 60, 2), "load_average_after": os.getloadavg()[0],
             "mixed_precision": metrics.get("mixed_precision"), "seed": metrics.get("seed", _seed(out_dir)),

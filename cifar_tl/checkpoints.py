@@ -70,7 +70,7 @@ class TrainState:
 
     def to_json(self) -> dict:
         early = self.early
-        return {"epoch": self.epoch, "best_val_loss": early.best_loss, "best_epoch": early.best_epoch,
+        return {"epoch": self.epoch, "best_val_loss": early.best_val_loss, "best_epoch": early.best_epoch,
                 "bad_epochs": early.bad_epochs, "train_seconds": self.train_seconds,
                 "images_seen": self.images_seen, "model": self.model, "fine_names": self.fine_names,
                 "stopped": self.stopped, "data": self.data, "recipe": self.recipe,
@@ -87,7 +87,7 @@ class TrainState:
     def summary(self) -> dict:
         """The run summary metrics.json carries."""
         return {"best_epoch": self.early.best_epoch, "epochs_run": self.epoch,
-                "best_val_loss": self.early.best_loss, "train_seconds": self.train_seconds,
+                "best_val_loss": self.early.best_val_loss, "train_seconds": self.train_seconds,
                 "train_images_per_second": self.images_seen / max(self.train_seconds, 1e-9),
                 "stopped": self.stopped or "completed all epochs"}
 

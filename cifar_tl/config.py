@@ -324,12 +324,21 @@ class TrainConfig:
             raise ConfigError(f"--layer-decay must be in (0, 1]; got {self.layer_decay}")
         if self.layer_decay is not None and self.optimizer == "muon":
             raise ConfigError("--layer-decay needs --optimizer sgd, adam or adamw (Muon sizes its own updates)")
-        if self.progressive_resize is not None:
-            if self.image_size is None or not 8 <= self.progressive_resize <= self.image_size:
-                raise ConfigError(f"--progressive-resize {self.progressive_resize} needs --image-size and must be "
-                                  f"between 8 and it; got --image-size {self.image_size}")
-            if not 0.0 < self.resize_full_at <= 1.0:
-                raise ConfigError(f"--resize-full-at must be in (0, 1]; got {self.resize_full_at}")
+        if self.progressive_resize is not None and not 8 <= self.progressive_resize <= self.training_side():
+            raise ConfigError(f"--progressive-resize {self.progressive_resize} must be between 8 and the training "
+                              f"size, {self._side_named()}")
+        if self.progressive_resize is not None and not 0.0 < self.resize_full_at <= 1.0:
+            raise ConfigError(f"--resize-full-at must be in (0, 1]; got {self.resize_full_at}")
+        if self.cutout and self.cutout >= (self.progressive_resize or self.training_side()):
+            smallest = (f"--progressive-resize {self.progressive_resize} px, the size training starts at" if
+                        self.progressive_resize else self._side_named())
+            raise ConfigError(f"--cutout {self.cutout} would blank the whole image: it must be smaller than "
+                              f"{smallest}")
+        kept = [f"--{_flag(name)}" for name in ("freeze_backbone", "unfreeze_after", "bn_eval") if getattr(self, name)]
+        if kept and not (self.pretrained or self.weights):  # they keep learned parts fixed: random ones here
+            raise ConfigError(f"{', '.join(kept)} keep{'s' if len(kept) == 1 else ''} pretrained parts of the network "
+                              f"fixed, but {self.model} trains from scratch here (random weights); give --weights FILE "
+                              "(or --pretrained, for a model with ImageNet weights), or drop " + ("it" if len(kept) == 1 else "them"))
         if self.linear_probe:  # options the cached-feature probe has no use for: an error, not silently dropped
             ignored = [f"--{_flag(name)}" for name, off in PROBE_IGNORES.items() if getattr(self, name) != off]
             if ignored:
@@ -337,6 +346,16 @@ class TrainConfig:
                                   "--linear-probe (it trains on cached features with AdamW, mirrored maps as its "
                                   "only augmentation and flip TTA); drop "
                                   + ("it" if len(ignored) == 1 else "them") + " or train without --linear-probe")
+
+    def training_side(self) -> int:
+        """The side of the images the model trains and is tested on: --image-size, else the model's own."""
+        from .models import default_input_size  # timm's registry, as in resolve()
+
+        return self.image_size or default_input_size(self.model)
+
+    def _side_named(self) -> str:
+        return (f"--image-size {self.image_size} px" if self.image_size else
+                f"{self.training_side()} px ({self.model}'s own; set another with --image-size)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -399,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
         # flags default to SUPPRESS (so a --config file's values stand): the help names each field's default
         if f.name in RECIPES["scratch"]:
             transfer, scratch = RECIPES["transfer"][f.name], RECIPES["scratch"][f.name]
-            notes.append(f"model-aware default: {transfer} with pretrained weights, {scratch} from scratch")
+            notes.append(f"model-aware default: {transfer} with pretrained weights, {scratch} from scratch"
+                         if transfer != scratch else f"default: {transfer}")
         elif f.default is not None and "default" not in text.lower():
             notes.append(f"default: {('on' if f.default else 'off') if base is bool else f.default}")
         kwargs["help"] = " ".join([text, *(f"({note})" for note in notes)]).strip() or " "

@@ -53,7 +53,10 @@ class FlagParser(argparse.ArgumentParser):
     def error(self, message: str):
         if not first_process():  # the first process prints the usage and the error
             self.exit(2)
-        super().error(message)
+        usage = self.format_usage()
+        if usage.count("\n") > 8:  # train.py's: a screenful of options above the one line that matters
+            usage = f"usage: {self.prog} [options]  ({self.prog} --help lists them)\n"
+        self.exit(2, f"{usage}{self.prog}: error: {message}\n")
 
     def parse_args(self, args=None, namespace=None):
         namespace, unknown = self.parse_known_args(args, namespace)

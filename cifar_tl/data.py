@@ -141,6 +141,11 @@ def load_bundle(
         if max_train_samples is not None and max_train_samples < len(train):
             keep, _ = stratified_split(train.fine, 1 - max_train_samples / len(train), seed)
             train = train.subset(keep)
+            missing = len(raw.fine_names) - len(torch.unique(train.fine))
+            if missing:  # a smoke test may mean it; a real run would report classes it could never predict
+                log.warning("--max-train-samples %d leaves %d of the %d classes without a training image (the "
+                            "model cannot learn them); use at least %d", max_train_samples, missing,
+                            len(raw.fine_names), len(raw.fine_names))
     sizes = {"train": len(train_all) + len(test)} if held_out else {"train": len(train_all), "test": len(test)}
     bundle = DatasetBundle(train, val, test, raw.fine_names, raw.coarse_names, raw.fine_to_coarse,
                            raw.fingerprint, raw.source, source_kind(dataset), sizes, held_out)

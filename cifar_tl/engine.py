@@ -37,7 +37,7 @@ from .lookahead import Lookahead
 from .metrics import confusion_matrix
 from .model_folder import folder_config, write_model_folder
 from .models import check_model, create_model, data_config, default_input_size, set_backbone_trainable
-from .optim import Budget, EarlyStopping, build_optimizer, build_scheduler
+from .optim import Budget, EarlyStopping, build_optimizer, build_scheduler, reported_lr
 from .precision import choose as choose_precision
 from .processes import hold, holder, main_first, release, shared_clock
 from .sources import MAX_STORE_SIZE, Sizing
@@ -345,12 +345,11 @@ def fit(cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, bund
     for epoch in range(run.state.epoch + 1, last + 1):
         stats = train_one_epoch(run, epoch)
         if run.has_val:
-            val_loss, val_top1 = validate(run, test_views)
-        else:  # nothing to validate on: the epoch's training figures stand in (a budget still times a pass)
-            val_loss, val_top1 = stats.loss, stats.top1
+            end_of_epoch(run, epoch, stats, *validate(run, test_views))
+        else:  # nothing to validate on (a budget still times a pass)
             if budget.seconds:
                 validate(run, test_views)
-        end_of_epoch(run, epoch, stats, val_loss, val_top1)
+            end_of_epoch(run, epoch, stats)
         if run.state.stopped:
             accelerator.print(run.state.stopped)
             break
@@ -417,8 +416,9 @@ def resume(run: Training) -> None:
         shrunk = epochs_shrink(last, run.state.epoch, run.cfg.epochs)
         if shrunk:  # config.yaml would say fewer epochs than the run has
             raise ConfigError(shrunk)
-        run.accelerator.print(f"resumed from {last} (epoch {run.state.epoch}, best val loss "
-                              f"{early.best_loss:.4f} at epoch {early.best_epoch})")
+        best = ("no val split" if early.best_val_loss is None else
+                f"best val loss {early.best_loss:.4f} at epoch {early.best_epoch}")
+        run.accelerator.print(f"resumed from {last} (epoch {run.state.epoch}, {best})")
     elif run.cfg.resume:
         run.accelerator.print(f"--resume: no checkpoint in {run.checkpoints.root}; starting from scratch")
     if last is not None:
@@ -509,7 +509,7 @@ def train_one_epoch(run: Training, epoch: int) -> EpochStats:
             if step % 25 == 0 or time.time() - shown > 1.0:  # a GPU sync: every 25 steps, sooner on slow steps
                 check_finite(run, loss.item(), f"at epoch {epoch}, step {step}")
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",  # the epoch's mean so far, as its summary
-                                lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+                                lr=f"{reported_lr(run.cfg, run.optimizer):.2e}")
                 shown = time.time()
             # the budget ends a run between optimiser steps: an accumulation it cut short took no step at all
             if accelerator.sync_gradients:
@@ -591,21 +591,24 @@ def validate(run: Training, test_views: int) -> tuple[float, float]:
     return loss, (val["logits"].argmax(-1) == val["fine"]).float().mean().item()
 
 
-def end_of_epoch(run: Training, epoch: int, stats: EpochStats, val_loss: float, val_top1: float) -> None:
-    """LR schedule, early stopping (the best weights saved), checkpoint, history.jsonl, trackers, log line."""
+def end_of_epoch(run: Training, epoch: int, stats: EpochStats, val_loss: float | None = None,
+                 val_top1: float | None = None) -> None:
+    """LR schedule, early stopping (the best weights saved), checkpoint, history.jsonl, trackers, log line. No
+    `val_loss`: the run has no validation split (its history has no val_ figures, the plateau schedule follows
+    the training loss, and the last epoch's weights are kept)."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     state.train_seconds += stats.seconds
     state.images_seen += stats.images
-    record = {"epoch": epoch, "train_loss": stats.loss, "train_top1": stats.top1, "val_loss": val_loss,
-              "val_top1": val_top1, "lr": run.optimizer.param_groups[0]["lr"], "seconds": stats.seconds,
+    record = {"epoch": epoch, "train_loss": stats.loss, "train_top1": stats.top1,
+              **({"val_loss": val_loss, "val_top1": val_top1} if val_loss is not None else {}),
+              "lr": reported_lr(cfg, run.optimizer), "seconds": stats.seconds,
               "train_images": stats.images,  # fewer in an epoch the time budget cut short
               "images_per_second": stats.images / stats.seconds, "elapsed_seconds": state.train_seconds,
               "timestamp": time.time()}
     if cfg.scheduler == "plateau":
-        run.scheduler.step(val_loss)
-    improved = state.early.update(epoch, val_loss, keep_last=not run.has_val)
-    if state.early.should_stop:
-        state.stopped = f"early stopping: no val-loss improvement for {state.early.bad_epochs} epochs"
+        run.scheduler.step(stats.loss if val_loss is None else val_loss)
+    improved = state.early.update(epoch, val_loss)
+    state.stopped = state.stopped or state.early.stopped  # the time limit may have stopped it already
     state.epoch = epoch
     state.budget_seconds = run.budget.used()
     state.history.append(record)  # the checkpoint keeps the history too: a resume rewrites history.jsonl from it
@@ -615,7 +618,7 @@ def end_of_epoch(run: Training, epoch: int, stats: EpochStats, val_loss: float, 
                          first=partial(append_line, run.history_path, json.dumps(record)))
     accelerator.log({f"train/{k}": v for k, v in record.items()}, step=epoch)
     tracking.log_epoch(accelerator, cfg, weights, record, improved)
-    checked = f"val loss {val_loss:.4f} acc {val_top1:.4f}" if run.has_val else "no val split"
+    checked = "no val split" if val_loss is None else f"val loss {val_loss:.4f} acc {val_top1:.4f}"
     accelerator.print(f"epoch {epoch}: train loss {stats.loss:.4f} acc {stats.top1:.4f} | {checked} | "
                       f"{record['images_per_second']:.0f} img/s{' *' if improved else ''}")
 

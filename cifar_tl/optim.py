@@ -68,9 +68,18 @@ def warmup_cosine(total_steps: int, warmup_steps: int, floor: float, decay: str 
     return factor
 
 
+def reported_lr(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> float:
+    """--lr as the schedule has scaled it now: the LR history.jsonl and the trackers show. The first group is
+    not it: it trains at a scaled LR under --layer-decay (the stem's) and with Muon (the filters')."""
+    group = next((g for g in optimizer.param_groups if math.isclose(g.get("initial_lr", -1.0), cfg.lr)), None)
+    return cfg.lr * group["lr"] / group["initial_lr"] if group else optimizer.param_groups[0]["lr"]
+
+
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, time_progress=None):
     """Plateau (stepped per epoch on val loss) or per-step warm-up + cosine / linear decay (`none`: warm-up, then
     constant)."""
+    for group in optimizer.param_groups:  # as LambdaLR does: each group's unscheduled LR, for reported_lr
+        group.setdefault("initial_lr", group["lr"])
     if cfg.scheduler == "plateau":  # Keras' semantics, the study's: the LR is cut once `patience` epochs in a row
         # failed to beat the best val loss by 1e-4 (absolute); torch's counts patience + 1, with a relative margin
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -152,22 +161,36 @@ class EarlyStopping:
     best_epoch: int = 0
     bad_epochs: int = 0
 
-    def update(self, epoch: int, loss: float, keep_last: bool = False) -> bool:
-        """Record an epoch's validation loss; True when it is the best so far. `keep_last`: the epoch counts as
-        the best whatever its loss (a run without a validation split has nothing to select on: its weights are
-        the last epoch's, and it never stops early)."""
-        if loss < self.best_loss or keep_last:
-            self.best_loss, self.best_epoch, self.bad_epochs = loss, epoch, 0
+    def update(self, epoch: int, loss: float | None) -> bool:
+        """Record an epoch's validation loss; True when it is the best so far. None: there is no validation split,
+        so nothing to select on: the epoch counts as the best (the run keeps the last epoch's weights) and the run
+        never stops early."""
+        if loss is None or loss < self.best_loss:
+            self.best_epoch, self.bad_epochs = epoch, 0
+            if loss is not None:
+                self.best_loss = loss
             return True
         self.bad_epochs += 1
         return False
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the run stopped early (the summary's `stopped`), or None."""
+        return f"early stopping: no val-loss improvement for {self.bad_epochs} epochs" if self.should_stop else None
 
     @property
     def should_stop(self) -> bool:
         return bool(self.patience) and self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "best_loss": self.best_val_loss}
+
+    @property
+    def best_val_loss(self) -> float | None:
+        """The best validation loss, None without a validation split."""
+        return self.best_loss if math.isfinite(self.best_loss) else None
 
     def load_state_dict(self, state: dict) -> None:
-        self.best_loss, self.best_epoch, self.bad_epochs = state["best_loss"], state["best_epoch"], state["bad_epochs"]
+        best = state["best_loss"]  # None: no validation split (JSON has no infinity)
+        self.best_loss = float("inf") if best is None else best
+        self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]

@@ -26,24 +26,31 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def training_curves(history: pd.DataFrame, path: Path, best_epoch: int | None = None) -> Path:
     """Loss and top-1 accuracy per epoch, train vs validation, from history.jsonl rows; the best epoch
-    (lowest validation loss, whose weights were restored) is marked."""
+    (lowest validation loss, whose weights were restored) is marked. A run without a validation split has train
+    curves only, and keeps its last epoch."""
+    validated = "val_loss" in history and history["val_loss"].notna().any()
     if best_epoch is None:
-        best_epoch = int(history.loc[history["val_loss"].idxmin(), "epoch"])
+        best_epoch = int(history.loc[history["val_loss"].idxmin() if validated else history.index[-1], "epoch"])
     fig = Figure(figsize=(12, 4.5))
     panels = [("loss", "Cross-entropy loss", "train_loss", "val_loss"),
               ("top-1 accuracy", "Top-1 accuracy", "train_top1", "val_top1")]
     for ax, (name, ylabel, train_col, val_col) in zip(fig.subplots(1, 2), panels):
         ax.plot(history["epoch"], history[train_col], "o-", label=f"train {name}")
-        ax.plot(history["epoch"], history[val_col], "s-", label=f"validation {name}")
-        ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
-        best = history.loc[history["epoch"] == best_epoch, val_col]
+        shown = val_col if validated else train_col
+        if validated:
+            ax.plot(history["epoch"], history[val_col], "s-", label=f"validation {name}")
+        ax.axvline(best_epoch, color="grey", linestyle="--", label=f"{'best' if validated else 'last'} epoch "
+                   f"({best_epoch})")
+        best = history.loc[history["epoch"] == best_epoch, shown]
         if len(best):
             ax.plot([best_epoch], [best.iloc[0]], "*", color="black", markersize=14)
         ax.set(title=f"{ylabel} per epoch", xlabel="epoch", ylabel=ylabel)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Training curves ({len(history)} epochs; best weights from epoch {best_epoch} restored)")
+    kept = (f"best weights from epoch {best_epoch} restored" if validated else
+            "no validation split: the last epoch's weights")
+    fig.suptitle(f"Training curves ({len(history)} epochs; {kept})")
     return _save(fig, path)
 
 

@@ -231,9 +231,11 @@ def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, 
             break
         record = _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoch, budget, state["ema"])
         seconds = time.time() - t0
-        history.append({**record, "seconds": seconds - (history[-1]["elapsed_seconds"] if history else 0),
+        epoch_seconds = seconds - (history[-1]["elapsed_seconds"] if history else 0)
+        history.append({**record, "seconds": epoch_seconds,
+                        "images_per_second": record["train_images"] / max(epoch_seconds, 1e-9),
                         "elapsed_seconds": seconds, "timestamp": time.time()})
-        if state["early"].update(epoch, record["val_loss"], keep_last="val" not in feats):
+        if state["early"].update(epoch, record.get("val_loss")):
             weights = state["ema"].averaged_state() if state["ema"] else top.state_dict()
             state["best_state"] = {k: v.detach().clone().cpu() for k, v in weights.items()}
         state["epoch"] = epoch
@@ -243,15 +245,17 @@ def _fit(cfg, accelerator, top, feats: dict, bundle, out: Path, budget: Budget, 
             atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     early = state["early"]
     top.load_state_dict(state["best_state"])
-    accelerator.print(f"linear probe: best val loss {early.best_loss:.4f} at epoch {early.best_epoch} "
-                      f"(val acc {history[early.best_epoch - 1]['val_top1']:.4f}), {time.time() - t0:.1f}s")
     seconds = time.time() - t0
-    summary = {"best_epoch": early.best_epoch, "epochs_run": len(history), "best_val_loss": early.best_loss,
-               "train_seconds": seconds,  # images seen: an epoch the budget cut short counts for what it ran
-               "train_images_per_second": sum(h.get("images", len(feats["train"])) for h in history) / seconds,
-               "stopped": (f"time limit {cfg.time_limit_minutes} min" if budget.expired() else "linear probe"
-                           if cfg.probe_stages == 0 else f"probe, last {cfg.probe_stages} stages")}
-    return summary
+    best = ("no val split: the last epoch's weights" if early.best_val_loss is None else
+            f"best val loss {early.best_loss:.4f} at epoch {early.best_epoch} "
+            f"(val acc {history[early.best_epoch - 1]['val_top1']:.4f})")
+    accelerator.print(f"linear probe: {best}, {seconds:.1f}s")
+    cut = budget.expired() and (len(history) < cfg.epochs or history[-1]["train_images"] < len(feats["train"]))
+    return {"best_epoch": early.best_epoch, "epochs_run": len(history), "best_val_loss": early.best_val_loss,
+            "train_seconds": seconds,  # images seen: an epoch the budget cut short counts for what it ran
+            "train_images_per_second": sum(h["train_images"] for h in history) / seconds,
+            "stopped": early.stopped or (f"time limit {cfg.time_limit_minutes} min" if cut else
+                                         "completed all epochs")}
 
 
 def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoch: int, budget: Budget,
@@ -286,16 +290,17 @@ def _epoch(cfg, accelerator, top, optimizer, scheduler, feats, bundle, gen, epoc
             break
     with ema.applied() if ema is not None else nullcontext():
         val_logits, y_val = _validate(top, feats, bundle, device, cfg.eval_batch_size, budget)
-    if "val" in feats:
-        val_loss = F.cross_entropy(val_logits, y_val).item()
-        val_acc = (val_logits.argmax(-1) == y_val).float().mean().item()
-    else:  # no validation split: the epoch's training figures stand in, as in the engine
-        val_loss, val_acc = total_loss / seen, correct / seen
+    record = {"epoch": epoch, "train_loss": total_loss / seen, "train_top1": correct / seen}
+    if "val" in feats:  # no validation split: no val figures, as in the engine
+        record.update(val_loss=F.cross_entropy(val_logits, y_val).item(),
+                      val_top1=(val_logits.argmax(-1) == y_val).float().mean().item())
     if cfg.probe_stages:
+        checked = (f"val loss {record['val_loss']:.4f} acc {record['val_top1']:.4f}" if "val" in feats else
+                   "no val split")
         accelerator.print(f"probe epoch {epoch}: train loss {total_loss / seen:.4f} acc {correct / seen:.4f} | "
-                          f"val loss {val_loss:.4f} acc {val_acc:.4f}")
-    return {"epoch": epoch, "train_loss": total_loss / seen, "train_top1": correct / seen, "val_loss": val_loss,
-            "val_top1": val_acc, "lr": optimizer.param_groups[0]["lr"], "images": seen}
+                          f"{checked}")
+    # the LR the epoch ended at (the top's one group trains at --lr); images: fewer when the budget cut it short
+    return {**record, "lr": optimizer.param_groups[0]["lr"], "train_images": seen}
 
 
 def _validate(top, feats: dict, bundle, device, batch_size: int, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,6 +376,8 @@ def _resume(paths: list[Path], key: str, top, optimizer, scheduler, gen, state: 
     gen.set_state(saved["generator"])
     torch.set_rng_state(saved["torch_rng"])
     state.update(saved["state"], early=state["early"], ema=ema)
+    for h in state["history"]:  # checkpoints before the engine's name for it
+        h.setdefault("train_images", h.pop("images", 0))
     state["early"].load_state_dict(saved["state"]["early"])
     if ema is not None:
         ema.load_state_dict(saved_ema)

@@ -92,9 +92,9 @@ def _section(title: str, png: Path, caption: str) -> str:
 
 def _curves(out: Path, epochs: list[dict], name: str, best_epoch: int | None) -> str:
     png = plots.training_curves(pd.DataFrame(epochs), out / "plots" / "training_curves.png", best_epoch)
-    return _section("Training curves", png, (f"Loss and top-1 accuracy per epoch from `{name}`; the "
-                                             "dashed line marks the epoch with the lowest validation loss, whose "
-                                             "weights were kept."))
+    kept = ("the dashed line marks the epoch with the lowest validation loss, whose weights were kept" if
+            any("val_loss" in e for e in epochs) else "no validation split: the last epoch's weights were kept")
+    return _section("Training curves", png, f"Loss and top-1 accuracy per epoch from `{name}`; {kept}.")
 
 
 def _confusions(out: Path, probs: torch.Tensor, data, bundle: DatasetBundle) -> list[str]:

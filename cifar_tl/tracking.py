@@ -134,9 +134,10 @@ def _media(out: Path, history: list[dict], test, names: tuple, logits: torch.Ten
 
     fine_names = names[0]
     epochs = [h["epoch"] for h in history]
+    splits = ("train", "val") if all("val_loss" in h for h in history) else ("train",)  # no validation split
     media = {f"curves/{name}": wandb.plot.line_series(
-        xs=epochs, ys=[[h[f"train_{key}"] for h in history], [h[f"val_{key}"] for h in history]],
-        keys=[KERAS_NAMES[f"train_{key}"], KERAS_NAMES[f"val_{key}"]], title=name.capitalize(), xname="epoch")
+        xs=epochs, ys=[[h[f"{split}_{key}"] for h in history] for split in splits],
+        keys=[KERAS_NAMES[f"{split}_{key}"] for split in splits], title=name.capitalize(), xname="epoch")
         for name, key in (("loss", "loss"), ("accuracy", "top1"))} if history else {}
     pred = logits.argmax(-1)
     if len(fine_names) <= MAX_CONFUSION_CLASSES:

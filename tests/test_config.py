@@ -67,6 +67,15 @@ def test_reference_presets_reproduce_the_study():
     (["--lr", "0.001", "--min-lr", "0.05"], "^--min-lr 0.05 must not exceed --lr 0.001"),
     (["--momentum", "1.2"], "^--momentum must be below 1"),
     (["--resume", "--overwrite-output-dir"], "give one of them"),
+    # a cutout as large as the image trained on blank images; the size named is the model's own without --image-size
+    (["--model", "fast_cnn", "--cutout", "32"], r"^--cutout 32 would blank the whole image: .* 32 px \(fast_cnn's own"),
+    (["--model", "fast_cnn", "--progressive-resize", "16", "--cutout", "16"], "smaller than --progressive-resize 16"),
+    (["--model", "test_efficientnet", "--progressive-resize", "200"],  # it said "got --image-size None"
+     r"^--progressive-resize 200 must be between 8 and the training size, 160 px \(test_efficientnet's own"),
+    # head-only training and frozen BatchNorm on random weights trained nothing useful
+    (["--model", "baseline_cnn_bn", "--freeze-backbone"], "^--freeze-backbone keeps pretrained parts .* from scratch"),
+    (["--model", "test_efficientnet", "--no-pretrained", "--unfreeze-after", "1", "--bn-eval"],
+     "^--unfreeze-after, --bn-eval keep pretrained parts"),
 ])
 def test_bad_values_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):

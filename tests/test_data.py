@@ -102,6 +102,15 @@ def test_bundle_split_and_subsample(cifar100_parquet):
     assert b.has_coarse and b.num_classes == 100 and b.image_size == 32
 
 
+def test_a_subsample_smaller_than_the_class_count_warns(cifar100_parquet, caplog):
+    with caplog.at_level("WARNING", logger="cifar_tl.data"):
+        load_bundle(str(cifar100_parquet), val_fraction=0.25, max_train_samples=100, seed=0)
+        assert not caplog.records  # one image per class: every class can be learnt
+        load_bundle(str(cifar100_parquet), val_fraction=0.25, max_train_samples=60, seed=0)
+    (message,) = caplog.messages
+    assert message.startswith("--max-train-samples 60 leaves 40 of the 100 classes without a training image")
+
+
 def test_second_load_comes_from_the_tensor_store(cifar100_parquet, monkeypatch):
     first = load_raw(str(cifar100_parquet))
     monkeypatch.setattr(data_mod, "read_source", lambda *a, **k: pytest.fail("decoded again"))

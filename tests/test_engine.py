@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cifar_tl import engine, probe, processes
 from cifar_tl.checkpoints import ResumeError
@@ -74,13 +74,14 @@ def test_time_budget_foresees_the_test_pass_before_the_first_epoch(easy10_parque
                               "test_efficientnet", "--no-pretrained", "--linear-probe", "--probe-stages", "1",
                               "--image-size", "32", "--batch-size", "32", "--epochs", "3", "--val-fraction", "0.2",
                               "--time-limit-minutes", "1"]))
-    assert probe["epochs_run"] == 1 and history(tmp_path / "probe")[0]["images"] == 32  # the probe alike
+    assert probe["epochs_run"] == 1 and history(tmp_path / "probe")[0]["train_images"] == 32  # the probe alike
+    assert probe["stopped"] == "time limit 1.0 min"
 
 
 def test_time_budget_keeps_room_for_the_test_pass_without_a_validation_split(easy10_parquet, tmp_path, monkeypatch):
     """With --val-fraction 0 there is no validation pass to time, so the budget kept no room for the test pass and
     a run ended past its limit by that pass: a pass over a few training images (4 eval batches) times it instead.
-    The epoch's figures still come from training."""
+    The history holds no val figures (it held the training ones under val_ names), and the plot no val curve."""
     from cifar_tl.optim import Budget
 
     timed = []
@@ -93,7 +94,8 @@ def test_time_budget_keeps_room_for_the_test_pass_without_a_validation_split(eas
     assert metrics["train_images_per_second"] * metrics["train_seconds"] == pytest.approx(32)  # one step
     assert timed and all(images == (4 * 64, metrics["n"]) for images in timed)  # 4 x --eval-batch-size, the test
     (row,) = history(tmp_path)
-    assert (row["val_loss"], row["val_top1"]) == (row["train_loss"], row["train_top1"])
+    assert "val_loss" not in row and "val_top1" not in row and metrics["best_val_loss"] is None
+    assert "no validation split" in (tmp_path / "report.md").read_text()
     timed.clear()  # the probe alike: 4 eval batches of training maps are timed, not the whole training split
     probe = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "probe"), "--model",
                               "test_efficientnet", "--no-pretrained", "--linear-probe", "--probe-stages", "1",
@@ -101,7 +103,8 @@ def test_time_budget_keeps_room_for_the_test_pass_without_a_validation_split(eas
                               "--val-fraction", "0", "--time-limit-minutes", "1"]))
     assert probe["epochs_run"] == 1 and timed and all(images == (4 * 16, probe["n"]) for images in timed)
     (row,) = history(tmp_path / "probe")
-    assert row["images"] == 32 and (row["val_loss"], row["val_top1"]) == (row["train_loss"], row["train_top1"])
+    assert row["train_images"] == 32 and "val_loss" not in row and probe["best_val_loss"] is None
+    assert row["images_per_second"] == pytest.approx(32 / row["seconds"])  # the engine's history keys
 
 
 def test_outputs_and_model_folder(cifar100_parquet, tmp_path):
@@ -202,7 +205,6 @@ def test_freeze_backbone_trains_only_the_head(easy10_parquet, tmp_path):
     from cifar_tl.models import create_model
     torch.manual_seed(0)
     init = create_model("baseline_cnn_bn", num_classes=10).state_dict()
-    from safetensors.torch import save_file
     save_file(init, str(tmp_path / "init.safetensors"))
     run(easy10_parquet, tmp_path / "run", "--epochs", "1", "--freeze-backbone", "--weights",
         str(tmp_path / "init.safetensors"))
@@ -213,7 +215,11 @@ def test_freeze_backbone_trains_only_the_head(easy10_parquet, tmp_path):
 
 
 def test_staged_unfreezing(easy10_parquet, tmp_path):
-    metrics = run(easy10_parquet, tmp_path, "--epochs", "2", "--unfreeze-after", "1", "--bn-eval")
+    from cifar_tl.models import create_model
+
+    save_file(create_model("baseline_cnn_bn", num_classes=10).state_dict(), str(tmp_path / "init.safetensors"))
+    metrics = run(easy10_parquet, tmp_path / "run", "--epochs", "2", "--unfreeze-after", "1", "--bn-eval",
+                  "--weights", str(tmp_path / "init.safetensors"))
     assert metrics["epochs_run"] == 2
 
 
@@ -279,7 +285,7 @@ def test_probe_stages_train_the_last_stages_on_cached_maps(easy10_parquet, tmp_p
             "--val-fraction", "0.2", "--early-stopping-patience", "0"]
     first = train(parse_args(["--dataset", str(easy10_parquet), "--output-dir", str(tmp_path / "a"), *args]))
     assert first["top1"] > 0.5 and "tta" in first and first["epochs_run"] == 8
-    seen = sum(json.loads(line)["images"] for line in (tmp_path / "a" / "history.jsonl").read_text().splitlines())
+    seen = sum(json.loads(line)["train_images"] for line in (tmp_path / "a" / "history.jsonl").read_text().splitlines())
     assert first["train_images_per_second"] == pytest.approx(seen / first["train_seconds"])
     # the test pass over the cached features is timed (it was 0: the logits came precomputed); TTA = both views
     assert 0 < first["test_seconds"] < first["tta_test_seconds"]
@@ -396,7 +402,7 @@ def test_probe_keeps_tests_and_exports_the_weight_average_with_ema_decay(easy10_
     train(parse_args([*args, "--epochs", "2"]))
     ckpt = torch.load(tmp_path / "checkpoints" / "probe-last.pt", weights_only=True)
     ema = ckpt["state"]["ema"]
-    steps = -(-history(tmp_path)[0]["images"] // 32)  # optimiser steps per epoch
+    steps = -(-history(tmp_path)[0]["train_images"] // 32)  # optimiser steps per epoch
     assert ema["updates"] == 2 * steps
     exported = load_file(str(tmp_path / "model" / "model.safetensors"))
     prefix = "model."  # the probe's top holds the whole model; the export is the model itself

@@ -13,7 +13,7 @@ from cifar_tl.config import ConfigError, TrainConfig, parse_args
 from cifar_tl.ema import ModelEma
 from cifar_tl.engine import sizes_to_come, train, training_size
 from cifar_tl.models import create_model
-from cifar_tl.optim import Budget, EarlyStopping, build_optimizer, param_groups
+from cifar_tl.optim import Budget, EarlyStopping, build_optimizer, build_scheduler, param_groups, reported_lr
 
 # ---------------------------------------------------------------------------------------------- EMA
 
@@ -146,9 +146,9 @@ def test_train_transform_follows_the_size_schedule():
         tf.set_epoch(epoch, size)
         sides.append(tf(images).shape[-1])
     assert sides == [32, 48, 64, 64]
-    for bad in (["--progressive-resize", "16"], ["--image-size", "32", "--progressive-resize", "64"]):
-        with pytest.raises(ConfigError):
-            parse_args(bad)
+    with pytest.raises(ConfigError):
+        parse_args(["--image-size", "32", "--progressive-resize", "64"])
+    assert parse_args(["--progressive-resize", "16"]).training_side() == 224  # up to the model's own size
 
 
 def test_one_graph_per_shape_dispatches_by_input_shape(monkeypatch):
@@ -219,10 +219,36 @@ def test_fast_cnn_96_is_airbench96s_network():
 # ---------------------------------------------------------------------------------------------- the engine
 
 
+@pytest.mark.parametrize("flags", [["--model", "test_efficientnet", "--layer-decay", "0.5"],
+                                   ["--model", "fast_cnn", "--optimizer", "muon"],
+                                   ["--model", "baseline_cnn_bn_small", "--scheduler", "plateau"]])
+def test_history_lr_is_the_scheduled_lr_not_the_first_groups(flags):
+    """history.jsonl's lr is --lr as scheduled: the first group trains at the stem's LR under --layer-decay and
+    at Muon's under --optimizer muon, and was what history showed."""
+    cfg = parse_args([*flags, "--no-pretrained", "--lr", "0.01", "--min-lr", "0", "--epochs", "2",
+                      "--warmup-epochs", "0", "--plateau-patience", "1", "--plateau-factor", "0.5"])
+    model = create_model(cfg.model, num_classes=10)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=2)
+    assert optimizer.param_groups[0]["lr"] != 0.01 or cfg.scheduler == "plateau"
+    assert reported_lr(cfg, optimizer) == pytest.approx(0.01)
+    if cfg.scheduler == "plateau":
+        scheduler.step(1.0)
+        scheduler.step(2.0)  # no improvement for --plateau-patience epochs: halved
+    else:
+        for _ in range(2):
+            optimizer.step()
+            scheduler.step()  # half-way through the cosine: half the LR
+    assert reported_lr(cfg, optimizer) == pytest.approx(0.005)
+
+
 def test_no_validation_split_keeps_the_last_epoch():
     early = EarlyStopping(patience=1)
-    assert early.update(1, 0.5, keep_last=True) and early.update(2, 0.9, keep_last=True)
-    assert early.best_epoch == 2 and not early.should_stop
+    assert early.update(1, None) and early.update(2, None)  # None: no validation loss
+    assert early.best_epoch == 2 and not early.should_stop and early.stopped is None
+    assert early.best_val_loss is None and early.state_dict()["best_loss"] is None  # JSON has no infinity
+    early.update(3, 0.5)
+    assert not early.update(4, 0.9) and early.stopped == "early stopping: no val-loss improvement for 1 epochs"
 
 
 def test_engine_trains_with_ema_layer_decay_and_progressive_resizing_and_resumes(easy10_parquet, tmp_path):
