@@ -288,6 +288,11 @@ class TrainConfig:
         if self.muon_lr <= 0:
             raise ConfigError(f"--muon-lr must be positive; got {self.muon_lr}")
         self._validate_transfer_options()
+        if not self.dataset.strip():  # an unset $DATA: the current folder would be read as an image folder
+            raise ConfigError("--dataset is empty: give a Hub id or a local path")
+        if self.train_split == self.test_split:
+            raise ConfigError(f"--train-split and --test-split are both {self.train_split!r}: the test metrics would "
+                              "be measured on training images")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("--push-to-hub needs --hub-model-id user/name")
         if self.probe_stages < 0 or (self.probe_stages and not self.linear_probe):

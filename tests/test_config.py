@@ -67,6 +67,8 @@ def test_reference_presets_reproduce_the_study():
     (["--lr", "0.001", "--min-lr", "0.05"], "^--min-lr 0.05 must not exceed --lr 0.001"),
     (["--momentum", "1.2"], "^--momentum must be below 1"),
     (["--resume", "--overwrite-output-dir"], "give one of them"),
+    (["--dataset", ""], "^--dataset is empty"),  # it trained on the current folder
+    (["--test-split", "train"], "^--train-split and --test-split are both 'train'"),
     # a cutout as large as the image trained on blank images; the size named is the model's own without --image-size
     (["--model", "fast_cnn", "--cutout", "32"], r"^--cutout 32 would blank the whole image: .* 32 px \(fast_cnn's own"),
     (["--model", "fast_cnn", "--progressive-resize", "16", "--cutout", "16"], "smaller than --progressive-resize 16"),
